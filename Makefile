@@ -1,0 +1,34 @@
+# make demo   - set up, build the synthetic data set, run the whole pipeline on CPU
+# make test   - set up, run the test suite
+# make bench  - benchmarks (minutes; numbers for the README's Performance section)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WHALEID := $(VENV)/bin/whaleid
+DEMO := demo
+
+.PHONY: setup test demo bench clean-demo
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	test -f $(DEMO)/data/.complete || { rm -rf $(DEMO)/data && \
+	  $(WHALEID) synth --out $(DEMO)/data --ids 30 --photos uniform:12 --seed 0 && touch $(DEMO)/data/.complete; }
+	$(WHALEID) preprocess --data $(DEMO)/data --work $(DEMO)/work --config configs/cpu.toml
+	$(WHALEID) status --work $(DEMO)/work
+
+bench: setup
+	$(PY) scripts/bench_dedup.py
+	$(PY) scripts/bench_boxes.py
+
+clean-demo:
+	rm -rf $(DEMO)

@@ -1,0 +1,195 @@
+"""whaleid command line: the table of contents of the pipeline.
+
+    whaleid synth       --out DIR                  a synthetic data set in the Kaggle layout
+    whaleid preprocess  --data DATA --work WORK    dedup -> format -> boxes -> augment -> split
+    whaleid train       --work WORK                the classifier (or an embedding head)
+    whaleid predict     --work WORK                TTA top-5 + new_whale threshold -> submission.csv
+    whaleid evaluate    --work WORK                open-set MAP@5 on the validation split
+    whaleid status      --work WORK                which stages are done, stale (why) or missing
+
+Every stage is cached in WORK (see whaleid/stage.py); a command runs the stages it needs that are
+not up to date, so rerunning after a pre-empted VM continues where it stopped.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import click
+
+from . import config, stage as stagelib
+from .stage import Session, StageError
+from .tables import TableError
+
+
+def pipeline() -> dict[str, list]:
+    """Stages by command, in run order. Imported lazily: `whaleid status` need not load TensorFlow."""
+    from . import dedup, formatting, boxes, augment, split
+    return {"preprocess": [dedup.STAGE, formatting.STAGE, boxes.STAGE, augment.STAGE, split.STAGE]}
+
+
+def all_stages() -> list:
+    return [s for stages in pipeline().values() for s in stages]
+
+
+# ---------------------------------------------------------------- shared options and the session
+
+SETTINGS_RECORD = "whaleid.json"
+DEFAULT_CONFIG = Path("configs/default.toml")
+
+
+def common(fn):
+    @click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("work"),
+                  show_default=True, help="Folder for artifacts (the stage cache).")
+    @click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
+                  help="Data folder in the Kaggle layout (train.csv, sample_submission.csv, train/, test/). "
+                       "Remembered in WORK after the first use.")
+    @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                  help=f"TOML settings (default {DEFAULT_CONFIG}, or the one WORK was last run with).")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                  help="Override a setting, e.g. --set train.epochs=5 (repeatable; remembered in WORK).")
+    @click.option("--force", default=None, is_flag=False, flag_value="*", metavar="[STAGE]",
+                  help="Rerun STAGE and everything downstream of it; alone, rerun every stage of the command.")
+    @click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True,
+                  help="Processes for per-image work.")
+    @click.option("--quiet", is_flag=True, help="No progress bars.")
+    @functools.wraps(fn)
+    def wrapper(**kw):
+        try:
+            return fn(**kw)
+        except (StageError, config.ConfigError, TableError) as e:
+            raise click.ClickException(str(e)) from None
+    return wrapper
+
+
+def open_session(work, data, config_file, overrides, workers, quiet, record=True, **_) -> Session:
+    """Settings and data folder for WORK: what is given now, else what WORK was last run with."""
+    work = Path(work)
+    rec_path = work / SETTINGS_RECORD
+    rec = json.loads(rec_path.read_text()) if rec_path.exists() else {}
+    if data is None and rec.get("data"):
+        data = Path(rec["data"])
+    if config_file is None:
+        config_file = Path(rec["config"]) if rec.get("config") else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+        sets = {**dict(s.split("=", 1) for s in rec.get("set", [])), **dict(s.split("=", 1) for s in overrides)}
+    else:
+        sets = dict(s.split("=", 1) for s in overrides if "=" in s)
+    for s in overrides:
+        config.parse_override(s)  # a malformed --set is an error, not silently ignored
+    set_list = [f"{k}={v}" for k, v in sets.items()]
+    cfg = config.load(config_file, tuple(set_list))
+    if data is not None and not Path(data).is_dir():
+        raise StageError(f"data folder {data} not found")
+    if record:
+        stagelib.write_json(rec_path, {"data": str(Path(data).resolve()) if data else None,
+                                       "config": str(Path(config_file).resolve()) if config_file else None,
+                                       "set": set_list})
+    return Session(cfg=cfg, work=work, data=Path(data).resolve() if data else None, stages=all_stages(),
+                   workers=workers, progress=not quiet, echo=click.echo)
+
+
+def run_command(command: str, kw: dict, extra_sets: tuple[str, ...] = ()) -> Session:
+    kw = dict(kw)
+    kw["overrides"] = tuple(kw["overrides"]) + extra_sets
+    session = open_session(**kw)
+    stages = []
+    for name, group in pipeline().items():
+        stages += group
+        if name == command:
+            break
+    force = set()
+    if kw["force"] == "*":
+        force = {s.name for s in pipeline()[command]}
+    elif kw["force"]:
+        if kw["force"] not in {s.name for s in session.stages}:
+            raise StageError(f"--force {kw['force']}: no such stage (stages: {', '.join(s.name for s in session.stages)})")
+        force = {kw["force"]}
+    with stagelib.work_lock(session.work, command):
+        session.run(stages, force)
+    return session
+
+
+# ---------------------------------------------------------------- commands
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="whaleid")
+def main():
+    """Identify individual whales (and other animals) from photos."""
+
+
+@main.command()
+@common
+@click.option("--boxes", "box_csv", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Import tail boxes from a CSV Image,x0,y0,x1,y1 instead of detecting them.")
+def preprocess(box_csv, **kw):
+    """Dedup, 3-channel format, tail boxes, offline augmentation, validation split."""
+    extra = (f"boxes.import_csv={json.dumps(str(box_csv.resolve()))}",) if box_csv else ()
+    session = run_command("preprocess", kw, extra)
+    click.echo(f"preprocess: done; artifacts in {session.work}")
+
+
+def _not_built(name: str):
+    @main.command(name=name, help=f"({name}: not built yet in this version.)")
+    @common
+    def cmd(**kw):
+        raise click.ClickException(f"the {name} stage is not built yet in this version of whaleid")
+    return cmd
+
+
+train = _not_built("train")
+predict = _not_built("predict")
+evaluate = _not_built("evaluate")
+
+
+@main.command()
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("work"), show_default=True)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def status(work, config_file, overrides):
+    """Each stage: done / stale (why) / missing, with its artifacts."""
+    try:
+        session = open_session(work, None, config_file, overrides, 1, True, record=False)
+    except (StageError, config.ConfigError) as e:
+        raise click.ClickException(str(e)) from None
+    seen: dict = {}
+    for st in session.stages:
+        s = session.status(st, seen)
+        line = f"{st.name:<10} {s.state:<8}"
+        if s.done:
+            m = s.manifest
+            counts = ", ".join(f"{k} {v}" for k, v in m.get("counts", {}).items())
+            line += f" {m['finished']} ({m['seconds']:.1f}s) {counts}"
+        else:
+            line += f" {s.reason}"
+        click.echo(line)
+        if s.manifest:
+            for name in s.manifest["artifacts"]:
+                click.echo(f"{'':<20}{session.dir(st.name) / name}")
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder to create.")
+@click.option("--ids", type=click.IntRange(min=2), default=50, show_default=True, help="Known individuals.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--photos", default="longtail", show_default=True,
+              help="Photos per individual: longtail | real | uniform:K.")
+@click.option("--real-train-csv", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="A real train.csv whose per-id photo counts --photos real follows.")
+@click.option("--size-scale", type=float, default=1.0, show_default=True, help="Scale of image sizes.")
+@click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True)
+@click.option("--quiet", is_flag=True)
+def synth(out, ids, seed, photos, real_train_csv, size_scale, workers, quiet):
+    """Write a synthetic data set (Kaggle layout + solution.csv, boxes.csv, duplicates.csv)."""
+    from . import synth as synthlib
+    try:
+        summary = synthlib.generate(out, ids=ids, seed=seed, workers=workers, photos=photos,
+                                    real_train_csv=real_train_csv, size_scale=size_scale, progress=not quiet)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"synth: wrote {out}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+
+
+if __name__ == "__main__":
+    main()

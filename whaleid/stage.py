@@ -1,0 +1,428 @@
+"""The stage cache, one mechanism for every stage (think DVC).
+
+A Stage declares its inputs (files in the data folder, artifacts of upstream stages), the settings
+it reads, and the artifacts it writes into WORK/<stage>/. After a successful run it writes
+WORK/<stage>/manifest.json: fingerprints of inputs and settings, sha256 of every artifact, versions,
+times and counts. A stage is up to date when its manifest matches what it would read now; "up to
+date" is decided by these fingerprints only. Upstream artifacts enter a stage's fingerprint by
+their sha256, so a changed upstream result reruns everything downstream, never anything upstream.
+
+Crash safety: the old manifest is deleted before a stage starts, artifacts are written atomically
+(temp file + rename) and the manifest is written last, so a killed run leaves nothing a rerun would
+trust. A stage killed part way may resume its own per-item work when it reruns with exactly the same
+fingerprint (`Run.resume`), e.g. training continues from its last checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import pickle
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import pandas as pd
+from tqdm import tqdm
+
+from . import __version__
+from .config import get as get_setting
+
+MANIFEST = "manifest.json"
+RUNNING = ".running.json"
+SKIPPED = "skipped.csv"
+LOCK = ".whaleid.lock"
+
+
+class StageError(RuntimeError):
+    """A problem the user must act on; the message says what to do."""
+
+
+# ---------------------------------------------------------------- atomic files and fingerprints
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success it replaces `path` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_json(path: Path, obj) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digest_folder(path: Path) -> str:
+    """Fingerprint of a folder of many files (images) from names, sizes and mtimes: reading 30k
+    photos' bytes on every status check would cost minutes."""
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            p = os.path.join(root, name)
+            st = os.stat(p)
+            h.update(f"{os.path.relpath(p, path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return "files:" + h.hexdigest()
+
+
+def fingerprint(path: Path) -> str | None:
+    """sha256 for a file, a listing digest for a folder, None when absent."""
+    path = Path(path)
+    if path.is_dir():
+        return digest_folder(path)
+    if path.is_file():
+        return sha256_file(path)
+    return None
+
+
+def versions() -> dict:
+    out = {"whaleid": __version__, "python": sys.version.split()[0]}
+    for mod in ("numpy", "pandas", "PIL", "cv2", "skimage", "imagehash", "tensorflow", "keras"):
+        if mod in sys.modules:
+            out[mod] = getattr(sys.modules[mod], "__version__", "?")
+    return out
+
+
+# ---------------------------------------------------------------- the work-folder lock
+
+@contextlib.contextmanager
+def work_lock(work: Path, command: str):
+    """Refuse a second concurrent run on the same work folder; take over a lock whose process died."""
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    lock = work / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+          "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text() or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            if _alive(holder):
+                raise StageError(
+                    f"{work} is in use by another whaleid run (pid {holder.get('pid')}, "
+                    f"'{holder.get('command')}', since {holder.get('started')}). Wait for it to finish; "
+                    f"if that process is gone, delete {lock}.") from None
+            print(f"whaleid: taking over a stale lock left by pid {holder.get('pid')} (process is gone)",
+                  file=sys.stderr)
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise StageError(f"could not take the lock {lock}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(lock.read_text()).get("pid") == os.getpid():
+                lock.unlink()
+
+
+def _alive(holder: dict) -> bool:
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or holder.get("host") not in (None, socket.gethostname()):
+        return isinstance(pid, int)  # another host's lock (shared disk): we cannot tell, so respect it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (killed child not yet reaped) is dead for our purposes
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
+            return False
+    return True
+
+
+# ---------------------------------------------------------------- stages
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[["Run"], dict | None]
+    artifacts: tuple[str, ...]            # names inside WORK/<name>/; a trailing "/" marks a folder
+    settings: tuple[str, ...] = ()        # dotted config keys the stage reads
+    data: tuple[str, ...] = ()            # files/folders inside the data folder
+    upstream: tuple[str, ...] = ()        # stages whose artifacts this one reads
+    extra_inputs: Callable[[dict], list[Path]] | None = None  # inputs named by settings (e.g. a box CSV)
+
+
+@dataclass
+class Status:
+    state: str          # done | stale | missing | modified
+    reason: str = ""
+    manifest: dict | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state == "done"
+
+
+@dataclass
+class Session:
+    """What every stage run shares: settings, folders, workers, and the stage list (for lookups)."""
+    cfg: dict
+    work: Path
+    data: Path | None
+    stages: list[Stage]
+    workers: int = 1
+    progress: bool = True
+    echo: Callable[[str], None] = print
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def dir(self, name: str) -> Path:
+        return self.work / name
+
+    def manifest(self, name: str) -> dict | None:
+        try:
+            return json.loads((self.dir(name) / MANIFEST).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    # -- fingerprints of what a stage would read now
+    def inputs_of(self, stage: Stage) -> dict:
+        fp = {}
+        for rel in stage.data:
+            if self.data is None:
+                raise StageError(f"stage {stage.name} reads the data folder: pass --data DIR")
+            fp[f"data/{rel}"] = fingerprint(self.data / rel)
+        if stage.extra_inputs:
+            for p in stage.extra_inputs(self.cfg):
+                fp[f"file/{p}"] = fingerprint(p)
+        for up in stage.upstream:
+            m = self.manifest(up)
+            fp[f"stage/{up}"] = m["artifacts"] if m else None
+        return fp
+
+    def settings_of(self, stage: Stage) -> dict:
+        return {key: get_setting(self.cfg, key) for key in stage.settings}
+
+    def artifact_digests(self, stage: Stage) -> dict:
+        out = {}
+        for name in stage.artifacts + (SKIPPED,):
+            out[name.rstrip("/")] = fingerprint(self.dir(stage.name) / name.rstrip("/"))
+        return out
+
+    def status(self, stage: Stage, _seen: dict | None = None) -> Status:
+        seen = {} if _seen is None else _seen
+        if stage.name in seen:
+            return seen[stage.name]
+        m = self.manifest(stage.name)
+        if m is None:
+            running = (self.dir(stage.name) / RUNNING).exists()
+            st = Status("missing", "interrupted run, will resume or restart" if running else "never run")
+        else:
+            st = self._compare(stage, m, seen)
+        seen[stage.name] = st
+        return st
+
+    def _compare(self, stage: Stage, m: dict, seen: dict) -> Status:
+        for up in stage.upstream:
+            ust = self.status(self.stage(up), seen)
+            if not ust.done:
+                return Status("stale", f"upstream {up} is {ust.state}", m)
+        now_settings = self.settings_of(stage)
+        for key, value in now_settings.items():
+            if m["settings"].get(key, "<absent>") != value:
+                return Status("stale", f"setting {key} changed ({m['settings'].get(key)!r} -> {value!r})", m)
+        try:
+            now_inputs = self.inputs_of(stage)
+        except StageError as e:
+            return Status("stale", str(e), m)
+        for key, value in now_inputs.items():
+            if m["inputs"].get(key) != value:
+                what = key.split("/", 1)
+                label = f"upstream {what[1]} artifacts" if what[0] == "stage" else f"input {what[1]}"
+                return Status("stale", f"{label} changed", m)
+        for name, digest in m["artifacts"].items():
+            path = self.dir(stage.name) / name
+            if not path.exists():
+                return Status("stale", f"artifact {path} is missing", m)
+        for name, digest in m["artifacts"].items():
+            if fingerprint(self.dir(stage.name) / name) != digest:
+                return Status("modified", f"artifact {self.dir(stage.name) / name} was modified or "
+                                          f"truncated after its run", m)
+        return Status("done", "", m)
+
+    def downstream(self, names: set[str]) -> set[str]:
+        out = set(names)
+        for s in self.stages:  # stages are listed in pipeline order
+            if out & set(s.upstream):
+                out.add(s.name)
+        return out
+
+    # -- running
+    def run(self, targets: list[Stage], force: set[str] = frozenset()) -> dict[str, str]:
+        """Run each target stage that is not up to date (and every forced one), in order."""
+        forced = self.downstream(set(force))
+        outcome = {}
+        for stage in targets:
+            st = self.status(stage)
+            if st.done and stage.name not in forced:
+                self.echo(f"[{stage.name}] up to date (cached) - {self.dir(stage.name)}")
+                outcome[stage.name] = "cached"
+                continue
+            if st.state == "modified" and stage.name not in forced:
+                raise StageError(f"[{stage.name}] {st.reason}; refusing to trust it. "
+                                 f"Run again with --force {stage.name} to rebuild it.")
+            why = "forced" if stage.name in forced else st.reason
+            self.echo(f"[{stage.name}] running ({why})")
+            self._execute(stage, resume_allowed=stage.name not in forced)
+            outcome[stage.name] = "ran"
+        return outcome
+
+    def _execute(self, stage: Stage, resume_allowed: bool) -> None:
+        d = self.dir(stage.name)
+        key = {"settings": self.settings_of(stage), "inputs": self.inputs_of(stage)}
+        for up in stage.upstream:
+            if not self.status(self.stage(up)).done:
+                raise StageError(f"[{stage.name}] needs upstream stage {up}, which is not up to date")
+        resume = False
+        try:
+            resume = resume_allowed and json.loads((d / RUNNING).read_text()) == json.loads(json.dumps(key, default=str))
+        except (FileNotFoundError, ValueError):
+            pass
+        with contextlib.suppress(FileNotFoundError):
+            (d / MANIFEST).unlink()  # from here on, nothing in d is trusted until the new manifest
+        if not resume and d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True, exist_ok=True)
+        write_json(d / RUNNING, key)
+        started = time.time()
+        run = Run(self, stage, resume)
+        counts = stage.run(run) or {}
+        for name in stage.artifacts:
+            if not (d / name.rstrip("/")).exists():
+                raise StageError(f"[{stage.name}] finished without writing its artifact {name} (a bug)")
+        run.write_csv(SKIPPED, pd.DataFrame(run.skipped, columns=["Image", "reason"]))
+        finished = time.time()
+        manifest = {
+            "stage": stage.name, **key,
+            "artifacts": self.artifact_digests(stage),
+            "counts": {**counts, "skipped": len(run.skipped)},
+            "versions": versions(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(finished)),
+            "seconds": round(finished - started, 3),
+            "resumed": resume,
+        }
+        write_json(d / MANIFEST, manifest)
+        (d / RUNNING).unlink()
+        note = f", {len(run.skipped)} skipped (see {d / SKIPPED})" if run.skipped else ""
+        self.echo(f"[{stage.name}] done in {finished - started:.1f}s{note}")
+
+
+class Run:
+    """One execution of one stage: where to write, how to read upstream results, what was skipped."""
+
+    def __init__(self, session: Session, stage: Stage, resume: bool):
+        self.session, self.stage, self.resume = session, stage, resume
+        self.cfg, self.data, self.work = session.cfg, session.data, session.work
+        self.workers, self.dir = session.workers, session.dir(stage.name)
+        self.skipped: list[tuple[str, str]] = []
+
+    def setting(self, dotted: str):
+        if dotted not in self.stage.settings:
+            raise KeyError(f"stage {self.stage.name} reads {dotted} without declaring it (a bug)")
+        return get_setting(self.cfg, dotted)
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def echo(self, msg: str) -> None:
+        self.session.echo(f"[{self.stage.name}] {msg}")
+
+    def skip(self, image: str, reason: str) -> None:
+        self.skipped.append((image, reason))
+
+    # -- reading upstream artifacts (checked against their manifest before use)
+    def upstream(self, stage: str, name: str) -> Path:
+        if stage not in self.stage.upstream:
+            raise KeyError(f"stage {self.stage.name} reads {stage} without declaring it (a bug)")
+        path = self.session.dir(stage) / name
+        m = self.session.manifest(stage)
+        if m is None or name not in m["artifacts"]:
+            raise StageError(f"{path}: no manifest records it; run the {stage} stage again")
+        if fingerprint(path) != m["artifacts"][name]:
+            raise StageError(f"{path} does not match its manifest (modified or truncated); refusing to "
+                             f"load it. Rerun with --force {stage}.")
+        return path
+
+    def load_pickle(self, stage: str, name: str):
+        with open(self.upstream(stage, name), "rb") as f:
+            return pickle.load(f)
+
+    def read_csv(self, stage: str, name: str) -> pd.DataFrame:
+        return pd.read_csv(self.upstream(stage, name), keep_default_na=False)
+
+    # -- writing this stage's artifacts, atomically
+    def write_pickle(self, name: str, obj) -> Path:
+        write_bytes(self.path(name), pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+        return self.path(name)
+
+    def write_csv(self, name: str, df: pd.DataFrame) -> Path:
+        write_bytes(self.path(name), df.to_csv(index=False).encode())
+        return self.path(name)
+
+    def write_json(self, name: str, obj) -> Path:
+        write_json(self.path(name), obj)
+        return self.path(name)
+
+    # -- per-item work over all cores
+    def map(self, fn: Callable, items: Iterable, desc: str, total: int | None = None,
+            chunksize: int = 16) -> Iterator:
+        """fn over items in order, in `workers` processes, with a progress bar; results stream."""
+        items = list(items) if total is None else items
+        total = len(items) if total is None else total
+        bar = dict(total=total, desc=f"[{self.stage.name}] {desc}", disable=not self.session.progress,
+                   unit="img", dynamic_ncols=True, mininterval=0.5)
+        if self.workers <= 1 or total < 2 * chunksize:
+            yield from tqdm(map(fn, items), **bar)
+            return
+        ctx = multiprocessing.get_context("fork" if "tensorflow" not in sys.modules else "spawn")
+        with ctx.Pool(self.workers) as pool:
+            yield from tqdm(pool.imap(fn, items, chunksize=chunksize), **bar)

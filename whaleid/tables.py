@@ -1,0 +1,74 @@
+"""The data folder's tables (train.csv, sample_submission.csv): schema checks with messages that
+name the file, row and column, so a user can fix the CSV instead of reading a traceback."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+NEW_WHALE = "new_whale"
+
+
+class TableError(ValueError):
+    pass
+
+
+def _read(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise TableError(f"{path}: file not found (expected the Kaggle layout: train.csv, "
+                         f"sample_submission.csv, train/, test/)")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise TableError(f"{path}: not a readable CSV ({e})") from None
+    except pd.errors.EmptyDataError:
+        raise TableError(f"{path}: the file is empty; expected a header line {','.join(required)}") from None
+    df.columns = [c.strip() for c in df.columns]
+    for col in required:
+        if col not in df.columns:
+            raise TableError(f"{path}: missing column '{col}' (header is {','.join(df.columns)}; "
+                             f"expected {','.join(required)})")
+    df = df[list(required)].copy()
+    for col in required:
+        df[col] = df[col].str.strip()
+        empty = df.index[df[col] == ""]
+        if len(empty):
+            raise TableError(f"{path}: row {empty[0] + 2}: empty value in column '{col}'")
+    bad = df.index[df["Image"].str.contains(r"[/\\]|^\.\.?$", regex=True)]
+    if len(bad):
+        raise TableError(f"{path}: row {bad[0] + 2}: column 'Image' must be a file name, "
+                         f"got {df.at[bad[0], 'Image']!r}")
+    return df
+
+
+def read_train(path: Path) -> tuple[pd.DataFrame, list[str]]:
+    """train.csv as (table, notes). Exact repeated rows are dropped with a note; one image listed with
+    two different ids is an error (which one is right cannot be guessed)."""
+    df = _read(path, ("Image", "Id"))
+    notes = []
+    dup = df.duplicated(keep="first")
+    if dup.any():
+        rows = [int(i) + 2 for i in df.index[dup]]
+        notes.append(f"{path}: {int(dup.sum())} repeated rows dropped (rows {rows[:10]}{'...' if len(rows) > 10 else ''})")
+        df = df[~dup]
+    clash = df["Image"].duplicated(keep=False)
+    if clash.any():
+        first = df[clash].iloc[0]["Image"]
+        rows = [int(i) + 2 for i in df.index[df["Image"] == first]]
+        ids = df.loc[df["Image"] == first, "Id"].tolist()
+        raise TableError(f"{path}: rows {rows}: image {first} is listed with different ids {ids}; "
+                         f"keep one row per image")
+    return df.reset_index(drop=True), notes
+
+
+def read_test(path: Path) -> tuple[pd.DataFrame, list[str]]:
+    """sample_submission.csv's Image column, in its order (the order of the submission)."""
+    df = _read(path, ("Image",))
+    notes = []
+    dup = df["Image"].duplicated(keep="first")
+    if dup.any():
+        rows = [int(i) + 2 for i in df.index[dup]]
+        notes.append(f"{path}: {int(dup.sum())} repeated images dropped (rows {rows[:10]})")
+        df = df[~dup]
+    return df.reset_index(drop=True), notes
