@@ -16,7 +16,7 @@ DEFAULTS: dict[str, dict] = {
     "format": {},
     "boxes": {"max_side": 512, "min_fraction": 0.10, "open_size": 5, "import_csv": ""},
     "augment": {"margin": 0.05, "crop_max": 20, "blur_sigma_max": 1.0, "jpeg_quality": 95},
-    "split": {"validation": 0.3},
+    "split": {"validation": 0.3, "unseen_ids": 0.1},
     "model": {"head": "softmax", "backbone": "InceptionResNetV2", "weights": "imagenet",
               "pooling": "avg2x2", "dropout": 0.4, "embedding_size": 256},
     "train": {"batch_size": 100, "epochs": 120, "patience": 10, "learning_rate": 0.001,

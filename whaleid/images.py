@@ -78,7 +78,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         hi = a.max() if a.size else 0
         scale = 255.0 / 65535.0 if hi > 255 else 1.0
         a = np.clip(a * scale, 0, 255).astype(np.uint8)
-        return Image.fromarray(a, "L").convert("RGB")
+        return Image.fromarray(a).convert("RGB")
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -103,3 +103,21 @@ def load_rgb(path: Path, max_side: int | None = None) -> np.ndarray:
     if max_side and max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     return np.asarray(img)
+
+
+def save_jpeg(path: Path, rgb: np.ndarray, quality: int = 95) -> None:
+    """Write atomically (temp + rename): a killed run never leaves a truncated JPEG under the real name."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(rgb).save(tmp, "JPEG", quality=quality)
+    tmp.replace(path)
+
+
+CONVERSIONS = {"RGB": "rgb", "L": "grey", "LA": "grey+alpha", "1": "bilevel", "P": "palette",
+               "PA": "palette+alpha", "RGBA": "rgba-on-white", "CMYK": "cmyk", "YCbCr": "ycbcr",
+               "I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I": "32-bit", "F": "float"}
+
+
+def conversion(mode: str) -> str:
+    """How to_rgb turns a file of this PIL mode into 3-channel RGB (recorded by the format stage)."""
+    return CONVERSIONS.get(mode, f"convert-{mode}")

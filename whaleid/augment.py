@@ -1,0 +1,124 @@
+"""augment (offline): crop each training photo to its tail box, resize it to the model's input, and
+write it with three variants beside it (design.md §4):
+    0 original   1 left-right flip + Gaussian blur (sigma 0..blur_sigma_max)
+    2 random crop of 1..crop_max px from each side, resized back   3 like 2, flipped
+
+Inputs:    format/train.csv, format/new_whale.csv, boxes/BB_TRAIN.csv
+Artifacts: images/  <stem>_<variant>.jpg, image_size x image_size, RGB
+           TRAINING_FILE_FINAL.csv  File, Image, Id, variant (new_whale photos: variant 0 only,
+                                    for open-set evaluation)
+
+crop_max is in pixels of a 224 px image (the original's size) and scales with image_size, so a
+96 px CPU run crops the same fraction of the tail. Each photo's randomness comes from (seed, name):
+the result is the same for any --workers and when a killed run resumes (finished photos are kept).
+"""
+from __future__ import annotations
+
+import zlib
+from functools import partial
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from . import images
+from .stage import Run, Stage
+
+VARIANTS = ("original", "flip-blur", "crop", "crop-flip")
+
+
+def crop_to_box(rgb: np.ndarray, box, margin: float, size: int) -> np.ndarray:
+    """Box plus `margin` (fraction of its size), clipped to the photo, resized to size x size."""
+    h, w = rgb.shape[:2]
+    x0, y0, x1, y1 = box
+    mx, my = margin * (x1 - x0), margin * (y1 - y0)
+    x0, y0 = max(0, int(round(x0 - mx))), max(0, int(round(y0 - my)))
+    x1, y1 = min(w, int(round(x1 + mx))), min(h, int(round(y1 + my)))
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        x0, y0, x1, y1 = 0, 0, w, h
+    crop = rgb[y0:y1, x0:x1]
+    interp = cv2.INTER_AREA if (x1 - x0) > size else cv2.INTER_CUBIC
+    return cv2.resize(crop, (size, size), interpolation=interp)
+
+
+def random_crop(img: np.ndarray, rng: np.random.Generator, crop_max: int) -> np.ndarray:
+    size = img.shape[0]
+    scale = size / 224
+    c = [max(1, int(round(rng.integers(1, crop_max + 1) * scale))) for _ in range(4)]
+    c = [min(v, size // 4) for v in c]
+    return cv2.resize(img[c[1]:size - c[3], c[0]:size - c[2]], (size, size), interpolation=cv2.INTER_CUBIC)
+
+
+def variants(base: np.ndarray, rng: np.random.Generator, crop_max: int, sigma_max: float) -> list[np.ndarray]:
+    sigma = rng.uniform(0, sigma_max)
+    flipped = base[:, ::-1]
+    blurred = cv2.GaussianBlur(flipped, (0, 0), sigma) if sigma > 0.05 else flipped
+    crop = random_crop(base, rng, crop_max)
+    crop2 = random_crop(base, rng, crop_max)[:, ::-1]
+    return [base, np.ascontiguousarray(blurred), crop, np.ascontiguousarray(crop2)]
+
+
+def photo_rng(seed: int, name: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def decode_for_crop(path: Path, box, size: int) -> tuple[np.ndarray, tuple]:
+    """Decode at the smallest JPEG draft scale that keeps the box >= size px; return pixels and the box
+    in their coordinates. Decoding a 3600 px photo at 1/4 scale is most of this stage's speed."""
+    w, h = images.image_size(path)
+    bw, bh = max(1, box[2] - box[0]), max(1, box[3] - box[1])
+    scale = min(1.0, max(size / bw, size / bh))
+    img = images.to_rgb(images.open_image(path, draft_size=(int(w * scale) + 1, int(h * scale) + 1)))
+    sx, sy = img.size[0] / w, img.size[1] / h
+    return np.asarray(img), (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
+def _one(job, out: Path, size: int, margin: float, crop_max: int, sigma_max: float, quality: int,
+         seed: int, resume: bool):
+    image, path, box, n_variants = job
+    stem = Path(image).stem
+    files = [f"{stem}_{k}.jpg" for k in range(n_variants)]
+    if resume and all((out / f).exists() for f in files):
+        return image, files, None
+    try:
+        rgb, local_box = decode_for_crop(path, box, size)
+    except images.BadImage as e:
+        return image, [], str(e)
+    base = crop_to_box(rgb, local_box, margin, size)
+    versions = variants(base, photo_rng(seed, image), crop_max, sigma_max)[:n_variants]
+    for f, v in zip(files, versions):
+        images.save_jpeg(out / f, v, quality)
+    return image, files, None
+
+
+def run(run: Run) -> dict:
+    known = run.read_csv("format", "train.csv")
+    new = run.read_csv("format", "new_whale.csv")
+    boxes = run.read_csv("boxes", "BB_TRAIN.csv").set_index("Image")
+    table = pd.concat([known.assign(n=len(VARIANTS)), new.assign(n=1)], ignore_index=True)
+    table = table[table.Image.isin(boxes.index)]
+    out = run.path("images")
+    out.mkdir(exist_ok=True)
+    jobs = [(r.Image, str(run.data / r.folder / r.Image),
+             tuple(int(v) for v in boxes.loc[r.Image, ["x0", "y0", "x1", "y1"]]), int(r.n))
+            for r in table.itertuples()]
+    work = partial(_one, out=out, size=run.setting("run.image_size"), margin=run.setting("augment.margin"),
+                   crop_max=run.setting("augment.crop_max"), sigma_max=run.setting("augment.blur_sigma_max"),
+                   quality=run.setting("augment.jpeg_quality"), seed=run.setting("run.seed"), resume=run.resume)
+    ids = dict(zip(table.Image, table.Id))
+    rows = []
+    for image, files, error in run.map(work, jobs, "crop + variants"):
+        if error:
+            run.skip(image, error)
+        for k, f in enumerate(files):
+            rows.append((f, image, ids[image], VARIANTS[k]))
+    final = pd.DataFrame(rows, columns=["File", "Image", "Id", "variant"])
+    run.write_csv("TRAINING_FILE_FINAL.csv", final)
+    return {"photos": final.Image.nunique(), "files": len(final)}
+
+
+STAGE = Stage("augment", run, artifacts=("images/", "TRAINING_FILE_FINAL.csv"),
+              settings=("run.image_size", "run.seed", "augment.margin", "augment.crop_max",
+                        "augment.blur_sigma_max", "augment.jpeg_quality"),
+              data=("train/",), upstream=("format", "boxes"))
