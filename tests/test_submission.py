@@ -1,0 +1,91 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from whaleid import submission as sub
+from whaleid.submission import SubmissionError
+
+CLASSES = [f"w_{i}" for i in range(8)]
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3, 4, 5])
+def test_average_precision_at_each_rank(rank):
+    pred = ["a", "b", "c", "d", "e"]
+    pred[rank - 1] = "t"
+    assert sub.average_precision("t", pred) == pytest.approx(1 / rank)
+
+
+def test_average_precision_absent_and_duplicates_count_once():
+    assert sub.average_precision("t", ["a", "b", "c", "d", "e"]) == 0
+    assert sub.average_precision("t", ["a", "a", "t", "b", "c"]) == pytest.approx(1 / 2)
+    assert sub.average_precision("t", ["a", "t", "t", "b", "c"]) == pytest.approx(1 / 2)
+    assert sub.average_precision("t", ["a", "b", "c", "d", "e", "t"]) == 0
+    assert sub.map5(["t", "u"], [["t"], ["x", "u"]]) == pytest.approx(0.75)
+
+
+def test_vote_agreement_wins_over_a_more_probable_single_version():
+    probs = np.full((4, 8), 0.01)
+    probs[0, 3] = 0.9          # one version is very sure of w_3
+    probs[1:, 5] = 0.5         # three versions agree on w_5
+    probs[1:, 3] = 0.05
+    out = sub.merge_vote(probs, CLASSES)
+    assert out[0] == "w_5" and out[1] == "w_3"
+    assert len(out) == 5 and len(set(out)) == 5
+
+
+def test_vote_without_agreement_takes_the_most_probable_and_never_repeats():
+    probs = np.zeros((2, 8))
+    probs[0] = np.linspace(0.9, 0.1, 8)            # ranks 0,1,2,...
+    probs[1] = np.linspace(0.1, 0.85, 8)           # ranks 7,6,5,...
+    out = sub.merge_vote(probs, CLASSES)
+    assert out[:2] == ["w_0", "w_7"] and len(set(out)) == 5
+    mean = sub.merge_mean(probs, CLASSES)
+    assert len(set(mean)) == 5
+
+
+@pytest.mark.parametrize("position", [0, 1, 2, 3, 4])
+def test_new_whale_inserted_before_the_first_score_under_threshold(position):
+    labels = ["a", "b", "c", "d", "e"]
+    scores = [0.9 - 0.1 * i for i in range(5)]
+    threshold = scores[position] + 0.01
+    out = sub.insert_new_whale(labels, scores, threshold)
+    assert out.index("new_whale") == position and len(out) == 5 and len(set(out)) == 5
+
+
+def test_new_whale_takes_last_slot_when_all_scores_clear_the_threshold():
+    assert sub.insert_new_whale(list("abcde"), [0.9] * 5, 0.5) == ["a", "b", "c", "d", "new_whale"]
+
+
+def test_known_answer_goes_first_without_repeating():
+    probs = np.tile(np.linspace(0.5, 0.01, 8), (4, 1))
+    out = sub.answer(probs, CLASSES, threshold=0.3, known="w_2")
+    assert out[0] == "w_2" and len(set(out)) == 5 and out.count("w_2") == 1
+    out = sub.answer(probs, CLASSES, threshold=0.3, known="w_7")
+    assert out[0] == "w_7" and len(out) == 5
+
+
+def _good():
+    return pd.DataFrame({"Image": ["a.jpg", "b.jpg"], "Id": ["w_1 w_2 w_3 w_4 new_whale"] * 2})
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.iloc[:1], "missing"),
+    (lambda d: d.assign(Id=["w_1 w_2 w_3 w_4", d.Id[1]]), "4 labels"),
+    (lambda d: d.assign(Id=["w_1 w_2 w_3 w_4 w_5 w_6", d.Id[1]]), "6 labels"),
+    (lambda d: d.assign(Id=["w_1 w_1 w_3 w_4 w_5", d.Id[1]]), "repeated label"),
+    (lambda d: d.rename(columns={"Id": "Ids"}), "header"),
+    (lambda d: pd.concat([d, pd.DataFrame({"Image": ["z.jpg"], "Id": [d.Id[0]]})]), "not in sample_submission"),
+    (lambda d: pd.concat([d, d.iloc[:1]]), "more than once"),
+])
+def test_validator_rejects_each_malformed_case(mutate, message):
+    sub.validate(_good(), ["a.jpg", "b.jpg"])
+    with pytest.raises(SubmissionError, match=message):
+        sub.validate(mutate(_good()), ["a.jpg", "b.jpg"])
+
+
+def test_score_files(tmp_path):
+    s, t = tmp_path / "s.csv", tmp_path / "t.csv"
+    _good().to_csv(s, index=False)
+    pd.DataFrame({"Image": ["a.jpg", "b.jpg"], "Id": ["w_2", "new_whale"]}).to_csv(t, index=False)
+    r = sub.score_files(s, t)
+    assert r["map5"] == pytest.approx((1 / 2 + 1 / 5) / 2) and r["all_new_whale_map5"] == 0.5 and r["top1"] == 0
