@@ -26,8 +26,11 @@ from .tables import TableError
 
 def pipeline() -> dict[str, list]:
     """Stages by command, in run order. Imported lazily: `whaleid status` need not load TensorFlow."""
-    from . import dedup, formatting, boxes, augment, split
-    return {"preprocess": [dedup.STAGE, formatting.STAGE, boxes.STAGE, augment.STAGE, split.STAGE]}
+    from . import dedup, formatting, boxes, augment, split, train, evaluate, predict
+    return {"preprocess": [dedup.STAGE, formatting.STAGE, boxes.STAGE, augment.STAGE, split.STAGE],
+            "train": [train.STAGE],
+            "evaluate": [evaluate.STAGE],
+            "predict": [predict.STAGE]}
 
 
 def all_stages() -> list:
@@ -94,11 +97,11 @@ def run_command(command: str, kw: dict, extra_sets: tuple[str, ...] = ()) -> Ses
     kw = dict(kw)
     kw["overrides"] = tuple(kw["overrides"]) + extra_sets
     session = open_session(**kw)
-    stages = []
-    for name, group in pipeline().items():
-        stages += group
-        if name == command:
-            break
+    needed = {s.name for s in pipeline()[command]}
+    for st in reversed(session.stages):  # pipeline order: add what the needed stages read
+        if st.name in needed:
+            needed |= set(st.upstream)
+    stages = [st for st in session.stages if st.name in needed]
     force = set()
     if kw["force"] == "*":
         force = {s.name for s in pipeline()[command]}
@@ -130,17 +133,69 @@ def preprocess(box_csv, **kw):
     click.echo(f"preprocess: done; artifacts in {session.work}")
 
 
-def _not_built(name: str):
-    @main.command(name=name, help=f"({name}: not built yet in this version.)")
-    @common
-    def cmd(**kw):
-        raise click.ClickException(f"the {name} stage is not built yet in this version of whaleid")
-    return cmd
+@main.command()
+@common
+def train(**kw):
+    """Train the classifier (or an embedding head) on the preprocessed images; resumes after a kill."""
+    session = run_command("train", kw)
+    m = session.manifest("train") or {}
+    click.echo("train: " + ", ".join(f"{k} {v}" for k, v in m.get("counts", {}).items()))
 
 
-train = _not_built("train")
-predict = _not_built("predict")
-evaluate = _not_built("evaluate")
+@main.command()
+@common
+@click.option("--tune-threshold", is_flag=True,
+              help="Store the best new_whale threshold of the sweep in WORK; predict then uses it.")
+@click.option("--submission", "submission_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Score this submission file against --solution instead (no work folder needed).")
+@click.option("--solution", "solution_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Solution table Image,Id for --submission.")
+def evaluate(tune_threshold, submission_file, solution_file, **kw):
+    """Open-set MAP@5 on the validation split (held-out ids play the new whales)."""
+    from . import evaluate as evaluation, submission
+    if submission_file or solution_file:
+        if not (submission_file and solution_file):
+            raise click.UsageError("--submission and --solution go together")
+        try:
+            r = submission.score_files(submission_file, solution_file)
+        except submission.SubmissionError as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(f"{submission_file}: MAP@5 {r['map5']:.4f}, top-1 {r['top1']:.4f}, "
+                   f"all-new_whale baseline {r['all_new_whale_map5']:.4f} ({r['images']} images)")
+        return
+    session = run_command("evaluate", kw)
+    m = json.loads((session.dir("evaluate") / "metrics.json").read_text())
+    click.echo(f"open-set validation ({m['images']} images, {m['new_whale_share']:.0%} new whales, "
+               f"merge {m['merge']}, tta {m['tta']}):")
+    click.echo(f"  MAP@5 {m['map5']:.4f}  top-1 {m['top1']:.4f}  at threshold {m['threshold']:.3f}")
+    click.echo(f"  all-new_whale baseline MAP@5 {m['all_new_whale_map5']:.4f}")
+    click.echo(f"  best threshold {m['best_threshold']:.2f}: MAP@5 {m['best_map5']:.4f}")
+    if tune_threshold:
+        thr = evaluation.tune(session.work)
+        click.echo(f"  stored threshold {thr:.2f} in {session.work / 'tuned_threshold.json'}; predict will use it")
+
+
+@main.command()
+@common
+@click.option("--check", "check_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Only validate this submission file against the data folder's sample_submission.csv.")
+def predict(check_file, **kw):
+    """TTA top-5 with the new_whale threshold -> WORK/submission.csv."""
+    from . import submission
+    from .tables import read_test
+    if check_file:
+        session = open_session(**kw, record=False)
+        if session.data is None:
+            raise click.ClickException("--check needs --data (the folder with sample_submission.csv)")
+        order, _ = read_test(session.data / "sample_submission.csv")
+        try:
+            submission.validate(submission.read_submission(check_file), list(order.Image), source=str(check_file))
+        except submission.SubmissionError as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(f"{check_file}: valid ({len(order)} images, 5 distinct labels each)")
+        return
+    session = run_command("predict", kw)
+    click.echo(f"submission: {session.work / 'submission.csv'}")
 
 
 @main.command()

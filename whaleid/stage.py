@@ -183,7 +183,7 @@ class Stage:
     settings: tuple[str, ...] = ()        # dotted config keys the stage reads
     data: tuple[str, ...] = ()            # files/folders inside the data folder
     upstream: tuple[str, ...] = ()        # stages whose artifacts this one reads
-    extra_inputs: Callable[[dict], list[Path]] | None = None  # inputs named by settings (e.g. a box CSV)
+    extra_inputs: Callable[["Session"], list[Path]] | None = None  # inputs named by settings (a box CSV)
 
 
 @dataclass
@@ -231,7 +231,7 @@ class Session:
                 raise StageError(f"stage {stage.name} reads the data folder: pass --data DIR")
             fp[f"data/{rel}"] = fingerprint(self.data / rel)
         if stage.extra_inputs:
-            for p in stage.extra_inputs(self.cfg):
+            for p in stage.extra_inputs(self):
                 fp[f"file/{p}"] = fingerprint(p)
         for up in stage.upstream:
             m = self.manifest(up)

@@ -1,0 +1,221 @@
+"""boxes: a tail bounding box for every photo, by colour thresholds (design.md §3), or imported.
+
+Inputs:    format/train.csv, format/new_whale.csv, format/test.csv, train/, test/,
+           boxes.import_csv when set (`whaleid preprocess --boxes FILE`)
+Artifacts: BB_TRAIN.csv, BB_TEST.csv   Image, x0, y0, x1, y1 (pixels of the full photo, x1/y1
+           exclusive), method: hsv-low-sat | hsv-high-sat | grey | imported | full-image
+           import_report.csv           rows of the imported CSV that were refused, and why
+
+The original: HSV; three-class Otsu thresholds th_S on saturation and th_V on the grey image; mask =
+open(S < th_S[0], 5x5) AND (V < th_V[0]) (tails are darker and less saturated than sea and sky), or,
+if empty, open(S > th_S[1]) AND (V < th_V[0]); box = the mask's extent; under 10% of the image ->
+the whole image. Two changes make it hold on real photos: the box is the extent of the mask's
+connected components that matter (the largest one and any of comparable size that touch its
+rows), not of every stray dark pixel of sea; and greyscale photos, which the original skipped, get
+a dark-body mask on the smoothed grey image ("grey"). boxes.detector = "dark" (the default) uses
+that mask for colour photos too ("dark"): on real photos it beats the saturation masks (see
+scripts/bench_boxes.py, which prints both); "hsv" keeps the original's masks. Detection runs on a copy downscaled to
+boxes.max_side and the box is scaled back.
+"""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from skimage.filters import threshold_multiotsu
+
+from . import images
+from .stage import Run, Stage
+
+METHODS = ("dark", "hsv-low-sat", "hsv-high-sat", "grey", "imported", "full-image")
+COLUMNS = ["Image", "x0", "y0", "x1", "y1", "method"]
+
+
+def _thresholds(channel: np.ndarray) -> np.ndarray | None:
+    if channel.max() - channel.min() < 8:
+        return None
+    try:
+        return threshold_multiotsu(channel, classes=3)
+    except ValueError:
+        return None
+
+
+def _open(mask: np.ndarray, size: int) -> np.ndarray:
+    kernel = np.ones((size, size), np.uint8)
+    return cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, kernel).astype(bool)
+
+
+def main_extent(mask: np.ndarray, close: int = 0) -> tuple[int, int, int, int] | None:
+    """Extent of the components that make up the tail: the largest, plus every component at least
+    a tenth of its size (the two lobes of a fluke can come apart). None when the mask is empty."""
+    m = mask.astype(np.uint8)
+    if close:
+        m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, np.ones((close, close), np.uint8))
+    n, _, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    if n <= 1:
+        return None
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep = np.nonzero(areas >= 0.1 * areas.max())[0] + 1
+    x0 = stats[keep, cv2.CC_STAT_LEFT].min()
+    y0 = stats[keep, cv2.CC_STAT_TOP].min()
+    x1 = (stats[keep, cv2.CC_STAT_LEFT] + stats[keep, cv2.CC_STAT_WIDTH]).max()
+    y1 = (stats[keep, cv2.CC_STAT_TOP] + stats[keep, cv2.CC_STAT_HEIGHT]).max()
+    return int(x0), int(y0), int(x1), int(y1)
+
+
+def detect_box(rgb: np.ndarray, *, grey: bool | None = None, detector: str = "dark", min_fraction: float = 0.10,
+               open_size: int = 5) -> tuple[int, int, int, int, str]:
+    """Tail box (x0, y0, x1, y1, method) in the pixel coords of `rgb` (x1, y1 exclusive).
+
+    detector "hsv": the original's saturation + value masks for colour photos; "dark": the dark-body
+    mask alone for every photo (on the 29 real photos of scripts/bench_boxes.py its mean IoU is
+    clearly higher: the underside of a fluke is often white and saturation adds sea, not tail).
+    Greyscale photos always use the dark-body mask ("grey")."""
+    h, w = rgb.shape[:2]
+    if grey is None:
+        a = rgb.astype(np.int16)
+        grey = bool(np.abs(a[..., 0] - a[..., 1]).max() <= 10 and np.abs(a[..., 1] - a[..., 2]).max() <= 10)
+    v = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    th_v = _thresholds(v)
+    close = max(3, (min(h, w) // 20) | 1)
+    box, method = None, "full-image"
+    if th_v is not None and not grey and detector == "hsv":
+        s = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
+        th_s = _thresholds(s)
+        if th_s is not None:
+            dark = v < th_v[0]
+            box = main_extent(_open(s < th_s[0], open_size) & dark, close)
+            method = "hsv-low-sat"
+            if box is None:
+                box = main_extent(_open(s > th_s[1], open_size) & dark, close)
+                method = "hsv-high-sat"
+    if box is None and th_v is not None:
+        # The tail is the large dark body; sea and sky are brighter. Smooth first so waves and
+        # pigment speckle do not fragment it; Otsu's lowest class, opened, then closed into one body.
+        smooth = cv2.GaussianBlur(v, (0, 0), 2.0 * max(h, w) / 512)
+        th = _thresholds(smooth)
+        if th is not None:
+            box = main_extent(_open(smooth < th[0], open_size), close)
+            method = "grey" if grey else "dark"
+    if box is None:
+        return 0, 0, w, h, "full-image"
+    x0, y0, x1, y1 = box
+    if (x1 - x0) * (y1 - y0) < min_fraction * w * h:
+        return 0, 0, w, h, "full-image"
+    return x0, y0, x1, y1, method
+
+
+def detect_box_file(path, *, max_side: int = 512, detector: str = "dark", min_fraction: float = 0.10,
+                    open_size: int = 5):
+    """Decode at reduced size, detect, scale the box back to the file's full size."""
+    w, h = images.image_size(path)
+    img = images.open_image(path, draft_size=(max_side, max_side))
+    grey = images.is_grey(img)
+    img = images.to_rgb(img)
+    if max(img.size) > max_side:
+        img.thumbnail((max_side, max_side), images.Image.Resampling.BILINEAR)
+    rgb = np.asarray(img)
+    x0, y0, x1, y1, method = detect_box(rgb, grey=grey, detector=detector, min_fraction=min_fraction,
+                                          open_size=open_size)
+    sx, sy = w / rgb.shape[1], h / rgb.shape[0]
+    return (max(0, int(np.floor(x0 * sx))), max(0, int(np.floor(y0 * sy))),
+            min(w, int(np.ceil(x1 * sx))), min(h, int(np.ceil(y1 * sy))), method)
+
+
+def iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def read_box_csv(path, sizes: dict[str, tuple[int, int]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(good rows, refused rows with a `reason`) of a box CSV Image,x0,y0,x1,y1 (the published format)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"box file {path}: not found")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df.columns = [c.strip() for c in df.columns]
+    for col in ("Image", "x0", "y0", "x1", "y1"):
+        if col not in df.columns:
+            raise ValueError(f"box file {path}: missing column '{col}' (expected Image,x0,y0,x1,y1)")
+    good, bad = [], []
+    seen = set()
+    for i, r in enumerate(df.itertuples(index=False), start=2):
+        name = r.Image.strip()
+        try:
+            x0, y0, x1, y1 = (float(getattr(r, c)) for c in ("x0", "y0", "x1", "y1"))
+        except ValueError:
+            bad.append((name, i, "missing or non-numeric coordinate"))
+            continue
+        if name in seen:
+            bad.append((name, i, "image listed twice (first row kept)"))
+            continue
+        if name not in sizes:
+            bad.append((name, i, "image not in the data set (or unreadable)"))
+            continue
+        w, h = sizes[name]
+        if not (x0 < x1 and y0 < y1):
+            bad.append((name, i, f"empty box: need x0 < x1 and y0 < y1, got {x0:g},{y0:g},{x1:g},{y1:g}"))
+            continue
+        if x0 < -1 or y0 < -1 or x1 > w + 1 or y1 > h + 1:
+            bad.append((name, i, f"box {x0:g},{y0:g},{x1:g},{y1:g} outside the {w}x{h} image"))
+            continue
+        seen.add(name)
+        good.append((name, max(0, int(round(x0))), max(0, int(round(y0))), min(w, int(round(x1))),
+                     min(h, int(round(y1))), "imported"))
+    return (pd.DataFrame(good, columns=COLUMNS),
+            pd.DataFrame(bad, columns=["Image", "row", "reason"]))
+
+
+def _detect_job(job, **settings):
+    name, path = job
+    try:
+        return name, detect_box_file(path, **settings), None
+    except images.BadImage as e:
+        return name, None, str(e)
+
+
+def run(run: Run) -> dict:
+    tables = {"train": pd.concat([run.read_csv("format", "train.csv"), run.read_csv("format", "new_whale.csv")]),
+              "test": run.read_csv("format", "test.csv")}
+    imported, refused = pd.DataFrame(columns=COLUMNS), pd.DataFrame(columns=["Image", "row", "reason"])
+    if run.setting("boxes.import_csv"):
+        sizes = {r.Image: (int(r.width), int(r.height)) for t in tables.values() for r in t.itertuples()}
+        imported, refused = read_box_csv(run.setting("boxes.import_csv"), sizes)
+        run.echo(f"imported {len(imported)} boxes from {run.setting('boxes.import_csv')}; {len(refused)} rows "
+                 f"refused (replaced by detection, see {run.path('import_report.csv')})")
+    run.write_csv("import_report.csv", refused)
+    have = set(imported.Image)
+    detect = partial(_detect_job, max_side=run.setting("boxes.max_side"), detector=run.setting("boxes.detector"),
+                     min_fraction=run.setting("boxes.min_fraction"), open_size=run.setting("boxes.open_size"))
+    counts = {}
+    for folder, table in tables.items():
+        jobs = [(r.Image, str(run.data / folder / r.Image)) for r in table.itertuples() if r.Image not in have]
+        rows = []
+        for name, box, error in run.map(detect, jobs, f"{folder} boxes", chunksize=8):
+            if error:
+                run.skip(name, error)
+            else:
+                rows.append((name, *box))
+        out = pd.concat([imported[imported.Image.isin(set(table.Image))], pd.DataFrame(rows, columns=COLUMNS)])
+        out = out.set_index("Image").loc[[i for i in table.Image if i in set(out.Image)]].reset_index()
+        run.write_csv(f"BB_{folder.upper()}.csv", out)
+        for m, n in out.method.value_counts().items():
+            counts[m] = counts.get(m, 0) + int(n)
+    run.echo("methods: " + ", ".join(f"{m} {n}" for m, n in sorted(counts.items())))
+    return counts
+
+
+def _box_file(session) -> list[Path]:
+    p = session.cfg["boxes"]["import_csv"]
+    return [Path(p)] if p else []
+
+
+STAGE = Stage("boxes", run, artifacts=("BB_TRAIN.csv", "BB_TEST.csv", "import_report.csv"),
+              settings=("boxes.max_side", "boxes.detector", "boxes.min_fraction", "boxes.open_size", "boxes.import_csv"),
+              data=("train/", "test/"), upstream=("format",), extra_inputs=_box_file)

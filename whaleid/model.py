@@ -1,0 +1,238 @@
+"""The models of the train stage, one small factory per concern (after pudae/kaggle-humpback):
+
+    backbone(name, image_size, weights)        a keras.applications network without its top (or "tiny")
+    preprocess(name)                           that backbone's own preprocess_input, as a layer
+    online_augment()                           random Keras preprocessing layers, active in training only
+    softmax_head(features, n_classes, ...)     2x2 average pooling + flatten (or global pooling),
+                                               dropout, dense softmax (float32 under mixed precision)
+    loss(head), metrics(head, n_classes)
+    build_model(cfg, n_classes)                all of it, dispatched on model.head
+
+The model takes raw 0-255 RGB images (image_size x image_size); everything else happens inside it.
+A saved model loads with keras.saving.load_model once this module is imported (it registers the
+preprocessing layer), or with load_model() below.
+
+Only the train and predict stages import this module, inside their run functions: it imports
+Keras (and TensorFlow) at import time, which `whaleid status` must not pay for.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import socket
+from pathlib import Path
+
+import keras
+
+from .config import get as setting
+from .stage import StageError
+
+TINY = "tiny"                 # a few conv layers: tests and smoke runs, any image size >= 16
+DOWNLOAD_TIMEOUT = 20         # seconds without a byte before an ImageNet weights download gives up
+HEADS = ("softmax", "siamese", "triplet")
+
+
+# ---------------------------------------------------------------- preprocessing inside the model
+
+def preprocess_function(backbone: str):
+    """The backbone's own preprocess_input (keras.applications.<module>.preprocess_input)."""
+    if backbone == TINY:
+        return lambda x: x / 127.5 - 1.0
+    module = importlib.import_module(_application(backbone).__module__)
+    return module.preprocess_input
+
+
+@keras.saving.register_keras_serializable(package="whaleid")
+class BackbonePreprocess(keras.layers.Layer):
+    """Applies `backbone`'s preprocess_input to raw 0-255 RGB. Always float32 (also under mixed
+    precision), so the scaling is exact; the backbone casts to its compute dtype itself."""
+
+    def __init__(self, backbone: str, **kwargs):
+        kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+        self.backbone = backbone
+        self._fn = preprocess_function(backbone)
+
+    def call(self, x):
+        return self._fn(keras.ops.cast(x, "float32"))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "backbone": self.backbone}
+
+
+def preprocess(backbone: str) -> keras.layers.Layer:
+    return BackbonePreprocess(backbone, name="preprocess")
+
+
+def online_augment() -> keras.Sequential:
+    """Random transforms on top of the offline variants (flips and crops are offline already).
+    Inside the model, so they run on the accelerator and their random state is part of the model's
+    variables: a resumed training continues the same random sequence. Identity at inference."""
+    L = keras.layers
+    return keras.Sequential([
+        L.RandomRotation(0.03, fill_mode="reflect"),           # +-11 degrees
+        L.RandomZoom(0.1, fill_mode="reflect"),
+        L.RandomTranslation(0.05, 0.05, fill_mode="reflect"),
+        L.RandomContrast(0.1),
+    ], name="online_augment")
+
+
+# ---------------------------------------------------------------- backbone and weights
+
+def _application(name: str):
+    fn = getattr(keras.applications, name, None)
+    if not callable(fn) or not name[:1].isupper():
+        known = sorted(n for n in dir(keras.applications) if n[:1].isupper())
+        raise StageError(f"model.backbone = {name!r} is not a keras.applications network "
+                         f"(known: {', '.join(known)}, or {TINY!r} for tests)")
+    return fn
+
+
+def resolve_weights(weights: str) -> str | None:
+    """'imagenet' | None (random initialisation) | the path of an existing weights file."""
+    if weights.lower() == "none":
+        return None
+    if weights == "imagenet":
+        return weights
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise StageError(f"model.weights = {weights!r}: no such file. Use imagenet (download), none "
+                         f"(random initialisation) or the path of a weights file.")
+    return str(path)
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float):
+    """keras' download has no timeout of its own: a stalled network would hang the stage."""
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def _one_line(e: BaseException, limit: int = 240) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def tiny_backbone(image_size: int) -> keras.Model:
+    L = keras.layers
+    inp = keras.Input((image_size, image_size, 3), name="tiny_input")
+    x = inp
+    for i, filters in enumerate((16, 32, 64)):
+        x = L.Conv2D(filters, 3, strides=2, padding="same", use_bias=False, name=f"tiny_conv{i}")(x)
+        x = L.BatchNormalization(name=f"tiny_bn{i}")(x)
+        x = L.ReLU(name=f"tiny_relu{i}")(x)
+    return keras.Model(inp, x, name=TINY)
+
+
+def backbone(name: str, image_size: int, weights: str) -> keras.Model:
+    """`name` without its top, input image_size x image_size x 3 (already preprocessed)."""
+    source = resolve_weights(weights)
+    if name == TINY:
+        net = tiny_backbone(image_size)
+        if source == "imagenet":
+            raise StageError(f"model.backbone = {TINY!r} has no ImageNet weights: use none or a weights file")
+        if source:
+            _load_backbone_weights(net, source)
+        return net
+    fn = _application(name)
+    try:
+        with _socket_timeout(DOWNLOAD_TIMEOUT):
+            return fn(include_top=False, weights=source, input_shape=(image_size, image_size, 3))
+    except StageError:
+        raise
+    except Exception as e:  # keras raises a bare Exception for a failed download
+        if source == "imagenet" and ("URL fetch failure" in str(e) or isinstance(e, OSError)):
+            raise StageError(
+                f"model.weights = imagenet: could not download the ImageNet weights of {name} "
+                f"({_one_line(e, 160)}). Offline (e.g. a Kaggle notebook)? Set model.weights to the path "
+                f"of a weights file, or to none for random initialisation.") from None
+        raise StageError(f"model.backbone = {name} (weights {weights}) at {image_size} px: "
+                         f"{_one_line(e)}") from None
+
+
+def _load_backbone_weights(net: keras.Model, path: str) -> None:
+    try:
+        net.load_weights(path)
+    except Exception as e:
+        raise StageError(f"model.weights = {path}: does not fit backbone {net.name}: {_one_line(e)}") from None
+
+
+def find_backbone(model: keras.Model) -> keras.Model:
+    """The backbone sub-model of a model built by build_model."""
+    nets = [layer for layer in model.layers if isinstance(layer, keras.Model) and layer.name != "online_augment"]
+    if len(nets) != 1:
+        raise ValueError(f"{model.name}: expected one backbone sub-model, found {[n.name for n in nets]}")
+    return nets[0]
+
+
+# ---------------------------------------------------------------- heads and losses
+
+def softmax_head(features, n_classes: int, pooling: str, dropout: float):
+    L = keras.layers
+    if pooling == "avg2x2":
+        h, w = features.shape[1], features.shape[2]
+        if h is not None and (h < 2 or w < 2):
+            raise StageError(f"model.pooling = avg2x2 needs a feature map of at least 2x2; the backbone "
+                             f"gives {h}x{w} at this image size. Use pooling = global or a larger run.image_size.")
+        x = L.AveragePooling2D(pool_size=2, name="avg2x2")(features)
+        x = L.Flatten(name="flatten")(x)
+    elif pooling == "global":
+        x = L.GlobalAveragePooling2D(name="global_avg")(features)
+    else:
+        raise StageError(f"model.pooling = {pooling!r}: expected avg2x2 or global")
+    x = L.Dropout(dropout, name="dropout")(x)
+    x = L.Dense(n_classes, name="logits")(x)
+    return L.Activation("softmax", dtype="float32", name="softmax")(x)
+
+
+def loss(head: str):
+    if head == "softmax":
+        return keras.losses.SparseCategoricalCrossentropy(name="loss")
+    raise _not_built(head)
+
+
+def metrics(head: str, n_classes: int) -> list:
+    if head == "softmax":
+        out = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+        if n_classes > 5:
+            out.append(keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5_accuracy"))
+        return out
+    raise _not_built(head)
+
+
+def _not_built(head: str) -> StageError:
+    if head not in HEADS:
+        return StageError(f"model.head = {head!r}: expected one of {', '.join(HEADS)}")
+    return StageError(f"model.head = {head} is not built yet in this version of whaleid; use softmax")
+
+
+# ---------------------------------------------------------------- the whole model
+
+def build_model(cfg, n_classes: int) -> keras.Model:
+    """Raw 0-255 RGB in, class probabilities out (softmax head). `cfg` is the settings dict or a
+    stage Run (whose setting() refuses keys the stage did not declare). Call it inside the
+    distribution strategy's scope, after setting the dtype policy."""
+    get = cfg.setting if hasattr(cfg, "setting") else (lambda key: setting(cfg, key))
+    head = get("model.head")
+    if head != "softmax":
+        raise _not_built(head)
+    size = get("run.image_size")
+    name = get("model.backbone")
+    inp = keras.Input((size, size, 3), dtype="float32", name="image")
+    x = online_augment()(inp) if get("train.online_augment") else inp
+    x = preprocess(name)(x)
+    features = backbone(name, size, get("model.weights"))(x)
+    out = softmax_head(features, n_classes, get("model.pooling"), get("model.dropout"))
+    return keras.Model(inp, out, name=f"whaleid_{head}_{name}")
+
+
+def load_model(path: Path) -> keras.Model:
+    """A saved whaleid model (model.keras), for inference."""
+    return keras.saving.load_model(path, compile=False)

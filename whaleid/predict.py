@@ -1,0 +1,153 @@
+"""predict: test-time augmentation, top-5 with a new_whale threshold -> submission.csv (design.md §7).
+
+Inputs:    format/test.csv, boxes/BB_TEST.csv, dedup/known_answers.csv, train/model.keras +
+           classes.json, the data folder's sample_submission.csv and test/, and
+           WORK/tuned_threshold.json when `whaleid evaluate --tune-threshold` wrote one
+Artifacts: submission.csv    Image,Id: one row per sample_submission image, in its order, 5 distinct labels
+           predictions.csv   per image: the answer, its source (model / known / fallback), top score
+           (WORK/submission.csv is a copy, where users look for it)
+
+Each test photo is cropped to its box and resized once, then 4 versions are made: original,
+left-right flip, a random 1..crop_max px crop resized back, and that crop flipped and blurred
+(deterministic per photo for the seed). All versions of a batch go through the model in one forward
+pass; photo decoding runs in --workers processes ahead of the model.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from functools import partial
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from . import augment, images, submission
+from .stage import Run, Stage, StageError, atomic_path
+from .tables import NEW_WHALE, read_test
+
+TUNED = "tuned_threshold.json"
+TTA_VERSIONS = ("original", "flip", "crop", "crop-flip-blur")
+
+
+def tta_versions(base: np.ndarray, rng: np.random.Generator, crop_max: int, sigma_max: float,
+                 tta: bool = True) -> np.ndarray:
+    """(4, S, S, 3) uint8 (or (1, ...) without TTA)."""
+    if not tta:
+        return base[None]
+    crop = augment.random_crop(base, rng, crop_max)
+    sigma = rng.uniform(0, sigma_max)
+    flipped = crop[:, ::-1]
+    blurred = cv2.GaussianBlur(flipped, (0, 0), sigma) if sigma > 0.05 else flipped
+    return np.stack([base, base[:, ::-1], crop, blurred])
+
+
+def prepare(job, size: int, margin: float, crop_max: int, sigma_max: float, seed: int, tta: bool):
+    """Worker: (image, versions or None, error) for one photo; `box` None means the photo is already a crop."""
+    image, path, box = job
+    try:
+        if box is None:
+            base = np.asarray(images.to_rgb(images.open_image(path)))
+            if base.shape[:2] != (size, size):
+                base = cv2.resize(base, (size, size), interpolation=cv2.INTER_AREA)
+        else:
+            rgb, local = augment.decode_for_crop(path, box, size)
+            base = augment.crop_to_box(rgb, local, margin, size)
+    except images.BadImage as e:
+        return image, None, str(e)
+    return image, tta_versions(base, augment.photo_rng(seed + 1, image), crop_max, sigma_max, tta), None
+
+
+def class_probabilities(run: Run, model, jobs: list, batch_size: int, desc: str):
+    """Yield (image, probs (versions, classes) or None, error) in job order; versions of a whole batch
+    go through the model in one call."""
+    work = partial(prepare, size=run.setting("run.image_size"), margin=run.setting("augment.margin"),
+                   crop_max=run.setting("augment.crop_max"), sigma_max=run.setting("augment.blur_sigma_max"),
+                   seed=run.setting("run.seed"), tta=run.setting("predict.tta"))
+    pending = []
+
+    def flush():
+        stack = np.concatenate([v for _, v, _ in pending]).astype(np.float32)
+        out = np.asarray(model.predict_on_batch(stack), dtype=np.float32)
+        i = 0
+        for image, v, _ in pending:
+            yield image, out[i:i + len(v)], None
+            i += len(v)
+        pending.clear()
+
+    for image, versions, error in run.map(work, jobs, desc, chunksize=8):
+        if error:
+            yield image, None, error
+            continue
+        pending.append((image, versions, None))
+        if len(pending) >= batch_size:
+            yield from flush()
+    if pending:
+        yield from flush()
+
+
+def threshold(run: Run) -> float:
+    tuned = run.work / TUNED
+    if tuned.exists():
+        value = float(json.loads(tuned.read_text())["threshold"])
+        run.echo(f"using the tuned new_whale threshold {value:.3f} from {tuned} "
+                 f"(delete it to use new_whale.threshold = {run.setting('new_whale.threshold')})")
+        return value
+    return run.setting("new_whale.threshold")
+
+
+def run(run: Run) -> dict:
+    from . import model as models
+    if run.setting("model.head") != "softmax":
+        raise StageError(f"predict for model.head = {run.setting('model.head')} is not built yet")
+    order, _ = read_test(run.data / "sample_submission.csv")
+    test = run.read_csv("format", "test.csv")
+    boxes = run.read_csv("boxes", "BB_TEST.csv").set_index("Image")
+    known = dict(run.read_csv("dedup", "known_answers.csv")[["Image", "Id"]].itertuples(index=False))
+    classes = json.loads(run.upstream("train", "classes.json").read_text())
+    model = models.load_model(run.upstream("train", "model.keras"))
+    thr, merge, k = threshold(run), run.setting("predict.merge"), run.setting("predict.top_k")
+    usable = test[test.Image.isin(boxes.index)]
+    jobs = [(r.Image, str(run.data / "test" / r.Image), tuple(int(v) for v in boxes.loc[r.Image, ["x0", "y0", "x1", "y1"]]))
+            for r in usable.itertuples()]
+    answers, rows = {}, []
+    for image, probs, error in class_probabilities(run, model, jobs, run.setting("predict.batch_size"), "TTA + model"):
+        if error:
+            run.skip(image, error)
+            continue
+        labels = submission.answer(probs, classes, thr, merge, known.get(image), k)
+        answers[image] = labels
+        rows.append((image, " ".join(labels), "known" if image in known else "model", float(probs.mean(0).max())))
+    # photos that could not be read still get a valid row: the most common answer shape
+    train_ids = run.read_csv("format", "train.csv").Id.value_counts().index.tolist()
+    fallback = ([NEW_WHALE] + [i for i in train_ids if i != NEW_WHALE])[:k]
+    for image in order.Image:
+        if image not in answers:
+            answers[image] = submission.known_first(fallback, known.get(image), k)
+            rows.append((image, " ".join(answers[image]), "known" if image in known else "fallback", 0.0))
+    sub = pd.DataFrame({"Image": order.Image, "Id": [" ".join(answers[i]) for i in order.Image]})
+    submission.validate(sub, list(order.Image), k, source="submission")
+    run.write_csv("submission.csv", sub)
+    run.write_csv("predictions.csv", pd.DataFrame(rows, columns=["Image", "Id", "source", "top_score"]))
+    with atomic_path(run.work / "submission.csv") as tmp:
+        shutil.copyfile(run.path("submission.csv"), tmp)
+    first = sub.Id.str.split().str[0]
+    stats = {"images": len(sub), "new_whale_first": int((first == NEW_WHALE).sum()),
+             "known_answers": int(sum(1 for i in order.Image if i in known)),
+             "fallback": int(sum(1 for r in rows if r[2] == "fallback")), "threshold": round(thr, 4)}
+    run.echo(f"wrote {run.work / 'submission.csv'}: {stats['images']} images, new_whale first in "
+             f"{stats['new_whale_first']}, {stats['known_answers']} known answers, threshold {thr:.3f}")
+    return stats
+
+
+def _tuned_file(session) -> list[Path]:
+    return [session.work / TUNED] if (session.work / TUNED).exists() else []
+
+
+STAGE = Stage("predict", run, artifacts=("submission.csv", "predictions.csv"),
+              settings=("run.image_size", "run.seed", "augment.margin", "augment.crop_max",
+                        "augment.blur_sigma_max", "model.head", "predict.top_k", "predict.tta",
+                        "predict.merge", "predict.batch_size", "new_whale.threshold"),
+              data=("sample_submission.csv", "test/"), upstream=("dedup", "format", "boxes", "train"),
+              extra_inputs=_tuned_file)
