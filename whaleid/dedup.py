@@ -11,9 +11,10 @@ Artifacts: p2h.pickle      image -> hash id (the hash of its group's preferred i
            dedup_report.csv   one row per duplicate group: images, folders, ids, action
 
 Two photos are the same when their 64-bit phashes are equal, or differ in at most
-dedup.max_distance bits and (dedup.verify) their pixels agree: same size, mean squared difference
-of the zero-mean unit-variance grey pixels <= dedup.verify_mse. (Grey pixels, so a greyscale copy
-of a colour photo still matches.) The original compared every pair of hashes in a Python loop;
+dedup.max_distance bits and (dedup.verify) their pixels agree: same aspect ratio, and the mean
+squared difference of their zero-mean unit-variance grey pixels at a common size <=
+dedup.verify_mse. (The original asked for the same size and mode; comparing grey pixels at one size
+also groups the resized and greyscale copies that catalogues are full of.) The original compared every pair of hashes in a Python loop;
 here all pairs are compared with a vectorised popcount in blocks, exact and ~1 s for 33k photos.
 """
 from __future__ import annotations
@@ -77,18 +78,25 @@ def near_pairs(hashes: np.ndarray, max_distance: int, block: int = 256) -> np.nd
     return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))] if len(pairs) else pairs.reshape(0, 2)
 
 
-def normalised_grey(path, size) -> np.ndarray:
-    a = np.asarray(images.to_rgb(images.open_image(path)).convert("L").resize(size), dtype=np.float64)
+VERIFY_SIDE = 128  # pixels compared: both photos at the same size, so a resized copy still matches
+
+
+def normalised_grey(path) -> np.ndarray:
+    img = images.to_rgb(images.open_image(path, draft_size=(VERIFY_SIDE, VERIFY_SIDE))).convert("L")
+    a = np.asarray(img.resize((VERIFY_SIDE, VERIFY_SIDE), Image.Resampling.BILINEAR), dtype=np.float64)
     return (a - a.mean()) / (a.std() + 1e-8)
 
 
-def same_pixels(job, mse_max: float):
-    """Worker: is pair (path_a, path_b) the same photo? Same size, normalised grey MSE <= mse_max."""
+def same_pixels(job, mse_max: float) -> bool:
+    """Worker: is pair (path_a, path_b) the same photo? Same aspect ratio (within 2%), and the mean
+    squared difference of their zero-mean unit-variance grey pixels, compared at one common size,
+    at most mse_max. Grey and a common size, so greyscale, resized and recompressed copies match."""
     a, b, size_a, size_b = job
-    if tuple(size_a) != tuple(size_b):
+    ra, rb = size_a[0] / size_a[1], size_b[0] / size_b[1]
+    if abs(ra - rb) > 0.02 * max(ra, rb):
         return False
     try:
-        return float(np.mean((normalised_grey(a, size_a) - normalised_grey(b, size_b)) ** 2)) <= mse_max
+        return float(np.mean((normalised_grey(a) - normalised_grey(b)) ** 2)) <= mse_max
     except images.BadImage:
         return False
 
