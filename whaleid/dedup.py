@@ -44,9 +44,8 @@ def phash_of(img: Image.Image) -> int:
 
 def hash_image(path) -> tuple[int, tuple[int, int], str]:
     """(phash as an int, full (width, height), PIL mode) from a reduced-size JPEG decode."""
-    with Image.open(path) as probe:
-        size, mode = probe.size, probe.mode
     img = images.open_image(path, draft_size=HASH_DRAFT)
+    size, mode = img.info["file_size"], img.info["file_mode"]
     if img.mode not in ("L", "RGB"):
         img = images.to_rgb(img)
     return phash_of(img), size, mode

@@ -22,6 +22,7 @@ class BadImage(Exception):
 
 def open_image(path: Path, draft_size: tuple[int, int] | None = None) -> Image.Image:
     """Open and fully decode `path`; with `draft_size`, let JPEG decode at a reduced scale (>= that size).
+    img.info["file_size"] / ["file_mode"] keep the file's own size and mode.
 
     Raises BadImage for a missing, empty, non-image, truncated or oversized file.
     """
@@ -39,6 +40,7 @@ def open_image(path: Path, draft_size: tuple[int, int] | None = None) -> Image.I
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise BadImage(f"image is {w}x{h} pixels, over the {MAX_PIXELS:,} pixel limit (decompression bomb?)")
+            file_mode = img.mode
             if draft_size is not None and img.format == "JPEG":
                 img.draft(img.mode if img.mode in ("RGB", "L") else None, draft_size)
             img.load()
@@ -54,6 +56,7 @@ def open_image(path: Path, draft_size: tuple[int, int] | None = None) -> Image.I
         raise BadImage(f"cannot decode: {e}") from None
     if img.size[0] < 1 or img.size[1] < 1:
         raise BadImage("image has no pixels")
+    img.info["file_size"], img.info["file_mode"] = (w, h), file_mode  # before any draft reduction
     return img
 
 

@@ -259,9 +259,12 @@ def _plant_duplicates(out: Path, r, table: pd.DataFrame, boxes: dict, spare: lis
                 box = boxes[src.Image]
             elif kind == "resized":
                 f = r.uniform(0.5, 0.9)
-                im.resize((max(8, int(im.width * f)), max(8, int(im.height * f))), Image.Resampling.LANCZOS).save(
-                    dst, "JPEG", quality=90)
-                box = tuple(int(round(v * f)) for v in boxes[src.Image])
+                nw, nh = max(8, int(im.width * f)), max(8, int(im.height * f))
+                im.resize((nw, nh), Image.Resampling.LANCZOS).save(dst, "JPEG", quality=90)
+                x0, y0, x1, y1 = boxes[src.Image]
+                sx, sy = nw / im.width, nh / im.height
+                box = (int(x0 * sx), int(y0 * sy), max(int(x0 * sx) + 1, min(nw, int(round(x1 * sx)))),
+                       max(int(y0 * sy) + 1, min(nh, int(round(y1 * sy)))))
             else:
                 im.save(dst, "JPEG", quality=int(r.integers(55, 75)))
                 box = boxes[src.Image]

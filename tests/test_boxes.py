@@ -1,0 +1,84 @@
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from whaleid import boxes
+
+
+def _sea_with_tail(w=800, h=500, box=(200, 150, 600, 330), grey=False):
+    y = np.linspace(0, 1, h)[:, None, None]
+    img = np.broadcast_to(np.array([60, 110, 170]) * (0.9 + 0.2 * y), (h, w, 3)).copy()
+    img += np.random.default_rng(0).normal(0, 4, img.shape)
+    x0, y0, x1, y1 = box
+    xs = np.arange(w)[None, :]
+    ys = np.arange(h)[:, None]
+    cx = (x0 + x1) / 2
+    lobe = (np.abs(xs - cx) / ((x1 - x0) / 2)) ** 2 + ((ys - (y0 + y1) / 2) / ((y1 - y0) / 2)) ** 2 <= 1
+    img[lobe] = (30, 30, 32)
+    out = np.clip(img, 0, 255).astype(np.uint8)
+    return out.mean(-1, keepdims=True).repeat(3, -1).astype(np.uint8) if grey else out
+
+
+def test_dark_tail_on_blue_sea_is_found():
+    rgb = _sea_with_tail()
+    *box, method = boxes.detect_box(rgb)
+    assert method == "dark" and boxes.iou(box, (200, 150, 600, 330)) > 0.8
+    *box, method = boxes.detect_box(rgb, detector="hsv")
+    assert method.startswith("hsv") and boxes.iou(box, (200, 150, 600, 330)) > 0.8
+
+
+def test_greyscale_photo_gets_the_grey_method():
+    *box, method = boxes.detect_box(_sea_with_tail(grey=True), detector="hsv")
+    assert method == "grey" and boxes.iou(box, (200, 150, 600, 330)) > 0.8
+
+
+def test_blank_image_falls_back_to_the_whole_image():
+    assert boxes.detect_box(np.full((100, 200, 3), 128, np.uint8)) == (0, 0, 200, 100, "full-image")
+
+
+def test_box_scaled_back_from_the_downscaled_copy(tmp_path):
+    p = tmp_path / "big.jpg"
+    Image.fromarray(_sea_with_tail(3000, 1200, (900, 300, 2100, 900))).save(p, quality=92)
+    *box, method = boxes.detect_box_file(p, max_side=400)
+    assert boxes.iou(box, (900, 300, 2100, 900)) > 0.85
+
+
+def test_real_photos_against_reference_boxes(shared_data):
+    labels = pd.read_csv(shared_data / "whales/labels.csv").dropna(subset=["x0"])
+    ious = []
+    for r in labels.itertuples():
+        *box, method = boxes.detect_box_file(shared_data / "whales/images" / r.Image)
+        ious.append(boxes.iou(box, (r.x0, r.y0, r.x1, r.y1)))
+        print(f"{r.Image} {r.mode} {method:<11} IoU {ious[-1]:.3f}")
+    print(f"mean IoU over {len(ious)} real photos: {np.mean(ious):.3f}")
+    assert len(ious) == 29 and np.mean(ious) >= 0.75
+
+
+def test_box_csv_import_reports_each_bad_row(tmp_path):
+    p = tmp_path / "b.csv"
+    p.write_text("Image,x0,y0,x1,y1\n"
+                 "ok.jpg,10,10,90,50\n"
+                 "nan.jpg,10,,90,50\n"
+                 "flat.jpg,10,50,90,50\n"
+                 "out.jpg,10,10,500,50\n"
+                 "gone.jpg,1,1,5,5\n"
+                 "ok.jpg,0,0,5,5\n")
+    sizes = {n: (100, 60) for n in ("ok.jpg", "nan.jpg", "flat.jpg", "out.jpg")}
+    good, bad = boxes.read_box_csv(p, sizes)
+    assert good.Image.tolist() == ["ok.jpg"] and tuple(good.iloc[0, 1:5]) == (10, 10, 90, 50)
+    reasons = dict(zip(bad.Image + ":" + bad.row.astype(str), bad.reason))
+    assert "non-numeric" in reasons["nan.jpg:3"] and "x0 < x1 and y0 < y1" in reasons["flat.jpg:4"]
+    assert "outside" in reasons["out.jpg:5"] and "not in the data set" in reasons["gone.jpg:6"]
+    assert "twice" in reasons["ok.jpg:7"]
+    p.write_text("Image,x0,y0,x1\n")
+    with pytest.raises(ValueError, match=r"b.csv: missing column 'y1'"):
+        boxes.read_box_csv(p, sizes)
+
+
+def test_published_box_csv_covers_the_real_photos(shared_data):
+    labels = pd.read_csv(shared_data / "whales/labels.csv")
+    sizes = {r.Image: (int(r.width), int(r.height)) for r in labels.itertuples()}
+    good, bad = boxes.read_box_csv(shared_data / "whales/kaggle2019_bounding_boxes.csv", sizes)
+    mine = good[good.Image.isin(sizes)]
+    assert len(mine) >= 29 and (mine.method == "imported").all()

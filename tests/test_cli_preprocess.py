@@ -1,0 +1,124 @@
+import io
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from whaleid.cli import main
+
+from conftest import ROOT
+
+CPU = str(ROOT / "configs/cpu.toml")
+
+
+def whaleid(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_preprocess_then_status_then_cached(tiny_set, tmp_path):
+    work = tmp_path / "work"
+    code, out = whaleid("preprocess", "--data", tiny_set, "--work", work, "--config", CPU, "--quiet")
+    assert code == 0, out
+    for stage in ("dedup", "format", "boxes", "augment", "split"):
+        assert f"[{stage}] running" in out and (work / stage / "manifest.json").exists()
+    code, out = whaleid("status", "--work", work)
+    lines = {l.split()[0]: l.split()[1] for l in out.splitlines() if l and not l.startswith(" ")}
+    assert [lines[s] for s in ("dedup", "format", "boxes", "augment", "split")] == ["done"] * 5
+    assert lines["train"] == "missing"
+    code, out = whaleid("preprocess", "--work", work, "--quiet")  # data and config remembered
+    assert code == 0 and out.count("up to date (cached)") == 5, out
+    # a changed setting reruns that stage and what follows, never what precedes it
+    code, out = whaleid("status", "--work", work, "--set", "augment.margin=0.2")
+    assert "augment    stale    setting augment.margin changed" in out and "dedup      done" in out
+    code, out = whaleid("preprocess", "--work", work, "--set", "augment.margin=0.2", "--quiet")
+    assert "[dedup] up to date" in out and "[boxes] up to date" in out and "[augment] running" in out
+    code, out = whaleid("preprocess", "--work", work, "--force", "boxes", "--quiet")
+    assert "[format] up to date" in out and "[boxes] running (forced)" in out and "[split] running (forced)" in out
+    # outputs are consistent: every training file exists and no photo is on both sides
+    split = pd.read_csv(work / "split/split.csv")
+    assert split.groupby("Image").subset.nunique().max() == 1
+    files = pd.read_csv(work / "split/train_files.csv")
+    assert all((work / "augment/images" / f).exists() for f in files.File)
+    val_images = set(split[split.subset == "val"].Image)
+    assert val_images.isdisjoint(files.Image)
+
+
+def test_tampered_artifact_is_refused_until_forced(tiny_set, tmp_path):
+    work = tmp_path / "work"
+    whaleid("preprocess", "--data", tiny_set, "--work", work, "--config", CPU, "--quiet")
+    p = work / "dedup/p2h.pickle"
+    p.write_bytes(p.read_bytes()[:-3])
+    code, out = whaleid("preprocess", "--work", work, "--quiet")
+    assert code != 0 and "modified or truncated" in out and "--force dedup" in out
+    code, out = whaleid("preprocess", "--work", work, "--force", "dedup", "--quiet")
+    assert code == 0, out
+
+
+def _bad_data(src, dst):
+    shutil.copytree(src, dst)
+    train = pd.read_csv(dst / "train.csv")
+    (dst / "train/zero.jpg").write_bytes(b"")
+    (dst / "train/text.jpg").write_text("not an image")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (dst / "train/trunc.jpg").write_bytes(buf.getvalue()[:4000])
+    Image.fromarray(np.zeros((50, 80, 3), np.uint8)).save(dst / "train/png.jpg", "PNG")  # a PNG named .jpg
+    Image.new("CMYK", (300, 200), (10, 200, 30, 0)).save(dst / "train/cmyk.jpg", "JPEG")
+    Image.new("1", (20000, 20000)).save(dst / "train/bomb.jpg", "PNG")
+    Image.new("RGB", (1, 1)).save(dst / "train/tiny.jpg", "JPEG")
+    extra = ["zero.jpg", "text.jpg", "trunc.jpg", "png.jpg", "cmyk.jpg", "bomb.jpg", "tiny.jpg", "missing.jpg"]
+    train = pd.concat([train, pd.DataFrame({"Image": extra, "Id": train.Id.iloc[0]})])
+    train.to_csv(dst / "train.csv", index=False)
+    return dst
+
+
+def test_bad_photos_are_skipped_and_reported_and_the_run_finishes(tiny_set, tmp_path):
+    data = _bad_data(tiny_set, tmp_path / "data")
+    work = tmp_path / "work"
+    code, out = whaleid("preprocess", "--data", data, "--work", work, "--config", CPU, "--quiet", "--workers", "2")
+    assert code == 0, out
+    skipped = pd.read_csv(work / "dedup/skipped.csv").set_index("Image").reason
+    assert "empty" in skipped["zero.jpg"] and "not an image" in skipped["text.jpg"]
+    assert "decode" in skipped["trunc.jpg"] and "does not exist" in skipped["missing.jpg"]
+    assert "bomb" in skipped["bomb.jpg"] or "pixel limit" in skipped["bomb.jpg"]
+    photos = pd.read_csv(work / "dedup/images.csv").set_index("Image")
+    assert photos.loc["cmyk.jpg", "mode"] == "CMYK" and "png.jpg" in photos.index and "tiny.jpg" in photos.index
+    assert "5 skipped" in out or "skipped" in out
+    files = pd.read_csv(work / "augment/TRAINING_FILE_FINAL.csv")
+    assert {"cmyk.jpg", "png.jpg"} <= set(files.Image)
+    with Image.open(work / "augment/images" / files[files.Image == "cmyk.jpg"].File.iloc[0]) as im:
+        assert im.mode == "RGB" and im.size == (96, 96)
+    assert not (data / "dedup").exists() and sorted(p.name for p in data.iterdir()) == sorted(
+        p.name for p in tiny_set.iterdir())  # nothing written into the data folder
+
+
+@pytest.mark.parametrize("csv, message", [
+    ("Image,Label\na.jpg,w_1\n", "train.csv: missing column 'Id'"),
+    ("Image,Id\na.jpg,w_1\na.jpg,w_2\n", "listed with different ids"),
+])
+def test_csv_problems_stop_with_file_row_and_column(tiny_set, tmp_path, csv, message):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_set, data)
+    (data / "train.csv").write_text(csv)
+    code, out = whaleid("preprocess", "--data", data, "--work", tmp_path / "w", "--config", CPU, "--quiet")
+    assert code == 1 and message in out and "Traceback" not in out
+
+
+def test_bad_settings_and_options_name_the_problem(tmp_path):
+    code, out = whaleid("preprocess", "--work", tmp_path / "w", "--set", "train.epochz=3")
+    assert code != 0 and "unknown setting train.epochz" in out
+    code, out = whaleid("preprocess", "--work", tmp_path / "w", "--data", tmp_path / "nope")
+    assert code != 0 and "not found" in out
+    code, out = whaleid("preprocess", "--work", tmp_path / "w2", "--force", "nosuchstage",
+                        "--data", tmp_path)
+    assert code != 0 and "no such stage" in out
+
+
+@pytest.mark.parametrize("command", ["preprocess", "train", "predict", "evaluate", "status", "synth"])
+def test_every_command_has_help(command):
+    code, out = whaleid(command, "--help")
+    assert code == 0 and "Usage" in out
