@@ -24,11 +24,17 @@ demo: setup
 	test -f $(DEMO)/data/.complete || { rm -rf $(DEMO)/data && \
 	  $(WHALEID) synth --out $(DEMO)/data --ids 30 --photos uniform:12 --seed 0 && touch $(DEMO)/data/.complete; }
 	$(WHALEID) preprocess --data $(DEMO)/data --work $(DEMO)/work --config configs/cpu.toml
+	$(WHALEID) train --work $(DEMO)/work
+	$(WHALEID) evaluate --work $(DEMO)/work --tune-threshold
+	$(WHALEID) predict --work $(DEMO)/work
+	$(WHALEID) evaluate --submission $(DEMO)/work/submission.csv --solution $(DEMO)/data/solution.csv
 	$(WHALEID) status --work $(DEMO)/work
+	@echo "submission: $(DEMO)/work/submission.csv"
 
 bench: setup
 	$(PY) scripts/bench_dedup.py
 	$(PY) scripts/bench_boxes.py
+	$(PY) scripts/bench_input.py
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -38,8 +38,7 @@ HASH_DRAFT = (128, 128)  # phash reads a 32x32 greyscale copy; decoding JPEG at 
 # ---------------------------------------------------------------- hashing
 
 def phash_of(img: Image.Image) -> int:
-    bits = imagehash.phash(img).hash.flatten()
-    return int("".join("1" if b else "0" for b in bits), 2)
+    return int.from_bytes(np.packbits(imagehash.phash(img).hash.flatten()).tobytes(), "big")
 
 
 def hash_image(path) -> tuple[int, tuple[int, int], str]:
