@@ -19,6 +19,8 @@ from pathlib import Path
 
 import click
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter is not for users
+
 from . import config, stage as stagelib
 from .stage import Session, StageError
 from .tables import TableError

@@ -12,8 +12,8 @@ The model takes raw 0-255 RGB images (image_size x image_size); everything else 
 A saved model loads with keras.saving.load_model once this module is imported (it registers the
 preprocessing layer), or with load_model() below.
 
-Only the train and predict stages import this module, inside their run functions: it imports
-Keras (and TensorFlow) at import time, which `whaleid status` must not pay for.
+Stages import this module inside their run functions only: it imports Keras (and TensorFlow) at
+import time, which `whaleid status` must not pay for.
 """
 from __future__ import annotations
 
@@ -149,10 +149,12 @@ def backbone(name: str, image_size: int, weights: str) -> keras.Model:
         raise
     except Exception as e:  # keras raises a bare Exception for a failed download
         if source == "imagenet" and ("URL fetch failure" in str(e) or isinstance(e, OSError)):
+            reason = str(e).rsplit(" -- ", 1)[-1]  # keras: "URL fetch failure on <url>: <code> -- <reason>"
             raise StageError(
                 f"model.weights = imagenet: could not download the ImageNet weights of {name} "
-                f"({_one_line(e, 160)}). Offline (e.g. a Kaggle notebook)? Set model.weights to the path "
-                f"of a weights file, or to none for random initialisation.") from None
+                f"({_one_line(reason, 160)}). Offline (e.g. a Kaggle notebook)? Set model.weights to the "
+                f"path of a weights file (such as keras' {name} no-top .h5), or to none for random "
+                f"initialisation.") from None
         raise StageError(f"model.backbone = {name} (weights {weights}) at {image_size} px: "
                          f"{_one_line(e)}") from None
 

@@ -188,17 +188,19 @@ class Checkpoint:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.path = self.folder / CHECKPOINT
+        self.best_file = None  # the best file the last state saved or loaded names
 
     def save(self, model, state: dict, best_weights, best_epoch: int | None) -> None:
         best = None
         if best_weights is not None and best_epoch is not None:
             best = BEST.format(epoch=best_epoch)
-            if not (self.folder / best).exists():
+            if best != self.best_file:  # (a file of that name left by a killed run is rewritten)
                 _save_arrays(self.folder / best, {f"w{i:05d}": _numpy(w) for i, w in enumerate(best_weights)})
         arrays = {f"m{i:05d}": _numpy(v) for i, v in enumerate(model.variables)}
         arrays.update({f"o{i:05d}": _numpy(v) for i, v in enumerate(model.optimizer.variables)})
         arrays["state"] = np.array(json.dumps({**state, "best_file": best}))
         _save_arrays(self.path, arrays)
+        self.best_file = best
         for old in self.folder.glob("best-*.npz"):
             if old.name != best:
                 old.unlink()
@@ -225,6 +227,7 @@ class Checkpoint:
         for variables, values in targets:
             for v, a in zip(variables, values):
                 v.assign(a)
+        self.best_file = state.get("best_file")
         return state, best
 
     def remove(self) -> None:
