@@ -122,3 +122,40 @@ def test_bad_settings_and_options_name_the_problem(tmp_path):
 def test_every_command_has_help(command):
     code, out = whaleid(command, "--help")
     assert code == 0 and "Usage" in out
+
+
+def test_boxes_against_the_generators_true_boxes_and_box_import(tiny_set, tmp_path):
+    from whaleid.boxes import iou
+    work = tmp_path / "work"
+    whaleid("preprocess", "--data", tiny_set, "--work", work, "--config", CPU, "--quiet")
+    truth = pd.read_csv(tiny_set / "boxes.csv").set_index("Image")
+    found = pd.concat([pd.read_csv(work / "boxes/BB_TRAIN.csv"), pd.read_csv(work / "boxes/BB_TEST.csv")])
+    ious = [iou(tuple(r[1:5]), tuple(truth.loc[r[0]])) for r in found.itertuples(index=False)]
+    print(f"mean IoU of detected boxes vs synth's true boxes: {np.mean(ious):.3f} over {len(ious)} photos; "
+          f"methods {found.method.value_counts().to_dict()}")
+    assert np.mean(ious) > 0.25  # the dark-body detector vs the generator's geometry; see closing notes
+    # import the true boxes, one of them broken: it is reported and detected instead
+    box_csv = tmp_path / "boxes.csv"
+    rows = pd.read_csv(tiny_set / "boxes.csv")
+    broken = rows.Image.iloc[0]
+    rows.loc[0, "x1"] = rows.loc[0, "x0"]  # empty box
+    rows.to_csv(box_csv, index=False)
+    code, out = whaleid("preprocess", "--work", work, "--boxes", box_csv, "--quiet")
+    assert code == 0 and "[boxes] running" in out and "[dedup] up to date" in out
+    report = pd.read_csv(work / "boxes/import_report.csv")
+    assert report.Image.tolist() == [broken] and "x0 < x1" in report.reason.iloc[0]
+    found = pd.concat([pd.read_csv(work / "boxes/BB_TRAIN.csv"), pd.read_csv(work / "boxes/BB_TEST.csv")]).set_index("Image")
+    assert found.loc[broken, "method"] != "imported"
+    assert (found.drop(index=broken).method == "imported").all()
+
+
+def test_augment_is_the_same_for_any_number_of_workers(tiny_set, tmp_path):
+    import hashlib
+    digests = []
+    for workers in (1, 2):
+        work = tmp_path / f"w{workers}"
+        whaleid("preprocess", "--data", tiny_set, "--work", work, "--config", CPU, "--quiet", "--workers", workers)
+        folder = work / "augment/images"
+        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()})
+        digests.append((work / "split/split.csv").read_bytes())
+    assert digests[0] == digests[2] and digests[1] == digests[3] and len(digests[0]) > 20
