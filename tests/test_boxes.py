@@ -69,7 +69,7 @@ def test_box_csv_import_reports_each_bad_row(tmp_path):
     assert good.Image.tolist() == ["ok.jpg"] and tuple(good.iloc[0, 1:5]) == (10, 10, 90, 50)
     reasons = dict(zip(bad.Image + ":" + bad.row.astype(str), bad.reason))
     assert "non-numeric" in reasons["nan.jpg:3"] and "x0 < x1 and y0 < y1" in reasons["flat.jpg:4"]
-    assert "outside" in reasons["out.jpg:5"] and "not in the data set" in reasons["gone.jpg:6"]
+    assert "outside" in reasons["out.jpg:5"] and "not used" in reasons["gone.jpg:6"]
     assert "twice" in reasons["ok.jpg:7"]
     p.write_text("Image,x0,y0,x1\n")
     with pytest.raises(ValueError, match=r"b.csv: missing column 'y1'"):

@@ -156,7 +156,7 @@ def read_box_csv(path, sizes: dict[str, tuple[int, int]]) -> tuple[pd.DataFrame,
             bad.append((name, i, "image listed twice (first row kept)"))
             continue
         if name not in sizes:
-            bad.append((name, i, "image not in the data set (or unreadable)"))
+            bad.append((name, i, "not used: not in the data set, unreadable, or a dropped duplicate"))
             continue
         w, h = sizes[name]
         if not (x0 < x1 and y0 < y1):
