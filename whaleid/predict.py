@@ -67,8 +67,14 @@ def class_probabilities(run: Run, model, jobs: list, batch_size: int, desc: str)
                    seed=run.setting("run.seed"), tta=run.setting("predict.tta"))
     pending = []
 
+    rows = None
+
     def flush():
+        nonlocal rows
         stack = np.concatenate([v for _, v, _ in pending]).astype(np.float32)
+        rows = rows or len(stack)  # the first (full) batch's size: a short last batch is padded to it,
+        if len(stack) < rows:      # so the model is traced once
+            stack = np.concatenate([stack, np.zeros((rows - len(stack),) + stack.shape[1:], np.float32)])
         out = np.asarray(model.predict_on_batch(stack), dtype=np.float32)
         i = 0
         for image, v, _ in pending:

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import multiprocessing
+import multiprocessing.pool
 import os
 import pickle
 import shutil
@@ -423,6 +424,11 @@ class Run:
         if self.workers <= 1 or total < 2 * chunksize:
             yield from tqdm(map(fn, items), **bar)
             return
-        ctx = multiprocessing.get_context("fork" if "tensorflow" not in sys.modules else "spawn")
-        with ctx.Pool(self.workers) as pool:
+        if "tensorflow" in sys.modules:
+            # TensorFlow's threads make fork unsafe and spawn costs seconds of imports; decoding and
+            # OpenCV release the GIL, so threads keep the model fed (predict, evaluate).
+            pool = multiprocessing.pool.ThreadPool(self.workers)
+        else:
+            pool = multiprocessing.get_context("fork").Pool(self.workers)
+        with pool:
             yield from tqdm(pool.imap(fn, items, chunksize=chunksize), **bar)

@@ -1,0 +1,66 @@
+"""Predict's overhead: wall time of the predict stage vs the bare model forward pass over the same
+number of TTA images, in one run (target <= 1.10x).
+
+    python scripts/bench_predict.py --work WORK [--workers 2] [--repeat 3]
+WORK must hold a trained model (e.g. demo/work after `make demo`). The forward pass is timed on
+random uint8 images of the model's input size, in the same batch size as predict uses.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from whaleid import config  # noqa: E402
+from whaleid.cli import all_stages  # noqa: E402
+from whaleid.stage import Session  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=ROOT / "demo/work")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    rec = json.loads((args.work / "whaleid.json").read_text())
+    cfg = config.load(rec["config"], tuple(rec.get("set", [])))
+    s = Session(cfg=cfg, work=args.work, data=Path(rec["data"]), stages=all_stages(), workers=args.workers,
+                progress=False, echo=lambda m: None)
+    predict = s.stage("predict")
+    s.run([predict], force={"predict"})  # warm-up: imports, model load, tracing
+    stage_times = []
+    for _ in range(args.repeat):
+        t = time.perf_counter()
+        s.run([predict], force={"predict"})
+        stage_times.append(time.perf_counter() - t)
+    n = s.manifest("predict")["counts"]["images"]
+    versions = 4 if cfg["predict"]["tta"] else 1
+    batch = cfg["predict"]["batch_size"]
+    from whaleid import model as models
+    net = models.load_model(args.work / "train/model.keras")
+    size = cfg["run"]["image_size"]
+    x = np.random.default_rng(0).integers(0, 255, (batch * versions, size, size, 3)).astype(np.float32)
+    net.predict_on_batch(x)
+    total = n * versions
+    forward = []
+    for _ in range(args.repeat):
+        t = time.perf_counter()
+        done = 0
+        while done < total:
+            net.predict_on_batch(x)  # predict pads its last batch to full size too
+            done += batch * versions
+        forward.append(time.perf_counter() - t)
+    st, fw = min(stage_times), min(forward)
+    print(f"predict stage: {n} test photos x {versions} TTA versions, batch {batch} photos, "
+          f"{size} px, {cfg['model']['backbone']}, workers {args.workers}; best of {args.repeat}")
+    print(f"predict stage wall time: {st:.2f}s (model load, decode, boxes crop, TTA, merge, validation, write)")
+    print(f"bare forward pass over {total} images: {fw:.2f}s")
+    print(f"predict vs bare forward pass: {st / fw:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
