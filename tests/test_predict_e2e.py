@@ -82,3 +82,24 @@ def test_real_photos_give_a_valid_submission(shared_data, tmp_path):
     sub = pd.read_csv(work / "submission.csv")
     submission.validate(sub, list(test.Image))
     assert (work / "predict/manifest.json").exists()
+
+
+def test_test_photos_that_cannot_be_read_still_get_a_valid_row(tiny_set, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_set, data)
+    sample = pd.read_csv(data / "sample_submission.csv")
+    (data / "test/broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    Image.new("RGBA", (300, 200), (0, 0, 0, 0)).save(data / "test/rgba.jpg", "PNG")
+    import numpy as np
+    Image.fromarray((np.arange(200 * 300).reshape(200, 300) % 65535).astype(np.uint16)).save(data / "test/deep.png")
+    extra = pd.DataFrame({"Image": ["absent.jpg", "broken.jpg", "rgba.jpg", "deep.png"], "Id": sample.Id.iloc[0]})
+    pd.concat([sample, extra]).to_csv(data / "sample_submission.csv", index=False)
+    work = tmp_path / "work"
+    whaleid("predict", "--data", data, "--work", work, *TINY, "--set", "train.epochs=1")
+    sub = pd.read_csv(work / "submission.csv")
+    submission.validate(sub, list(sample.Image) + list(extra.Image))
+    preds = pd.read_csv(work / "predict/predictions.csv").set_index("Image")
+    assert preds.loc["absent.jpg", "source"] == "fallback" and preds.loc["broken.jpg", "source"] == "fallback"
+    assert preds.loc["rgba.jpg", "source"] == "model" and preds.loc["deep.png", "source"] == "model"
+    skipped = pd.read_csv(work / "dedup/skipped.csv").set_index("Image").reason
+    assert "does not exist" in skipped["absent.jpg"] and "broken.jpg" in skipped.index
