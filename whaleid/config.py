@@ -18,9 +18,10 @@ DEFAULTS: dict[str, dict] = {
     "augment": {"margin": 0.05, "crop_max": 20, "blur_sigma_max": 1.0, "jpeg_quality": 95},
     "split": {"validation": 0.3, "unseen_ids": 0.1},
     "model": {"head": "softmax", "backbone": "InceptionResNetV2", "weights": "imagenet",
-              "pooling": "avg2x2", "dropout": 0.4, "embedding_size": 256},
+              "pooling": "avg2x2", "dropout": 0.4, "embedding_size": 256, "bn_momentum": 0.0},
     "train": {"batch_size": 100, "epochs": 120, "patience": 10, "learning_rate": 0.001,
-              "online_augment": True, "strategy": "auto", "precision": "auto", "xla": False},
+              "online_augment": True, "strategy": "auto", "precision": "auto", "xla": False,
+              "lr_schedule": "constant", "label_smoothing": 0.0, "weight_decay": 0.0},
     "predict": {"top_k": 5, "tta": True, "merge": "vote", "batch_size": 100},
     "new_whale": {"threshold": 0.276},
     "evaluate": {"new_whale_share": 0.27},
@@ -33,6 +34,7 @@ CHOICES = {
     "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
     "predict.merge": ("vote", "mean"),
     "boxes.detector": ("dark", "hsv"),
+    "train.lr_schedule": ("constant", "cosine"),
 }
 
 

@@ -166,6 +166,21 @@ def _load_backbone_weights(net: keras.Model, path: str) -> None:
         raise StageError(f"model.weights = {path}: does not fit backbone {net.name}: {_one_line(e)}") from None
 
 
+def set_bn_momentum(net: keras.Model, momentum: float) -> int:
+    """Batch-norm momentum of every BatchNormalization layer in `net` (nested models too); returns
+    how many. Keras reads it when a training step is traced, so set it before fit. MobileNetV3 uses
+    0.999: from scratch, a few hundred steps leave its moving statistics near their initial values
+    and the trained model is at chance in inference mode; 0.9 follows the weights within ~20 steps."""
+    n = 0
+    for layer in net.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = float(momentum)
+            n += 1
+        elif isinstance(layer, keras.Model):
+            n += set_bn_momentum(layer, momentum)
+    return n
+
+
 def find_backbone(model: keras.Model) -> keras.Model:
     """The backbone sub-model of a model built by build_model."""
     nets = [layer for layer in model.layers if isinstance(layer, keras.Model) and layer.name != "online_augment"]
@@ -194,10 +209,33 @@ def softmax_head(features, n_classes: int, pooling: str, dropout: float):
     return L.Activation("softmax", dtype="float32", name="softmax")(x)
 
 
-def loss(head: str):
+def loss(head: str, label_smoothing: float = 0.0):
     if head == "softmax":
+        if label_smoothing > 0:
+            return SmoothedSparseCrossentropy(label_smoothing, name="loss")
         return keras.losses.SparseCategoricalCrossentropy(name="loss")
     raise _not_built(head)
+
+
+class SmoothedSparseCrossentropy(keras.losses.Loss):
+    """Cross-entropy against integer labels smoothed like CategoricalCrossentropy(label_smoothing=e):
+    the target is 1 - e + e/K for the true class and e/K for the others (Keras' sparse loss has no
+    label_smoothing). Keeps a from-scratch softmax from growing overconfident on a few photos per id,
+    which is what lets the new_whale threshold on its top probability work."""
+
+    def __init__(self, smoothing: float, name: str = "loss", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.smoothing = float(smoothing)
+
+    def call(self, y_true, y_pred):
+        ops = keras.ops
+        n = ops.shape(y_pred)[-1]
+        y = ops.one_hot(ops.cast(ops.reshape(y_true, (-1,)), "int32"), n, dtype=y_pred.dtype)
+        y = y * (1.0 - self.smoothing) + self.smoothing / ops.cast(n, y_pred.dtype)
+        return keras.losses.categorical_crossentropy(y, y_pred)
+
+    def get_config(self):
+        return {**super().get_config(), "smoothing": self.smoothing}
 
 
 def metrics(head: str, n_classes: int) -> list:
@@ -230,7 +268,13 @@ def build_model(cfg, n_classes: int) -> keras.Model:
     inp = keras.Input((size, size, 3), dtype="float32", name="image")
     x = online_augment()(inp) if get("train.online_augment") else inp
     x = preprocess(name)(x)
-    features = backbone(name, size, get("model.weights"))(x)
+    net = backbone(name, size, get("model.weights"))
+    momentum = get("model.bn_momentum")
+    if momentum > 0:
+        if not momentum < 1:
+            raise StageError(f"model.bn_momentum = {momentum}: expected 0 (the backbone's own) or 0 < m < 1")
+        set_bn_momentum(net, momentum)
+    features = net(x)
     out = softmax_head(features, n_classes, get("model.pooling"), get("model.dropout"))
     return keras.Model(inp, out, name=f"whaleid_{head}_{name}")
 

@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 CANVAS_W, CANVAS_H = 512, 320
+RIM = 10  # canvas pixels of dark outline around the pigment
 SIZES = [((1050, 700), 30), ((1050, 450), 20), ((1050, 600), 12), ((1050, 525), 8), ((800, 500), 8),
          ((700, 500), 6), ((3621, 561), 4), ((1050, 350), 6), ((365, 102), 2), ((600, 400), 4)]
 
@@ -42,15 +43,28 @@ def identity(seed: int, ident: int) -> dict:
     return {
         "sweep": r.uniform(20, 75),            # how far the tips rise
         "power": r.uniform(1.3, 2.6),           # the trailing edge's curve
-        "thick": r.uniform(70, 110),             # chord at the root
+        "thick": r.uniform(80, 115),             # chord at the root
         "notch": r.uniform(10, 35),
-        "waves": [(r.uniform(2, 14), r.uniform(3, 22), r.uniform(0, 2 * np.pi)) for _ in range(n_waves)],
+        "waves": [(r.uniform(2, 9), r.uniform(3, 22), r.uniform(0, 2 * np.pi)) for _ in range(n_waves)],
         "scallops": r.uniform(0, 1, size=r.integers(2, 8)),  # positions (0..1) of deep bites
         "scallop_depth": r.uniform(8, 22),
-        "patches": [(r.uniform(-0.9, 0.9), r.uniform(0.1, 0.9), r.uniform(0.08, 0.3), r.uniform(0.2, 0.6),
-                     r.uniform(0, 180)) for _ in range(r.integers(2, 6))],
-        "base": r.uniform(20, 55),
+        "patches": _patches(r),
+        "base": r.uniform(15, 40),
     }
+
+
+def _patches(r: np.random.Generator) -> list[tuple]:
+    """White patches (u across the span -1..1, v down the chord 0..1, rx, ry, angle): the span is cut
+    into 4-6 slots and each holds a patch or not (at least two), so individuals differ in where the
+    white is, as real flukes do, and a patch is large enough to see in a 96 px crop."""
+    slots = int(r.integers(4, 7))
+    edges = np.linspace(-0.85, 0.85, slots + 1)
+    used = r.random(slots) < 0.6
+    used[r.choice(slots, size=2, replace=False)] = True
+    half = 0.85 / slots
+    return [(r.uniform(edges[k] + 0.3 * half, edges[k + 1] - 0.3 * half), r.uniform(0.3, 0.7),
+             r.uniform(0.55, 0.95) * half, r.uniform(0.25, 0.5), r.uniform(0, 180))
+            for k in range(slots) if used[k]]
 
 
 def render_fluke(p: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +76,7 @@ def render_fluke(p: dict) -> tuple[np.ndarray, np.ndarray]:
         top += amp * np.sin(freq * np.pi * t + phase) * (0.3 + 0.7 * np.abs(t))
     for pos in p["scallops"]:
         top += p["scallop_depth"] * np.exp(-((t - (2 * pos - 1)) / 0.03) ** 2)
-    bottom = top + p["thick"] * (1 - np.abs(t) ** 1.5) + 6
+    bottom = top + p["thick"] * (1 - np.abs(t) ** 2.5) + 8
     ped = np.abs(t) < 0.09
     poly_top = np.stack([x, top], 1)
     below = np.where(ped, CANVAS_H - 1, bottom)
@@ -79,7 +93,10 @@ def render_fluke(p: dict) -> tuple[np.ndarray, np.ndarray]:
         i = int(np.clip(200 + u * 200, 0, 399))
         cy = top[i] + v * (bottom[i] - top[i])
         cv2.ellipse(pig, (int(cx), int(cy)), (int(rx * CANVAS_W / 2), int(ry * p["thick"])), ang, 0, 360, 1.0, -1)
-    pig = cv2.GaussianBlur(pig, (0, 0), 2.0)
+    # white patches inside a dark outline: the trailing edge and tips stay dark (what a dark-body
+    # detector outlines); the pigment is clipped to the fluke shrunk by RIM canvas pixels
+    inner = cv2.erode(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * RIM + 1, 2 * RIM + 1)))
+    pig = cv2.GaussianBlur(pig * (inner > 0), (0, 0), 2.0)
     tex = tex + pig * (225 - p["base"])
     tex[:, int(CANVAS_W / 2) - 2:int(CANVAS_W / 2) + 2] *= 0.8  # the midline ridge
     return tex, mask
@@ -92,20 +109,20 @@ def _background(r: np.random.Generator, w: int, h: int) -> np.ndarray:
     photos get distinct perceptual hashes). Drawn at a quarter of the size and enlarged: it is
     smooth, and this is most of a photo's rendering time."""
     sw, sh = max(8, w // 4), max(8, h // 4)
-    horizon = r.uniform(0.05, 0.45)
+    horizon = r.uniform(0.05, 0.35)
     sky = np.array([r.uniform(170, 235), r.uniform(190, 240), r.uniform(215, 255)], np.float32)
-    sea = np.array([r.uniform(40, 90), r.uniform(80, 130), r.uniform(120, 175)], np.float32)
+    sea = np.array([r.uniform(60, 110), r.uniform(110, 150), r.uniform(150, 200)], np.float32)
     ys, xs = np.mgrid[0:sh, 0:sw].astype(np.float32)
     ys /= sh
     xs /= sw
     above = (ys < horizon)[..., None]
     img = np.where(above, sky * (0.9 + 0.1 * ys / horizon)[..., None],
-                   sea * (0.85 + 0.3 * (ys - horizon))[..., None])
+                   sea * (0.9 + 0.2 * (ys - horizon))[..., None])
     px, py = xs * w, ys * h
     waves = np.sin(px / r.uniform(8, 30) + np.sin(py / r.uniform(3, 9)) * 2) * np.sin(py / r.uniform(2, 6))
     img += (waves * r.uniform(6, 20) * ~above[..., 0])[..., None]
     fx, fy, phase = r.uniform(-1.5, 1.5), r.uniform(-1.5, 1.5), r.uniform(0, 2 * np.pi)
-    light = 1 + r.uniform(0.1, 0.3) * np.cos(2 * np.pi * (fx * xs + fy * ys) + phase)
+    light = 1 + r.uniform(0.04, 0.1) * np.cos(2 * np.pi * (fx * xs + fy * ys) + phase)
     img = (img * light[..., None]).astype(np.float32)
     return cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
 
@@ -117,7 +134,10 @@ def render_photo(job) -> tuple[str, tuple[int, int, int, int]]:
     w, h = size
     img = _background(r, w, h)
     tex, mask = render_fluke(params)
-    span = r.uniform(0.45, 0.85) * min(w, h * CANVAS_W / CANVAS_H * 0.9)
+    # the fluke's width: at most what the photo's height allows, and at least enough for its box to
+    # cover ~15% of the photo (a wide panorama gets a large fluke, not a speck in the sea)
+    most = 0.95 * min(w, h * CANVAS_W / CANVAS_H)
+    span = r.uniform(min(most, max(0.6 * most, np.sqrt(0.35 * w * h))), most)
     s = span / CANVAS_W
     aspect = r.uniform(0.8, 1.15)
     ang = np.deg2rad(r.uniform(-10, 10))
@@ -129,7 +149,7 @@ def render_photo(job) -> tuple[str, tuple[int, int, int, int]]:
     warped = cv2.warpAffine(tex, m, (w, h), flags=cv2.INTER_LINEAR)
     alpha = cv2.warpAffine(mask.astype(np.float32) / 255, m, (w, h), flags=cv2.INTER_LINEAR)
     # the peduncle sinks into the water: fade the lowest part of the body
-    light = r.uniform(0.75, 1.2)
+    light = r.uniform(0.8, 1.15)
     tint = np.array([r.uniform(0.9, 1.05), 1.0, r.uniform(0.95, 1.1)])
     fluke = cv2.merge([warped * np.float32(t * light) for t in tint])
     img = cv2.blendLinear(img, fluke, 1 - alpha, alpha)  # OpenCV, not numpy: most of the time is here

@@ -342,16 +342,36 @@ def _save_model(model, path: Path) -> None:
             tmp.unlink()
 
 
-def compiled_model(cfg, n_classes: int):
+def learning_rate(cfg_get, steps_per_epoch: int | None):
+    """train.learning_rate, constant, or with train.lr_schedule = cosine: decayed along a half cosine
+    to 0 over the whole run (epochs x steps per epoch), after one epoch of linear warm-up from 0.
+    The schedule is a function of the optimizer's step count, which the checkpoint saves: a resumed
+    run continues on the same curve."""
+    import keras
+    lr, schedule = cfg_get("train.learning_rate"), cfg_get("train.lr_schedule")
+    if schedule == "constant" or steps_per_epoch is None:
+        return lr
+    epochs = cfg_get("train.epochs")
+    warmup = steps_per_epoch if epochs > 1 else 0
+    return keras.optimizers.schedules.CosineDecay(
+        0.0 if warmup else lr, decay_steps=max(1, epochs * steps_per_epoch - warmup),
+        warmup_target=lr if warmup else None, warmup_steps=warmup)
+
+
+def compiled_model(cfg, n_classes: int, steps_per_epoch: int | None = None):
     """models.build_model with the stage's Adam, loss, metrics and jit setting, optimizer built (so
-    its variables exist for a checkpoint to fill). `cfg`: a Run or a settings dict. Call it inside
-    the strategy's scope and the dtype policy."""
+    its variables exist for a checkpoint to fill). `cfg`: a Run or a settings dict; steps_per_epoch
+    sizes a learning-rate schedule (without it the rate is constant). Call it inside the strategy's
+    scope and the dtype policy."""
     import keras
     from . import model as models
     from .config import get as setting
     get = cfg.setting if hasattr(cfg, "setting") else (lambda key: setting(cfg, key))
     net = models.build_model(cfg, n_classes)
-    net.compile(optimizer=keras.optimizers.Adam(get("train.learning_rate")), loss=models.loss(get("model.head")),
+    decay = get("train.weight_decay")
+    optimizer = keras.optimizers.Adam(learning_rate(get, steps_per_epoch), weight_decay=decay or None)
+    net.compile(optimizer=optimizer,
+                loss=models.loss(get("model.head"), get("train.label_smoothing")),
                 metrics=models.metrics(get("model.head"), n_classes), jit_compile=bool(get("train.xla")))
     net.optimizer.build(net.trainable_variables)
     return net
@@ -410,7 +430,7 @@ def run(run: Run) -> dict:
     checkpoint = Checkpoint(run.dir)
     with _dtype_policy(precision):
         with strategy.scope():
-            net = compiled_model(run, len(classes))
+            net = compiled_model(run, len(classes), steps(len(train), batch))
         restored = checkpoint.load(net) if run.resume else None
         if restored is None:
             if run.resume:
@@ -465,5 +485,6 @@ STAGE = Stage("train", run, artifacts=ARTIFACTS,
               settings=("run.seed", "run.image_size",
                         "model.head", "model.backbone", "model.weights", "model.pooling", "model.dropout",
                         "train.batch_size", "train.epochs", "train.patience", "train.learning_rate",
-                        "train.online_augment", "train.strategy", "train.precision", "train.xla"),
+                        "train.online_augment", "train.strategy", "train.precision", "train.xla",
+                        "model.bn_momentum", "train.lr_schedule", "train.label_smoothing", "train.weight_decay"),
               upstream=("split", "augment"), extra_inputs=_weights_inputs)

@@ -1,0 +1,211 @@
+"""whaleid.report: the PNG sheets and plots and the index.html that shows them, on a tiny real run and on
+hand-made work folders (a stage not run, a history without validation, a box at a known place)."""
+import json
+import re
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from whaleid import report, synth
+from whaleid.cli import main
+from whaleid.stage import fingerprint
+
+CPU = Path(__file__).parents[1] / "configs/cpu.toml"
+TINY = ["--config", str(CPU), "--set", "model.backbone=tiny", "--set", "run.image_size=48",
+        "--set", "train.epochs=2", "--quiet"]
+
+
+def whaleid(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "data"
+    synth.generate(out, ids=6, seed=1, workers=2, photos="uniform:4", size_scale=0.3, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_run(data, tmp_path_factory):
+    work = tmp_path_factory.mktemp("report") / "work"
+    whaleid("predict", "--data", data, "--work", work, *TINY)
+    whaleid("evaluate", "--work", work, "--quiet")
+    return work
+
+
+def referenced(index: Path) -> list[str]:
+    return [unquote(s) for s in re.findall(r'<img src="([^"]+)"', index.read_text())]
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        im.verify()  # a valid, complete PNG
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        w, h = im.size
+        assert 300 <= w <= 4000 and 100 <= h <= 6000, (path.name, im.size)
+        return np.asarray(im.convert("RGB")).astype(int)
+
+
+def count(a: np.ndarray, rgb: tuple, tol: int = 40) -> int:
+    return int((np.abs(a - np.array(rgb)).max(axis=2) <= tol).sum())
+
+
+def folder_state(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): fingerprint(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_full_run_report_shows_every_section(data, full_run, tmp_path):
+    before = folder_state(data)
+    out = tmp_path / "report"
+    index = report.write_report(full_run, data, out=out, sample=8, seed=0)
+    assert index == out / "index.html" and index.is_file()
+    assert folder_state(data) == before  # nothing written into (or changed in) the data folder
+
+    html = index.read_text()
+    assert "Not shown" not in html
+    refs = referenced(index)
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert sorted(refs) == pngs and len(set(refs)) == len(refs)  # every PNG shown, once, by a relative link
+    assert all("/" not in r and ":" not in r for r in refs)
+
+    boxes = pd.concat([pd.read_csv(full_run / "boxes" / f) for f in ("BB_TRAIN.csv", "BB_TEST.csv")])
+    expected = {f"boxes_{m}.png" for m in boxes.method.unique()}
+    expected |= {"training_curves.png", "threshold_map5.png", "predictions.png"}
+    if len(pd.read_csv(full_run / "dedup" / "dedup_report.csv")):
+        expected.add("dedup_1.png")
+    assert set(pngs) == expected
+
+    for name in pngs:
+        a = pixels(out / name)
+        assert a.std() > 15, f"{name} looks blank"
+        if name.startswith("boxes_"):
+            assert count(a, report.RED) > 300, f"{name}: no box drawn"
+        if name in ("training_curves.png", "threshold_map5.png"):
+            assert count(a, report.BLUE) > 600, f"{name}: no curve drawn"
+        if name == "training_curves.png":
+            assert count(a, report.ORANGE) > 600, "no validation curve"  # more than legend + marker
+        if name in ("predictions.png", "dedup_1.png") or name.startswith("boxes_"):
+            assert a.std() > 30, f"{name}: no photos on the sheet?"
+
+    # the tiles of the full-image sheet: every fallback, one tile each (4 columns, 1 row when <= 4)
+    n_full = int((boxes.method == "full-image").sum())
+    if n_full:
+        assert f"all {n_full}" in html
+
+    # the best epoch marked is the one training kept
+    best = json.loads((full_run / "train" / "manifest.json").read_text())["counts"]["best_epoch"]
+    assert f"best epoch {best} by val_accuracy" in html
+
+    # predictions: sample rows, each one query + 3 ids; the sheet's height grows with the sample
+    n_test = len(pd.read_csv(full_run / "predict" / "predictions.csv"))
+    assert f"Test predictions: {min(8, n_test)} of {n_test} photos" in html
+    small = report.write_report(full_run, data, out=tmp_path / "small", sample=2, seed=0)
+    h_small = Image.open(small.parent / "predictions.png").size[1]
+    assert h_small < Image.open(out / "predictions.png").size[1]
+
+
+def test_report_of_a_preprocessed_work_folder_names_the_missing_stages(data, tmp_path):
+    work = tmp_path / "work"
+    whaleid("preprocess", "--data", data, "--work", work, *TINY)
+    out = tmp_path / "report"
+    out.mkdir()
+    Image.new("RGB", (400, 200), "white").save(out / "training_curves.png")  # left by an older report
+    Image.new("RGB", (400, 200), "white").save(out / "mine.png")             # not the report's
+    index = report.write_report(work, None, out=out)  # the data folder comes from WORK/whaleid.json
+    html = index.read_text()
+    for stage in ("train", "evaluate", "predict"):
+        assert f"Not shown: the {stage} stage has not run" in html
+    assert "the boxes stage has not run" not in html and "the dedup stage has not run" not in html
+    pngs = {p.name for p in out.glob("*.png")}
+    assert not pngs & {"training_curves.png", "threshold_map5.png", "predictions.png"}
+    assert "mine.png" in pngs
+    assert set(referenced(index)) == pngs - {"mine.png"}
+    assert any(p.startswith("boxes_") for p in pngs)
+    for name in pngs - {"mine.png"}:
+        assert pixels(out / name).std() > 30
+
+
+def test_an_empty_work_folder_reports_every_section_missing(tmp_path):
+    (tmp_path / "work").mkdir()
+    index = report.write_report(tmp_path / "work", None)
+    assert index == tmp_path / "work" / "report" / "index.html"
+    html = index.read_text()
+    assert html.count("Not shown:") == 5
+    assert not list(index.parent.glob("*.png"))
+
+
+def test_box_lands_on_the_tail_and_partial_stages_are_noted(tmp_path):
+    """A 2000x1000 JPEG (decoded at reduced size) with a black tail at a known box: the red box drawn must
+    frame the black region. Also: a history without validation columns, a dedup report with a conflict,
+    a train stage without manifest (still running)."""
+    data, work = tmp_path / "data", tmp_path / "work"
+    (data / "train").mkdir(parents=True)
+    (data / "test").mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        a = np.full((1000, 2000, 3), 200, np.uint8)
+        a[...] += rng.integers(0, 20, size=(1000, 2000, 1), dtype=np.uint8)
+        a[300:700, 500:1500] = (0, 200, 0)  # the "tail", in a colour nothing else on the sheet has
+        Image.fromarray(a).save(data / "train" / name, "JPEG", quality=90)
+    (data / "test" / "broken.jpg").write_bytes(b"not a jpeg")
+    (work / "boxes").mkdir(parents=True)
+    pd.DataFrame({"Image": ["a.jpg", "b.jpg"], "x0": 500, "y0": 300, "x1": 1500, "y1": 700, "method": ["dark", "grey"]}) \
+        .to_csv(work / "boxes" / "BB_TRAIN.csv", index=False)
+    pd.DataFrame({"Image": ["broken.jpg"], "x0": 0, "y0": 0, "x1": 10, "y1": 10, "method": "full-image"}) \
+        .to_csv(work / "boxes" / "BB_TEST.csv", index=False)
+    (work / "dedup").mkdir()
+    pd.DataFrame({"group": [0, 1], "images": ["a.jpg b.jpg", "c.jpg a.jpg"], "folders": ["train train", "train train"],
+                  "ids": ["w_1 w_1", "w_1 w_2"], "preferred": ["a.jpg", "c.jpg"], "conflict": [False, True],
+                  "action": ["kept a.jpg", "conflict: different ids, left unchanged"]}) \
+        .to_csv(work / "dedup" / "dedup_report.csv", index=False)
+    (work / "train").mkdir()
+    pd.DataFrame({"epoch": [0, 1, 2, 3], "loss": [2.0, 1.5, 1.2, 1.1], "accuracy": [0.2, 0.5, 0.5, 0.4]}) \
+        .to_csv(work / "train" / "history.csv", index=False)
+
+    index = report.write_report(work, data, sample=4)
+    html = index.read_text()
+    out = index.parent
+    # boxes: the broken test photo is left out and said so; its method has no sheet
+    assert "1 photo(s) could not be read" in html and "broken.jpg" in html
+    assert not (out / "boxes_full-image.png").exists()
+    a = pixels(out / "boxes_dark.png")
+    red = np.argwhere(np.abs(a - np.array(report.RED)).max(axis=2) <= 40)
+    tail = np.argwhere(np.abs(a - np.array([0, 200, 0])).max(axis=2) <= 50)
+    assert len(red) > 300 and len(tail) > 1000
+    (ry0, rx0), (ry1, rx1) = red.min(axis=0), red.max(axis=0)
+    (ty0, tx0), (ty1, tx1) = tail.min(axis=0), tail.max(axis=0)
+    # the red frame hugs the tail: just outside it on every side (3 px line, drawn outside the box)
+    assert ry0 < ty0 and rx0 < tx0 and ry1 > ty1 and rx1 > tx1, ((ry0, rx0, ry1, rx1), (ty0, tx0, ty1, tx1))
+    for r, t in ((ry0, ty0), (rx0, tx0), (ry1, ty1), (rx1, tx1)):
+        assert abs(int(r) - int(t)) <= 5, ((ry0, rx0, ry1, rx1), (ty0, tx0, ty1, tx1))
+    assert (tx1 - tx0) > 100  # half of a 240 px tile: the photo was fitted to the tile, not left small
+    assert (out / "boxes_grey.png").is_file()
+    # dedup: conflicts first, counted
+    assert "2 duplicate groups, 1 with conflicting ids" in html
+    assert pixels(out / "dedup_1.png").std() > 30
+    # training: no validation, best epoch by training accuracy (the first maximum, 1-based)
+    assert "No validation columns" in html
+    assert "best epoch 2 by accuracy" in html
+    assert "the train stage has no manifest" in html
+    assert count(pixels(out / "training_curves.png"), report.BLUE) > 300
+    for stage in ("evaluate", "predict"):
+        assert f"Not shown: the {stage} stage has not run" in html
+
+
+def test_refuses_to_write_into_the_data_folder(tmp_path):
+    (tmp_path / "work").mkdir()
+    (tmp_path / "data").mkdir()
+    with pytest.raises(ValueError, match="inside the data folder"):
+        report.write_report(tmp_path / "work", tmp_path / "data", out=tmp_path / "data" / "report")
+    assert not (tmp_path / "data" / "report").exists()
+    with pytest.raises(ValueError):
+        report.write_report(tmp_path / "work", tmp_path / "data", sample=0)
