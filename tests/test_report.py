@@ -209,3 +209,65 @@ def test_refuses_to_write_into_the_data_folder(tmp_path):
     assert not (tmp_path / "data" / "report").exists()
     with pytest.raises(ValueError):
         report.write_report(tmp_path / "work", tmp_path / "data", sample=0)
+
+
+def test_cli_report_writes_the_page_and_refuses_bad_folders(full_run, tmp_path):
+    out = tmp_path / "cli_report"
+    text = whaleid("report", "--work", full_run, "--out", out, "--sample", 3, "--seed", 2)
+    assert f"report: {(out / 'index.html').resolve().as_uri()}" in text
+    refs = referenced(out / "index.html")
+    assert refs and all((out / r).is_file() for r in refs)
+    assert "predictions.png" in refs and "training_curves.png" in refs
+    bad = CliRunner().invoke(main, ["report", "--work", str(tmp_path / "nowhere")])
+    assert bad.exit_code != 0 and "nowhere" in bad.output and "not found" in bad.output
+
+
+def _photo(path: Path, rng, size=(300, 200)):
+    a = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(a).save(path, "JPEG", quality=80)
+
+
+def test_every_full_image_fallback_is_drawn_and_new_whale_keeps_three_id_photos(tmp_path, monkeypatch):
+    """More fallbacks than one sheet holds: every one is on some sheet. A prediction with new_whale first
+    still shows three known ids' photos (so four tiles beside the query); one without new_whale, three."""
+    monkeypatch.setattr(report, "FULL_IMAGE_PER_PAGE", 8)
+    data, work = tmp_path / "data", tmp_path / "work"
+    for d in (data / "train", data / "test", work / "boxes", work / "format", work / "predict"):
+        d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    train = [f"t{i:02d}.jpg" for i in range(19)]
+    for name in train:
+        _photo(data / "train" / name, rng)
+    for name in ("q1.jpg", "q2.jpg"):
+        _photo(data / "test" / name, rng)
+    bb = pd.DataFrame({"Image": train, "x0": 0, "y0": 0, "x1": 300, "y1": 200, "method": "full-image"})
+    bb.to_csv(work / "boxes" / "BB_TRAIN.csv", index=False)
+    pd.DataFrame({"Image": ["q1.jpg", "q2.jpg"], "x0": 10, "y0": 10, "x1": 200, "y1": 150, "method": "dark"}) \
+        .to_csv(work / "boxes" / "BB_TEST.csv", index=False)
+    pd.DataFrame({"Image": train[:5], "Id": [f"w_{i}" for i in range(5)], "folder": "train"}) \
+        .to_csv(work / "format" / "train.csv", index=False)
+    pd.DataFrame({"Image": ["q1.jpg", "q2.jpg"], "Id": ["new_whale w_0 w_1 w_2 w_3", "w_4 w_3 w_2 w_1 new_whale"],
+                  "source": "model", "top_score": [0.1, 0.9]}).to_csv(work / "predict" / "predictions.csv", index=False)
+
+    def sheet(sample, seed=0):
+        out = tmp_path / f"r{sample}"
+        index = report.write_report(work, data, out=out, sample=sample, seed=seed)
+        return index.read_text(), out
+
+    html, out = sheet(2)
+    sheets = sorted(p.name for p in out.glob("boxes_full-image*.png"))
+    assert sheets == ["boxes_full-image.png", "boxes_full-image_2.png", "boxes_full-image_3.png"]  # 8 + 8 + 3
+    assert "full-image fallbacks (all 19), sheet 3 of 3" in html
+    heights = [Image.open(out / s).size[1] for s in sheets]
+    assert heights[2] < heights[0] == heights[1]  # the last sheet holds one row of 3, the others two of 4
+    assert all(pixels(out / s).std() > 30 for s in sheets)
+
+    # one query at a time: the sheet's width counts the tiles beside it
+    preds = pd.read_csv(work / "predict" / "predictions.csv")
+    widths = []
+    for i in range(2):
+        preds.iloc[[i]].to_csv(work / "predict" / "predictions.csv", index=False)
+        html, out = sheet(1)
+        assert "Test predictions: 1 of 1 photos" in html
+        widths.append(Image.open(out / "predictions.png").size[0])
+    assert widths[0] - widths[1] == report.TILE[0] + 8  # new_whale first: one more tile, three ids' photos still

@@ -6,6 +6,7 @@
     whaleid predict     --work WORK                TTA top-5 + new_whale threshold -> submission.csv
     whaleid evaluate    --work WORK                open-set MAP@5 on the validation split
     whaleid status      --work WORK                which stages are done, stale (why) or missing
+    whaleid report      --work WORK                PNG sheets and plots of the artifacts + index.html
 
 Every stage is cached in WORK (see whaleid/stage.py); a command runs the stages it needs that are
 not up to date, so rerunning after a pre-empted VM continues where it stopped.
@@ -224,6 +225,30 @@ def status(work, config_file, overrides):
         if s.manifest:
             for name in s.manifest["artifacts"]:
                 click.echo(f"{'':<20}{session.dir(st.name) / name}")
+
+
+@main.command()
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("work"), show_default=True)
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Data folder with the photos (default: the one WORK was run with).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the PNGs and index.html (default WORK/report).")
+@click.option("--sample", type=click.IntRange(min=1), default=12, show_default=True,
+              help="Photos per box method, and test photos on the predictions sheet.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample.")
+def report(work, data, out, sample, seed):
+    """PNG sheets and plots of WORK's artifacts (boxes, duplicates, training curves, MAP@5 vs threshold,
+    predictions) and an index.html that shows them; a stage that has not run is one line of the page."""
+    from . import report as reportlib
+    if not Path(work).is_dir():
+        raise click.ClickException(f"work folder {work} not found: run whaleid preprocess --work {work} first")
+    if data is not None and not Path(data).is_dir():
+        raise click.ClickException(f"data folder {data} not found")
+    try:
+        index = reportlib.write_report(work, data, out=out, sample=sample, seed=seed)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"report: {index.resolve().as_uri()}")
 
 
 @main.command()

@@ -6,14 +6,16 @@ Sections (each reads its stage's CSV/JSON artifacts directly; a stage that has n
 of the page, never an error; nothing is unpickled):
 
   1. boxes        boxes/BB_TRAIN.csv, BB_TEST.csv   -> boxes_<method>.png: a sample of train and test
-                  photos per box method with the box drawn, and every full-image fallback (capped)
+                  photos per box method with the box drawn, and every full-image fallback (48 a sheet,
+                  up to 960)
   2. duplicates   dedup/dedup_report.csv            -> dedup_<page>.png: groups side by side, conflicts first
   3. training     train/history.csv                 -> training_curves.png: loss and accuracy, train vs
                   validation, best epoch marked
   4. threshold    evaluate/threshold_sweep.csv, metrics.json -> threshold_map5.png: MAP@5 against the
                   new_whale threshold, configured / best threshold and the all-new_whale baseline
   5. predictions  predict/predictions.csv, format/train.csv, boxes/ -> predictions.png: query photo
-                  (cropped to its box) beside one training photo of each of its top-3 ids
+                  (cropped to its box) beside one training photo of each of its top-3 known ids, with
+                  new_whale shown at its rank when the submission puts it before them
 
 Photos are decoded at reduced size (JPEG draft mode) through whaleid.images; an unreadable photo is
 left out and counted. Drawing uses Pillow only. Every PNG and the page are written atomically; PNGs a
@@ -38,11 +40,12 @@ from .stage import MANIFEST, atomic_path
 
 NEW_WHALE = "new_whale"
 FULL_IMAGE = "full-image"
-FULL_IMAGE_CAP = 48          # full-image fallbacks shown
+FULL_IMAGE_PER_PAGE = 48     # full-image fallbacks per sheet (6 columns)
+FULL_IMAGE_CAP = 960         # fallbacks shown in all (20 sheets): every one, unless detection failed wholesale
 DEDUP_GROUP_CAP = 48         # duplicate groups shown (conflicts first)
 DEDUP_MEMBER_CAP = 6         # photos shown per group
 DEDUP_GROUPS_PER_PAGE = 12
-TOP_SHOWN = 3                # predicted ids shown per query
+TOP_SHOWN = 3                # predicted known ids (with photos) shown per query
 TILE = (240, 170)            # image area of a tile, pixels
 CROP_MARGIN = 0.05           # context around a box when cropping to it
 PREFIXES = ("boxes_", "dedup_", "training_curves", "threshold_map5", "predictions")
@@ -248,7 +251,7 @@ def _axis_range(values, floor: float | None = None, ceil: float | None = None) -
 
 class _Plot:
     """A line plot drawn with Pillow at 2x and downsampled (smooth lines): axes, ticks, grid, title,
-    axis labels and a legend placed in the emptiest corner."""
+    axis labels and a legend below the axes."""
 
     def __init__(self, title: str, xlabel: str, ylabel: str, xlim, ylim, size=(720, 460), integer_x=False):
         self.s = s = 2 if _scalable() else 1
@@ -258,7 +261,6 @@ class _Plot:
         self.img = Image.new("RGB", (self.w * s, self.h * s), BG)
         self.d = ImageDraw.Draw(self.img)
         self.legend: list[tuple[str, tuple, str]] = []   # label, colour, kind (line / dash / dot)
-        self.points: list[tuple[float, float]] = []      # drawn points, to keep the legend off them
         f, tf = _font(12 * s), _font(16 * s)
         x0, y0, x1, y1 = self._px(xlim[0], ylim[1]) + self._px(xlim[1], ylim[0])
         xt, xd = _ticks(*xlim, n=8, integer=integer_x)
@@ -309,7 +311,6 @@ class _Plot:
         if markers or len(pts) == 1:
             for p in pts:
                 self._dot(p, color, 3)
-        self.points += pts
         if label:
             self.legend.append((label, color, "line+dot" if markers else "line"))
 
@@ -328,14 +329,12 @@ class _Plot:
     def vline(self, x, color, label: str | None = None):
         a, b = self._px(x, self.ylim[0]), self._px(x, self.ylim[1])
         self._dashed(a, b, color)
-        self.points += [(a[0], a[1] + (b[1] - a[1]) * t) for t in np.linspace(0, 1, 12)]
         if label:
             self.legend.append((label, color, "dash"))
 
     def hline(self, y, color, label: str | None = None):
         a, b = self._px(self.xlim[0], y), self._px(self.xlim[1], y)
         self._dashed(a, b, color)
-        self.points += [(a[0] + (b[0] - a[0]) * t, a[1]) for t in np.linspace(0, 1, 24)]
         if label:
             self.legend.append((label, color, "dash"))
 
@@ -343,39 +342,59 @@ class _Plot:
         p = self._px(x, y)
         self._dot(p, (255, 255, 255), radius + 2)
         self._dot(p, color, radius)
-        self.points.append(p)
         if label:
             self.legend.append((label, color, "dot"))
 
     def render(self) -> Image.Image:
-        if self.legend:
-            s, f = self.s, _font(12 * self.s)
-            lh = 18 * s
-            lw = int(max(_text_w(f, t) for t, _, _ in self.legend)) + 40 * s
-            lhgt = lh * len(self.legend) + 8 * s
-            x0, y0, x1, y1 = self._px(self.xlim[0], self.ylim[1]) + self._px(self.xlim[1], self.ylim[0])
-            m = 8 * s
-            corners = [(x1 - m - lw, y0 + m), (x1 - m - lw, y1 - m - lhgt), (x0 + m, y0 + m), (x0 + m, y1 - m - lhgt)]
-
-            def covered(c):
-                return sum(1 for px, py in self.points if c[0] - m <= px <= c[0] + lw + m and c[1] - m <= py <= c[1] + lhgt + m)
-            cx, cy = min(corners, key=covered)  # first of equals: upper right
-            self.d.rectangle([cx, cy, cx + lw, cy + lhgt], fill=(255, 255, 255), outline=GREY, width=s)
-            for i, (label, color, kind) in enumerate(self.legend):
-                yy = cy + 4 * s + i * lh + lh / 2
-                if kind.startswith("line"):
-                    self.d.line([(cx + 6 * s, yy), (cx + 28 * s, yy)], fill=color, width=2 * s)
-                    if kind == "line+dot":
-                        self._dot((cx + 17 * s, yy), color, 3)
-                elif kind == "dash":
-                    self._dashed((cx + 6 * s, yy), (cx + 30 * s, yy), color)
-                else:
-                    self._dot((cx + 17 * s, yy), color, 5)
-                self.d.text((cx + 34 * s, yy), label, fill=INK, font=f, anchor="lm") if _scalable() else \
-                    self.d.text((cx + 34 * s, yy - 6), label, fill=INK, font=f)
+        """The plot with its legend in a strip below the axes: a legend inside the axes always covers
+        some curve (a short history leaves no empty corner), and an entry hidden there is unreadable."""
         if self.s == 1:
-            return self.img
-        return self.img.resize((self.w, self.h), Image.Resampling.LANCZOS)
+            img = self.img
+        else:
+            img = self.img.resize((self.w, self.h), Image.Resampling.LANCZOS)
+        if not self.legend:
+            return img
+        s, f = 2 if _scalable() else 1, _font(12 * (2 if _scalable() else 1))
+        lh, gap = 20 * s, 22 * s
+        widths = [int(_text_w(f, t)) + 40 * s for t, _, _ in self.legend]
+        avail = (self.w - self.l - self.r) * s
+        rows, x = [[]], 0
+        for i, wid in enumerate(widths):  # flow the entries left to right, wrapping
+            if rows[-1] and x + wid > avail:
+                rows.append([])
+                x = 0
+            rows[-1].append(i)
+            x += wid + gap
+        strip = Image.new("RGB", (self.w * s, lh * len(rows) + 10 * s), BG)
+        d = ImageDraw.Draw(strip)
+        saved, self.d = self.d, d
+        try:
+            for r, items in enumerate(rows):
+                cx = self.l * s
+                yy = 4 * s + r * lh + lh / 2
+                for i in items:
+                    label, color, kind = self.legend[i]
+                    if kind.startswith("line"):
+                        d.line([(cx + 2 * s, yy), (cx + 26 * s, yy)], fill=color, width=2 * s)
+                        if kind == "line+dot":
+                            self._dot((cx + 14 * s, yy), color, 3)
+                    elif kind == "dash":
+                        self._dashed((cx + 2 * s, yy), (cx + 28 * s, yy), color)
+                    else:
+                        self._dot((cx + 14 * s, yy), color, 5)
+                    if _scalable():
+                        d.text((cx + 32 * s, yy), label, fill=INK, font=f, anchor="lm")
+                    else:
+                        d.text((cx + 32 * s, yy - 6), label, fill=INK, font=f)
+                    cx += widths[i] + gap
+        finally:
+            self.d = saved
+        if s > 1:
+            strip = strip.resize((self.w, strip.height // s), Image.Resampling.LANCZOS)
+        out = Image.new("RGB", (self.w, img.height + strip.height), BG)
+        out.paste(img, (0, 0))
+        out.paste(strip, (0, img.height))
+        return out
 
 
 # ---------------------------------------------------------------- reading artifacts
@@ -516,6 +535,10 @@ def section_boxes(work: Path, photos: _Photos, w: _Writer, sample: int, rng: np.
             what = f"all {len(rows)}" if len(rows) <= FULL_IMAGE_CAP else f"the first {FULL_IMAGE_CAP} of {len(rows)}"
             title = f"Boxes: full-image fallbacks ({what})"
             columns = 6 if len(chosen) > 24 else 4
+            if len(rows) > FULL_IMAGE_CAP:
+                parts.append(_note(f"{len(rows)} photos fell back to the whole image; the first {FULL_IMAGE_CAP} are "
+                                   f"drawn. The full list: rows with method {FULL_IMAGE} in boxes/BB_TRAIN.csv and "
+                                   f"BB_TEST.csv."))
         else:
             # about half train, half test; the other split makes up a shortfall
             test, train = rows[rows.split == "test"], rows[rows.split == "train"]
@@ -538,9 +561,14 @@ def section_boxes(work: Path, photos: _Photos, w: _Writer, sample: int, rng: np.
         if not tiles:
             parts.append(_note(f"Method {method}: none of the {len(chosen)} chosen photos could be read."))
             continue
-        name = w.png(f"boxes_{_safe(method)}.png", _grid(title, tiles, columns,
-                                                          "red: the tail box, drawn just outside it"))
-        parts.append(_figure(name, title))
+        per_page = FULL_IMAGE_PER_PAGE if method == FULL_IMAGE else len(tiles)
+        pages = [tiles[i:i + per_page] for i in range(0, len(tiles), per_page)]
+        for k, page in enumerate(pages, 1):
+            ptitle = title + (f", sheet {k} of {len(pages)}" if len(pages) > 1 else "")
+            suffix = f"_{k}" if k > 1 else ""
+            name = w.png(f"boxes_{_safe(method)}{suffix}.png",
+                         _grid(ptitle, page, columns, "red: the tail box, drawn just outside it"))
+            parts.append(_figure(name, ptitle))
     return "\n".join(p for p in parts if p)
 
 
@@ -739,7 +767,11 @@ def section_predictions(work: Path, data: Path | None, photos: _Photos, w: _Writ
         q = _tile(_crop(loaded, _box_of(box_test, image)), [f"query {image}", info, f"truth {t}" if t else ""],
                   frame=INK, nlines=3)
         tiles = [q]
-        for k, ident in enumerate(str(r.Id).split()[:TOP_SHOWN], 1):
+        shown = 0
+        for k, ident in enumerate(str(r.Id).split(), 1):
+            if shown == TOP_SHOWN:
+                break  # the top-3 known ids' photos, and new_whale at its rank when it comes before them
+            shown += ident != NEW_WHALE
             hit = t is not None and ident == t
             frame = GREEN if hit else None
             mark = "  = truth" if hit else ""
@@ -759,7 +791,7 @@ def section_predictions(work: Path, data: Path | None, photos: _Photos, w: _Writ
     if not rows:
         raise _Missing(f"none of the {n} chosen test photos could be read.")
     title = f"Test predictions: {len(rows)} of {len(preds)} photos, top-{TOP_SHOWN} ids"
-    sub = "query cropped to its box | one training photo per predicted id, cropped to its box" + \
+    sub = "query cropped to its box | #rank in the submission: one training photo per predicted id, cropped to its box" + \
           ("; green: the true id (solution.csv)" if truth else "")
     name = w.png("predictions.png", _page(title, rows, sub))
     parts.append(_figure(name, title))
