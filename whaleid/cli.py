@@ -6,6 +6,7 @@
     whaleid predict     --work WORK                TTA top-5 + new_whale threshold -> submission.csv
     whaleid evaluate    --work WORK                open-set MAP@5 on the validation split
     whaleid status      --work WORK                which stages are done, stale (why) or missing
+    whaleid import-folders --src ROOT --out DIR    ROOT/<id>/*.jpg -> the Kaggle layout + solution.csv
     whaleid report      --work WORK                PNG sheets and plots of the artifacts + index.html
 
 Every stage is cached in WORK (see whaleid/stage.py); a command runs the stages it needs that are
@@ -153,7 +154,9 @@ def train(**kw):
               help="Score this submission file against --solution instead (no work folder needed).")
 @click.option("--solution", "solution_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Solution table Image,Id for --submission.")
-def evaluate(tune_threshold, submission_file, solution_file, **kw):
+@click.option("--one-shot", "one_shot", type=click.IntRange(min=2), default=None, metavar="N",
+              help="Also N-way one-shot accuracy (sets evaluate.one_shot; remembered in WORK).")
+def evaluate(tune_threshold, submission_file, solution_file, one_shot, **kw):
     """Open-set MAP@5 on the validation split (held-out ids play the new whales)."""
     from . import evaluate as evaluation, submission
     if submission_file or solution_file:
@@ -166,13 +169,23 @@ def evaluate(tune_threshold, submission_file, solution_file, **kw):
         click.echo(f"{submission_file}: MAP@5 {r['map5']:.4f}, top-1 {r['top1']:.4f}, "
                    f"all-new_whale baseline {r['all_new_whale_map5']:.4f} ({r['images']} images)")
         return
-    session = run_command("evaluate", kw)
+    session = run_command("evaluate", kw, (f"evaluate.one_shot={one_shot}",) if one_shot else ())
     m = json.loads((session.dir("evaluate") / "metrics.json").read_text())
     click.echo(f"open-set validation ({m['images']} images, {m['new_whale_share']:.0%} new whales, "
                f"merge {m['merge']}, tta {m['tta']}):")
     click.echo(f"  MAP@5 {m['map5']:.4f}  top-1 {m['top1']:.4f}  at threshold {m['threshold']:.3f}")
     click.echo(f"  all-new_whale baseline MAP@5 {m['all_new_whale_map5']:.4f}")
     click.echo(f"  best threshold {m['best_threshold']:.2f}: MAP@5 {m['best_map5']:.4f}")
+    v = m.get("verification") or {}
+    if v.get("auc") is not None:
+        b = v["at_best_threshold"]
+        click.echo(f"  verification ({v['pairs']} query-id pairs): AUC {v['auc']:.4f}; at threshold {b['threshold']:.2f} "
+                   f"precision {b['precision']:.4f} recall {b['recall']:.4f} F1 {b['f1']:.4f}")
+    o = m.get("one_shot")
+    if o:
+        acc = "n/a" if o["accuracy"] is None else f"{o['accuracy']:.4f}"
+        unseen = "" if o["unseen_accuracy"] is None else f"; held-out ids {o['unseen_accuracy']:.4f} ({o['unseen_tasks']} tasks)"
+        click.echo(f"  {o['n_way']}-way one-shot accuracy {acc} ({o['tasks']} tasks{unseen})")
     if tune_threshold:
         thr = evaluation.tune(session.work)
         click.echo(f"  stored threshold {thr:.2f} in {session.work / 'tuned_threshold.json'}; predict will use it")
@@ -271,6 +284,31 @@ def synth(out, ids, seed, photos, real_train_csv, size_scale, workers, quiet):
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"synth: wrote {out}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+
+
+@main.command("import-folders")
+@click.option("--src", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
+              help="Catalogue with one folder per individual: SRC/<id>/*.jpg|png (nested folders allowed).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="New data folder (Kaggle layout + solution.csv, boxes.csv).")
+@click.option("--new-fraction", type=float, default=0.3, show_default=True,
+              help="Share of individuals held out entirely: their photos are test photos answered new_whale.")
+@click.option("--query-fraction", type=float, default=0.3, show_default=True,
+              help="Share of each other individual's photos that become test queries (one always stays in train).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True)
+def import_folders(src, out, new_fraction, query_fraction, seed, quiet):
+    """Convert ROOT/<id>/*.jpg|png into the Kaggle layout with a solution.csv."""
+    from . import import_folders as importer
+    try:
+        summary = importer.import_folders(src, out, new_fraction=new_fraction, query_fraction=query_fraction,
+                                          seed=seed, progress=not quiet)
+    except importer.FolderError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"import-folders: wrote {out}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+    if summary["skipped"]:
+        click.echo(f"  {summary['skipped']} files were not readable photos: see {out / 'skipped.csv'}")
+    click.echo(f"  next: whaleid preprocess --data {out} --boxes {out / 'boxes.csv'} --work WORK")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,19 @@ The validation photos of known ids keep their id; the photos of ids held out of 
 `evaluate.new_whale_share` of the set (~27%, as in the Kaggle test set). Each photo's box crop
 (augment's original variant) goes through the same TTA and merge as predict.
 
-Inputs:    split/split.csv, augment/images/, train/model.keras + classes.json
+Embedding heads rank the training photos' ids by similarity (predict.py, retrieval.py); the gallery
+is the training split's photos, so the held-out ids really are new.
+
+Every head also gets the verification view of seeds 002/003 (verification.py): the AUC of (query, id)
+pairs (each known photo with its true id and with a random other id, each new whale with its best
+match) and precision / recall / F1 of "same" = score >= threshold, at the configured and at the
+best (tuned) threshold; and with evaluate.one_shot = N (`--one-shot N`), N-way one-shot accuracy:
+each validation or held-out photo against one other photo of its id and N-1 photos of N-1 other ids,
+compared photo to photo (softmax: p_a . p_b; see retrieval.py), also reported for the held-out ids alone.
+
+Inputs:    split/split.csv, augment/images/ + TRAINING_FILE_FINAL.csv, train/model.keras + classes.json
 Artifacts: metrics.json          MAP@5, top-1, the all-new_whale baseline, at the configured threshold
-                                 and at the best one of the sweep
+                                 and at the best one of the sweep; verification; one_shot
            threshold_sweep.csv   MAP@5 for every threshold 0.00 .. 1.00
            val_predictions.csv   Image, truth, answer
 `whaleid evaluate --tune-threshold` copies the best threshold to WORK/tuned_threshold.json, which
@@ -21,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import submission
-from .predict import TUNED, class_probabilities
+from . import submission, verification
+from .predict import TUNED, class_probabilities, gallery_files, model_digest, scorer
 from .stage import Run, Stage, StageError, write_json
 from .tables import NEW_WHALE
 
@@ -46,15 +56,20 @@ def answers_at(probs: list[np.ndarray], classes: list[str], thr: float, merge: s
 
 def run(run: Run) -> dict:
     from . import model as models
-    if run.setting("model.head") != "softmax":
-        raise StageError(f"evaluate for model.head = {run.setting('model.head')} is not built yet")
+    head, n_way = run.setting("model.head"), run.setting("evaluate.one_shot")
+    if n_way == 1 or n_way < 0:
+        raise StageError(f"evaluate.one_shot = {n_way}: expected 0 (off) or N >= 2 candidates")
     split = run.read_csv("split", "split.csv")
     evalset = open_set(split, run.setting("evaluate.new_whale_share"), run.setting("run.seed"))
     if evalset.empty:
         raise StageError("the split has no validation photos to evaluate on (too few photos per id?)")
     folder = run.upstream("augment", "images")
-    classes = json.loads(run.upstream("train", "classes.json").read_text())
-    model = models.load_model(run.upstream("train", "model.keras"))
+    net = models.load_model(run.upstream("train", "model.keras"))
+    gallery = None
+    if head != "softmax":
+        gallery = gallery_files(run.read_csv("augment", "TRAINING_FILE_FINAL.csv"),
+                                split.Image[split.subset == "train"], run.setting("predict.gallery_tta"))
+    model, classes = scorer(run, net, gallery)
     jobs = [(r.Image, str(folder / f"{Path(r.Image).stem}_0.jpg"), None) for r in evalset.itertuples()]
     probs, truths, names = [], [], []
     truth_of = dict(zip(evalset.Image, evalset.truth))
@@ -78,19 +93,75 @@ def run(run: Run) -> dict:
     metrics = {"threshold": configured, **at_configured,
                "best_threshold": float(best.threshold), "best_map5": at_best["map5"],
                "best_top1": at_best["top1"], "merge": merge, "tta": run.setting("predict.tta"),
-               "known_ids_in_eval": int(evalset[evalset.truth != NEW_WHALE].truth.nunique())}
+               "known_ids_in_eval": int(evalset[evalset.truth != NEW_WHALE].truth.nunique()),
+               "head": head, "model": model_digest(run)}
+    metrics["verification"] = verify(probs, truths, classes, configured, float(best.threshold), run.setting("run.seed"))
+    if n_way:
+        metrics["one_shot"] = one_shot(run, net, split, n_way)
     run.write_json("metrics.json", metrics)
     run.write_csv("threshold_sweep.csv", sweep)
     run.write_csv("val_predictions.csv", pd.DataFrame({"Image": names, "truth": truths,
                                                        "answer": [" ".join(p) for p in preds]}))
-    return {"map5": metrics["map5"], "best_threshold": metrics["best_threshold"], "best_map5": metrics["best_map5"],
-            "images": len(truths)}
+    out = {"map5": metrics["map5"], "best_threshold": metrics["best_threshold"], "best_map5": metrics["best_map5"],
+           "images": len(truths), "auc": metrics["verification"]["auc"]}
+    if n_way:
+        out[f"one_shot_{n_way}_way"] = metrics["one_shot"]["accuracy"]
+    return out
+
+
+def _rounded(x: float):
+    return None if x is None or not np.isfinite(x) else round(float(x), 4)
+
+
+def verify(probs: list[np.ndarray], truths: list[str], classes: list[str], configured: float, best: float,
+           seed: int) -> dict:
+    """Verification AUC and precision / recall / F1 at both thresholds, on (query, id) pairs scored
+    by the TTA mean (the score the new_whale threshold is compared with)."""
+    if not probs:
+        return {"pairs": 0, "auc": None}
+    mean = np.stack([np.atleast_2d(p).mean(0) for p in probs])
+    labels, scores = verification.id_pairs(mean, truths, classes, np.random.default_rng([seed, 0xA0C]))
+    return {"pairs": int(len(labels)), "same_id_pairs": int(labels.sum()),
+            "auc": _rounded(verification.roc_auc(labels, scores)),
+            "at_threshold": verification.precision_recall_f1(labels, scores, configured),
+            "at_best_threshold": verification.precision_recall_f1(labels, scores, best)}
+
+
+def one_shot(run: Run, net, split: pd.DataFrame, n_way: int) -> dict:
+    """N-way one-shot accuracy over the labelled photos (training, validation and held-out ids): each
+    validation or held-out photo is a query; photos compared one to one (originals, no TTA)."""
+    from .embedding import Embedder
+    pool = split[split.subset.isin(["train", "val", "unseen"])].reset_index(drop=True)
+    queries = np.flatnonzero(pool.subset.isin(["val", "unseen"]).to_numpy())
+    tasks = verification.one_shot_tasks(pool.Id, queries, n_way, np.random.default_rng([run.setting("run.seed"), n_way]))
+    out = {"n_way": n_way, "tasks": int(len(tasks.query)), "accuracy": None, "unseen_tasks": 0, "unseen_accuracy": None}
+    if not len(tasks.query):
+        run.echo(f"one-shot: no {n_way}-way task can be built ({pool.Id.nunique()} ids with photos, queries need "
+                 f"another photo of their id)")
+        return out
+    used = np.unique(np.concatenate([tasks.query, tasks.candidates.ravel()]))
+    folder = run.upstream("augment", "images")
+    embedder = Embedder(net, run.setting("model.head"))
+    got = embedder.encode_files([str(folder / f"{Path(i).stem}_0.jpg") for i in pool.Image.iloc[used]],
+                                run.setting("run.image_size"), run.setting("predict.batch_size"),
+                                run.session.progress, f"[{run.stage.name}] one-shot photos")
+    vectors = np.zeros((len(pool), got.shape[1]), np.float32)
+    vectors[used] = got
+    n = tasks.candidates.shape[1]
+    sims = embedder.pair_similarity(np.repeat(vectors[tasks.query], n, axis=0),
+                                    vectors[tasks.candidates.ravel()]).reshape(-1, n)
+    hit = np.argmax(sims, axis=1) == tasks.correct
+    unseen = (pool.subset.to_numpy()[tasks.query] == "unseen")
+    out.update(accuracy=_rounded(hit.mean()), unseen_tasks=int(unseen.sum()),
+               unseen_accuracy=_rounded(hit[unseen].mean()) if unseen.any() else None)
+    return out
 
 
 def tune(work: Path) -> float:
     """Store the sweep's best threshold where predict looks for it."""
     metrics = json.loads((Path(work) / "evaluate" / "metrics.json").read_text())
     write_json(Path(work) / TUNED, {"threshold": metrics["best_threshold"], "map5": metrics["best_map5"],
+                                    "head": metrics.get("head"), "model": metrics.get("model"),
                                     "source": str(Path(work) / "evaluate" / "threshold_sweep.csv")})
     return metrics["best_threshold"]
 
@@ -99,5 +170,5 @@ STAGE = Stage("evaluate", run, artifacts=("metrics.json", "threshold_sweep.csv",
               settings=("run.image_size", "run.seed", "augment.margin", "augment.crop_max",
                         "augment.blur_sigma_max", "model.head", "predict.top_k", "predict.tta",
                         "predict.merge", "predict.batch_size", "new_whale.threshold",
-                        "evaluate.new_whale_share"),
+                        "evaluate.new_whale_share", "predict.gallery_tta", "evaluate.one_shot"),
               upstream=("split", "augment", "train"))

@@ -3,9 +3,10 @@
     backbone(name, image_size, weights)        a keras.applications network without its top (or "tiny")
     preprocess(name)                           that backbone's own preprocess_input, as a layer
     online_augment()                           random Keras preprocessing layers, active in training only
-    softmax_head(features, n_classes, ...)     2x2 average pooling + flatten (or global pooling),
-                                               dropout, dense softmax (float32 under mixed precision)
-    loss(head), metrics(head, n_classes)
+    pool(features, pooling)                    2x2 average pooling + flatten (or global pooling)
+    softmax_head(features, n_classes, ...)     pooling, dropout, dense softmax (float32 under mixed precision)
+    (embedding.py)                             the siamese and triplet heads, their losses and metrics
+    loss(head, ...), metrics(head, n_classes)
     build_model(cfg, n_classes)                all of it, dispatched on model.head
 
 The model takes raw 0-255 RGB images (image_size x image_size); everything else happens inside it.
@@ -24,12 +25,14 @@ from pathlib import Path
 
 import keras
 
+from . import embedding  # noqa: F401  (registers the embedding heads' layers for load_model)
 from .config import get as setting
 from .stage import StageError
 
 TINY = "tiny"                 # a few conv layers: tests and smoke runs, any image size >= 16
 DOWNLOAD_TIMEOUT = 20         # seconds without a byte before an ImageNet weights download gives up
 HEADS = ("softmax", "siamese", "triplet")
+EMBEDDING_HEADS = ("siamese", "triplet")
 
 
 # ---------------------------------------------------------------- preprocessing inside the model
@@ -191,7 +194,8 @@ def find_backbone(model: keras.Model) -> keras.Model:
 
 # ---------------------------------------------------------------- heads and losses
 
-def softmax_head(features, n_classes: int, pooling: str, dropout: float):
+def pool(features, pooling: str):
+    """The original's 2x2 average pooling + flatten, or global average pooling."""
     L = keras.layers
     if pooling == "avg2x2":
         h, w = features.shape[1], features.shape[2]
@@ -199,21 +203,30 @@ def softmax_head(features, n_classes: int, pooling: str, dropout: float):
             raise StageError(f"model.pooling = avg2x2 needs a feature map of at least 2x2; the backbone "
                              f"gives {h}x{w} at this image size. Use pooling = global or a larger run.image_size.")
         x = L.AveragePooling2D(pool_size=2, name="avg2x2")(features)
-        x = L.Flatten(name="flatten")(x)
-    elif pooling == "global":
-        x = L.GlobalAveragePooling2D(name="global_avg")(features)
-    else:
-        raise StageError(f"model.pooling = {pooling!r}: expected avg2x2 or global")
+        return L.Flatten(name="flatten")(x)
+    if pooling == "global":
+        return L.GlobalAveragePooling2D(name="global_avg")(features)
+    raise StageError(f"model.pooling = {pooling!r}: expected avg2x2 or global")
+
+
+def softmax_head(features, n_classes: int, pooling: str, dropout: float):
+    L = keras.layers
+    x = pool(features, pooling)  # (before Dropout is constructed: layer creation order fixes the seeds)
     x = L.Dropout(dropout, name="dropout")(x)
     x = L.Dense(n_classes, name="logits")(x)
     return L.Activation("softmax", dtype="float32", name="softmax")(x)
 
 
-def loss(head: str, label_smoothing: float = 0.0):
+def loss(head: str, label_smoothing: float = 0.0, margin: float = 1.0, hard_negatives: float = 0.0):
     if head == "softmax":
         if label_smoothing > 0:
             return SmoothedSparseCrossentropy(label_smoothing, name="loss")
         return keras.losses.SparseCategoricalCrossentropy(name="loss")
+    if head in EMBEDDING_HEADS:
+        if margin <= 0 or not 0 <= hard_negatives <= 1:
+            raise StageError(f"train.margin = {margin} must be > 0 and train.hard_negatives = {hard_negatives} "
+                             f"within 0..1")
+        return embedding.loss(head, margin, hard_negatives)
     raise _not_built(head)
 
 
@@ -244,6 +257,8 @@ def metrics(head: str, n_classes: int) -> list:
         if n_classes > 5:
             out.append(keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5_accuracy"))
         return out
+    if head in EMBEDDING_HEADS:
+        return embedding.metrics(head)
     raise _not_built(head)
 
 
@@ -256,12 +271,13 @@ def _not_built(head: str) -> StageError:
 # ---------------------------------------------------------------- the whole model
 
 def build_model(cfg, n_classes: int) -> keras.Model:
-    """Raw 0-255 RGB in, class probabilities out (softmax head). `cfg` is the settings dict or a
-    stage Run (whose setting() refuses keys the stage did not declare). Call it inside the
+    """Raw 0-255 RGB in; out: class probabilities (softmax), the batch's pair logits (siamese, whose
+    layer "embedding" is the photo's vector) or the unit embedding (triplet). `cfg` is the settings
+    dict or a stage Run (whose setting() refuses keys the stage did not declare). Call it inside the
     distribution strategy's scope, after setting the dtype policy."""
     get = cfg.setting if hasattr(cfg, "setting") else (lambda key: setting(cfg, key))
     head = get("model.head")
-    if head != "softmax":
+    if head not in HEADS:
         raise _not_built(head)
     size = get("run.image_size")
     name = get("model.backbone")
@@ -275,7 +291,15 @@ def build_model(cfg, n_classes: int) -> keras.Model:
             raise StageError(f"model.bn_momentum = {momentum}: expected 0 (the backbone's own) or 0 < m < 1")
         set_bn_momentum(net, momentum)
     features = net(x)
-    out = softmax_head(features, n_classes, get("model.pooling"), get("model.dropout"))
+    if head == "softmax":
+        out = softmax_head(features, n_classes, get("model.pooling"), get("model.dropout"))
+    else:
+        pooled = pool(features, get("model.pooling"))
+        pooled = keras.layers.Dropout(get("model.dropout"), name="dropout")(pooled)
+        try:
+            _, out = embedding.embedding_layers(pooled, head, get("model.embedding_size"), get("model.pair_features"))
+        except ValueError as e:
+            raise StageError(str(e)) from None
     return keras.Model(inp, out, name=f"whaleid_{head}_{name}")
 
 

@@ -2,7 +2,8 @@
 
 Inputs:    format/test.csv, boxes/BB_TEST.csv, dedup/known_answers.csv, train/model.keras +
            classes.json, the data folder's sample_submission.csv and test/, and
-           WORK/tuned_threshold.json when `whaleid evaluate --tune-threshold` wrote one
+           WORK/tuned_threshold.json when `whaleid evaluate --tune-threshold` wrote one (for this
+           head and model); embedding heads: augment/TRAINING_FILE_FINAL.csv + images/ (the gallery)
 Artifacts: submission.csv    Image,Id: one row per sample_submission image, in its order, 5 distinct labels
            predictions.csv   per image: the answer, its source (model / known / fallback), top score
            (WORK/submission.csv is a copy, where users look for it)
@@ -11,6 +12,13 @@ Each test photo is cropped to its box and resized once, then 4 versions are made
 left-right flip, a random 1..crop_max px crop resized back, and that crop flipped and blurred
 (deterministic per photo for the seed). All versions of a batch go through the model in one forward
 pass; photo decoding runs in --workers processes ahead of the model.
+
+Embedding heads (siamese, triplet) rank ids instead of classifying: the gallery, every photo of a
+known id (augment's crops: the original, or every offline variant with predict.gallery_tta), is
+embedded once; each test version's score for an id is its best gallery photo's similarity
+(retrieval.py), and from there TTA merge, new_whale threshold and file are the softmax path's. The
+gallery holds all known ids, also those split held out of training: a new id needs photos, not a
+retrained model.
 """
 from __future__ import annotations
 
@@ -93,26 +101,78 @@ def class_probabilities(run: Run, model, jobs: list, batch_size: int, desc: str)
         yield from flush()
 
 
+def model_digest(run: Run) -> str | None:
+    """The sha256 of the trained model, as train's manifest records it."""
+    m = run.session.manifest("train") or {}
+    return m.get("artifacts", {}).get("model.keras")
+
+
 def threshold(run: Run) -> float:
+    """The tuned threshold when evaluate tuned it for this head and model, else new_whale.threshold: a
+    threshold on softmax probabilities means nothing for embedding similarities, and vice versa."""
     tuned = run.work / TUNED
+    configured = run.setting("new_whale.threshold")
     if tuned.exists():
-        value = float(json.loads(tuned.read_text())["threshold"])
+        info = json.loads(tuned.read_text())
+        value = float(info["threshold"])
+        head, model = info.get("head"), info.get("model")
+        if head not in (None, run.setting("model.head")) or model not in (None, model_digest(run)):
+            what = f"the {head} head" if head != run.setting("model.head") else "another trained model"
+            run.echo(f"{tuned} was tuned for {what}: ignoring it, using new_whale.threshold = {configured} "
+                     f"(run whaleid evaluate --tune-threshold again)")
+            return configured
         run.echo(f"using the tuned new_whale threshold {value:.3f} from {tuned} "
-                 f"(delete it to use new_whale.threshold = {run.setting('new_whale.threshold')})")
+                 f"(delete it to use new_whale.threshold = {configured})")
         return value
-    return run.setting("new_whale.threshold")
+    return configured
+
+
+def gallery_files(files: pd.DataFrame, photos, all_variants: bool) -> pd.DataFrame:
+    """File, Image, Id of the gallery: augment's files (TRAINING_FILE_FINAL) of `photos` (None: every
+    photo of a known id); the original only (each photo's first file) unless all_variants."""
+    g = files[files.Id != NEW_WHALE]
+    if photos is not None:
+        g = g[g.Image.isin(set(photos))]
+    if not all_variants:
+        g = g.drop_duplicates("Image")
+    return g[["File", "Image", "Id"]].reset_index(drop=True)
+
+
+def scorer(run: Run, net, gallery: pd.DataFrame | None):
+    """(model-like object with predict_on_batch, classes): the softmax model and its class list, or
+    for an embedding head a GalleryScorer over `gallery` (File, Id; files in augment/images)."""
+    from .embedding import Embedder
+    from .retrieval import GalleryScorer
+    head = run.setting("model.head")
+    try:
+        embedder = Embedder(net, head)
+    except ValueError as e:
+        raise StageError(f"{run.upstream('train', 'model.keras')}: {e}; rerun with --force train") from None
+    if head == "softmax":
+        return net, json.loads(run.upstream("train", "classes.json").read_text())
+    if gallery is None or gallery.empty:
+        raise StageError("no photos of known ids to compare test photos with (the gallery is empty)")
+    folder = run.upstream("augment", "images")
+    vectors = embedder.encode_files([str(folder / f) for f in gallery.File], run.setting("run.image_size"),
+                                    run.setting("predict.batch_size"), run.session.progress,
+                                    f"[{run.stage.name}] embed gallery")
+    s = GalleryScorer(embedder.encode, embedder.similarity, vectors, gallery.Id)
+    run.echo(f"gallery: {len(gallery)} files of {gallery.Image.nunique()} photos, {len(s.classes)} ids")
+    return s, s.classes
 
 
 def run(run: Run) -> dict:
     from . import model as models
-    if run.setting("model.head") != "softmax":
-        raise StageError(f"predict for model.head = {run.setting('model.head')} is not built yet")
     order, _ = read_test(run.data / "sample_submission.csv")
     test = run.read_csv("format", "test.csv")
     boxes = run.read_csv("boxes", "BB_TEST.csv").set_index("Image")
     known = dict(run.read_csv("dedup", "known_answers.csv")[["Image", "Id"]].itertuples(index=False))
-    classes = json.loads(run.upstream("train", "classes.json").read_text())
-    model = models.load_model(run.upstream("train", "model.keras"))
+    net = models.load_model(run.upstream("train", "model.keras"))
+    gallery = None
+    if run.setting("model.head") != "softmax":
+        gallery = gallery_files(run.read_csv("augment", "TRAINING_FILE_FINAL.csv"), None,
+                                run.setting("predict.gallery_tta"))
+    model, classes = scorer(run, net, gallery)
     thr, merge, k = threshold(run), run.setting("predict.merge"), run.setting("predict.top_k")
     usable = test[test.Image.isin(boxes.index)]
     jobs = [(r.Image, str(run.data / "test" / r.Image), tuple(int(v) for v in boxes.loc[r.Image, ["x0", "y0", "x1", "y1"]]))
@@ -154,6 +214,6 @@ def _tuned_file(session) -> list[Path]:
 STAGE = Stage("predict", run, artifacts=("submission.csv", "predictions.csv"),
               settings=("run.image_size", "run.seed", "augment.margin", "augment.crop_max",
                         "augment.blur_sigma_max", "model.head", "predict.top_k", "predict.tta",
-                        "predict.merge", "predict.batch_size", "new_whale.threshold"),
-              data=("sample_submission.csv", "test/"), upstream=("dedup", "format", "boxes", "train"),
+                        "predict.merge", "predict.batch_size", "predict.gallery_tta", "new_whale.threshold"),
+              data=("sample_submission.csv", "test/"), upstream=("dedup", "format", "boxes", "augment", "train"),
               extra_inputs=_tuned_file)

@@ -1,9 +1,12 @@
-"""train: the softmax classifier over the known ids (design.md §6), resumable epoch by epoch.
+"""train: the softmax classifier over the known ids (design.md §6), or an embedding head (model.head =
+siamese | triplet, embedding.py), resumable epoch by epoch.
 
 Inputs:    split/train_files.csv, split/val_files.csv (File, Image, Id), augment/images/
 Artifacts: model.keras          the final model (best epoch's weights); raw 0-255 RGB in, class
-                                probabilities out; load with whaleid.model.load_model
-           classes.json         the class list: classes[i] is the id of output i
+                                probabilities out (softmax; the embedding heads: see embedding.py);
+                                load with whaleid.model.load_model
+           classes.json         the class list: classes[i] is the id of output i (embedding heads:
+                                the ids trained on)
            HISTORY.pickle       {metric: [value per epoch]} as Keras' History.history (the original's)
            history.csv          the same, one row per epoch (epoch = Keras' 0-based epoch index)
            MODEL_TIME.pickle    training time in seconds (all epochs, over resumed runs too)
@@ -18,6 +21,12 @@ best-<epoch>.npz (written only when the best changes). The training order is a p
 (seed, epoch): tf.data shuffles each epoch with a stateless shuffle seeded by both. So a run killed
 after epoch k and restarted (the stage cache sets run.resume) continues at epoch k+1 and, on CPU with
 op determinism, ends with the same numbers as an uninterrupted run.
+
+The embedding heads train on batches of P ids x K photos (batches.py, also a pure function of (seed,
+epoch)); their validation is retrieval: after each epoch the validation photos are ranked against the
+training photos' ids by embedding similarity, giving val_map5 (closed set) and val_top1, and early
+stopping follows val_map5. train.max_minutes stops after the epoch that uses up the time budget
+(counted over resumed runs too); the best epoch's weights are kept as with early stopping.
 
 TensorFlow and Keras are imported inside functions: the CLI imports this module for `whaleid status`.
 """
@@ -87,6 +96,38 @@ def train_dataset(paths: list[str], labels: list[int], image_size: int, batch_si
         return (tf.data.Dataset.from_tensor_slices(order)
                 .map(load, num_parallel_calls=auto, deterministic=True)
                 .batch(batch_size))
+
+    ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch)
+    return ds.map(_to_float, num_parallel_calls=auto).prefetch(auto).with_options(_options())
+
+
+def id_batch_dataset(paths: list[str], labels: list[int], photos: list[str], image_size: int, batch_size: int,
+                     per_id: int, seed: int, first_epoch: int, epochs: int):
+    """The embedding heads' batches (batches.epoch_plan: P ids x K photos, a pure function of (seed,
+    epoch)) for epochs first_epoch .. epochs-1; y per photo is (label, u_pos, u_neg, u_hard)."""
+    import tensorflow as tf
+    from . import batches
+    auto = tf.data.AUTOTUNE
+    paths_t = tf.constant(paths, tf.string)
+    labels_t = tf.constant(labels, tf.float32)
+    labels_np, photos_np = np.asarray(labels), np.asarray(photos)
+    p, k = batches.layout(batch_size, per_id)
+    slots = batches.steps_per_epoch(labels_np, batch_size, per_id) * p * k
+
+    def plan(epoch):
+        return batches.epoch_plan(labels_np, photos_np, batch_size, per_id, seed, int(epoch))
+
+    def load(i, u):
+        y = tf.concat([tf.gather(labels_t, i)[None], u], axis=0)
+        return _decode(tf.gather(paths_t, i), image_size), y
+
+    def one_epoch(epoch):
+        index, u = tf.numpy_function(plan, [epoch], [tf.int32, tf.float32], stateful=False)
+        index.set_shape([slots])
+        u.set_shape([slots, batches.UNIFORMS])
+        return (tf.data.Dataset.from_tensor_slices((index, u))
+                .map(load, num_parallel_calls=auto, deterministic=True)
+                .batch(p * k))
 
     ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch)
     return ds.map(_to_float, num_parallel_calls=auto).prefetch(auto).with_options(_options())
@@ -239,8 +280,9 @@ class Checkpoint:
 # ---------------------------------------------------------------- callbacks
 
 def make_callbacks(run: Run, checkpoint: Checkpoint, monitor: str, patience: int, epochs: int,
-                   n_train: int, state: dict | None, best_weights):
-    """[early stopping (resumable), per-epoch checkpoint + one progress line, CSV log, TensorBoard]."""
+                   n_train: int, state: dict | None, best_weights, validation=None, max_minutes: float = 0.0):
+    """[validation (the embedding heads' retrieval, which adds val_* to the logs), early stopping
+    (resumable), per-epoch checkpoint + time budget + one progress line, CSV log, TensorBoard]."""
     import keras
 
     class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
@@ -283,8 +325,13 @@ def make_callbacks(run: Run, checkpoint: Checkpoint, monitor: str, patience: int
         def on_epoch_end(self, epoch, logs=None):
             now = time.perf_counter()
             train_seconds = (self.t_val if self.validating else now) - self.t0
+            if validation is not None:
+                train_seconds -= validation.seconds
             self.rates.append(n_train / max(train_seconds, 1e-9))
             self.seconds += now - self.t0
+            out_of_time = bool(max_minutes) and self.seconds >= 60 * max_minutes and epoch + 1 < epochs
+            if out_of_time:
+                self.model.stop_training = True
             logs = {k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}
             order = sorted(logs, key=lambda k: (k.startswith("val_"), "accuracy" in k, k))
             self.rows.append({"epoch": epoch, **logs})
@@ -294,18 +341,53 @@ def make_callbacks(run: Run, checkpoint: Checkpoint, monitor: str, patience: int
             shown = " ".join(f"{k} {logs[k]:.4f}" for k in order)
             run.echo(f"epoch {epoch + 1}/{epochs}: {shown} | best {monitor} {stopper.best:.4f} at epoch "
                      f"{stopper.best_epoch + 1} | {now - self.t0:.1f}s, {self.rates[-1]:.0f} img/s | checkpoint saved")
-            if self.model.stop_training:
+            if out_of_time:
+                run.echo(f"time budget: {self.seconds / 60:.1f} of train.max_minutes = {max_minutes:g} minutes "
+                         f"used; stopping with the best epoch's weights")
+            elif self.model.stop_training:
                 run.echo(f"early stopping: {monitor} has not improved for {patience} epochs")
 
     progress = EpochCheckpoint()
     csv_log = keras.callbacks.CSVLogger(str(run.path("history.csv")), append=state is not None)
-    callbacks = [stopper, progress, csv_log]
+    callbacks = ([validation] if validation is not None else []) + [stopper, progress, csv_log]
     if importlib.util.find_spec("tensorboard") is not None:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(run.path(LOGS)), write_graph=False,
                                                      profile_batch=0, update_freq="epoch"))
     else:
         run.echo("the tensorboard package is not installed: no TensorBoard logs (pip install tensorboard)")
     return stopper, progress, callbacks
+
+
+def retrieval_validation(train: pd.DataFrame, val: pd.DataFrame, head: str, image_size: int, batch_size: int):
+    """A callback for the embedding heads: after each epoch, embed the training photos (their first
+    file, the original) and the validation photos, rank the training ids for each validation photo by
+    its best-matching photo, and add val_map5 and val_top1 to the epoch's logs. Closed set: every
+    validation id has training photos (read_inputs drops the others)."""
+    import keras
+    from .embedding import Embedder
+    from .retrieval import GalleryScorer
+    from .submission import map5
+    gallery = train.drop_duplicates("Image")
+    paths = list(gallery.path) + list(val.path)
+
+    class RetrievalValidation(keras.callbacks.Callback):
+        seconds = 0.0
+
+        def on_train_begin(self, logs=None):
+            self.embedder = Embedder(self.model, head)  # shares the model's layers: current weights
+
+        def on_epoch_end(self, epoch, logs=None):
+            t0 = time.perf_counter()
+            vectors = self.embedder.encode_files(paths, image_size, batch_size, progress=False)
+            scorer = GalleryScorer(self.embedder.encode, self.embedder.similarity, vectors[:len(gallery)], gallery.Id)
+            top = np.argsort(-scorer.scores(vectors[len(gallery):]), axis=1, kind="stable")[:, :5]
+            ranked = [[scorer.classes[c] for c in row] for row in top]
+            if logs is not None:
+                logs["val_map5"] = map5(val.Id, ranked)
+                logs["val_top1"] = float(np.mean([r[0] == t for r, t in zip(ranked, val.Id)]))
+            self.seconds = time.perf_counter() - t0
+
+    return RetrievalValidation()
 
 
 # ---------------------------------------------------------------- the stage
@@ -370,8 +452,10 @@ def compiled_model(cfg, n_classes: int, steps_per_epoch: int | None = None):
     net = models.build_model(cfg, n_classes)
     decay = get("train.weight_decay")
     optimizer = keras.optimizers.Adam(learning_rate(get, steps_per_epoch), weight_decay=decay or None)
+    head = get("model.head")
+    extra = {"margin": get("train.margin"), "hard_negatives": get("train.hard_negatives")} if head != "softmax" else {}
     net.compile(optimizer=optimizer,
-                loss=models.loss(get("model.head"), get("train.label_smoothing")),
+                loss=models.loss(head, get("train.label_smoothing"), **extra),
                 metrics=models.metrics(get("model.head"), n_classes), jit_compile=bool(get("train.xla")))
     net.optimizer.build(net.trainable_variables)
     return net
@@ -414,13 +498,29 @@ def run(run: Run) -> dict:
     epochs, batch = run.setting("train.epochs"), run.setting("train.batch_size")
     if epochs < 1 or batch < 1:
         raise StageError(f"train.epochs = {epochs}, train.batch_size = {batch}: both must be at least 1")
+    head, max_minutes = run.setting("model.head"), run.setting("train.max_minutes")
+    if max_minutes < 0:
+        raise StageError(f"train.max_minutes = {max_minutes}: expected 0 (no limit) or a positive number of minutes")
+    embedding = head != "softmax"
+    if embedding:
+        from . import batches
+        per_id = run.setting("train.photos_per_id")
+        try:
+            ids_per_batch, _ = batches.layout(batch, per_id)
+        except ValueError as e:
+            raise StageError(str(e)) from None
+        batch = ids_per_batch * per_id
+        n_steps = batches.steps_per_epoch(train.y, batch, per_id)
+        layout = f"{head} head, batches of {ids_per_batch} ids x {per_id} photos"
+    else:
+        n_steps, layout = steps(len(train), batch), "softmax head"
     strategy = make_strategy(run.setting("train.strategy"), run.echo)
     precision = choose_precision(run.setting("train.precision"), strategy)
     deterministic = not _accelerated(strategy)
     seed_everything(seed, deterministic)
-    monitor = "val_accuracy" if len(val) else "accuracy"
+    monitor = ("val_map5" if embedding else "val_accuracy") if len(val) else "accuracy"
     run.echo(f"{len(classes)} classes, {len(train)} training images, {len(val)} validation images; "
-             f"{run.setting('model.backbone')} ({run.setting('model.weights')} weights) at {size} px, "
+             f"{run.setting('model.backbone')} ({run.setting('model.weights')} weights) at {size} px, {layout}, "
              f"batch {batch}, up to {epochs} epochs; {_strategy_name(strategy)} with "
              f"{strategy.num_replicas_in_sync} replica(s), {precision}, "
              f"xla {'on' if run.setting('train.xla') else 'off'}, op determinism {'on' if deterministic else 'off'}")
@@ -430,7 +530,7 @@ def run(run: Run) -> dict:
     checkpoint = Checkpoint(run.dir)
     with _dtype_policy(precision):
         with strategy.scope():
-            net = compiled_model(run, len(classes), steps(len(train), batch))
+            net = compiled_model(run, len(classes), n_steps)
         restored = checkpoint.load(net) if run.resume else None
         if restored is None:
             if run.resume:
@@ -442,12 +542,21 @@ def run(run: Run) -> dict:
             run.write_csv("history.csv", _history(state["history"])[1])  # drop rows logged after the checkpoint
             run.echo(f"resuming from the checkpoint of epoch {start}: continuing at epoch {start + 1} of {epochs}")
 
+        validation = None
+        if embedding and len(val):
+            validation = retrieval_validation(train, val, head, size, batch)
         stopper, progress, callbacks = make_callbacks(run, checkpoint, monitor, run.setting("train.patience"),
-                                                      epochs, len(train), state, best_weights)
+                                                      epochs, n_steps * batch if embedding else len(train), state,
+                                                      best_weights, validation, max_minutes)
         if start < epochs and not (state and state["stopped"]):
-            fit_data = train_dataset(list(train.path), list(train.y), size, batch, seed, start, epochs)
-            val_data = eval_dataset(list(val.path), list(val.y), size, batch) if len(val) else None
-            net.fit(fit_data, epochs=epochs, initial_epoch=start, steps_per_epoch=steps(len(train), batch),
+            if embedding:
+                fit_data = id_batch_dataset(list(train.path), list(train.y), list(train.Image), size, batch,
+                                            per_id, seed, start, epochs)
+                val_data = None
+            else:
+                fit_data = train_dataset(list(train.path), list(train.y), size, batch, seed, start, epochs)
+                val_data = eval_dataset(list(val.path), list(val.y), size, batch) if len(val) else None
+            net.fit(fit_data, epochs=epochs, initial_epoch=start, steps_per_epoch=n_steps,
                     validation_data=val_data, callbacks=callbacks, shuffle=False,
                     verbose=1 if run.session.progress and sys.stdout.isatty() else 0)
         elif best_weights is not None:
@@ -484,6 +593,8 @@ def _weights_inputs(session) -> list[Path]:
 STAGE = Stage("train", run, artifacts=ARTIFACTS,
               settings=("run.seed", "run.image_size",
                         "model.head", "model.backbone", "model.weights", "model.pooling", "model.dropout",
+                        "model.embedding_size", "model.pair_features", "train.photos_per_id", "train.margin",
+                        "train.hard_negatives", "train.max_minutes",
                         "train.batch_size", "train.epochs", "train.patience", "train.learning_rate",
                         "train.online_augment", "train.strategy", "train.precision", "train.xla",
                         "model.bn_momentum", "train.lr_schedule", "train.label_smoothing", "train.weight_decay"),

@@ -1,0 +1,63 @@
+"""An embedding head end to end on CPU (tiny model): preprocess -> train (triplet) -> evaluate with
+verification and one-shot metrics, --tune-threshold -> predict by gallery retrieval -> a valid
+submission; a threshold tuned for another head is not used."""
+import json
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from whaleid import submission
+from whaleid.cli import main
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+TINY = ["--config", str(ROOT / "configs/cpu.toml"), "--set", "model.backbone=tiny", "--set", "run.image_size=48",
+        "--set", "train.epochs=15", "--set", "train.patience=15", "--set", "train.batch_size=16",
+        "--set", "train.learning_rate=0.003", "--set", "model.head=triplet", "--quiet"]
+
+
+def whaleid(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_set, tmp_path_factory):
+    work = tmp_path_factory.mktemp("e2e_triplet") / "work"
+    whaleid("train", "--data", tiny_set, "--work", work, *TINY)
+    return work
+
+
+def test_triplet_head_evaluates_tunes_and_predicts_a_valid_submission(tiny_set, trained):
+    out = whaleid("evaluate", "--work", trained, "--tune-threshold", "--one-shot", "3")
+    assert "verification" in out and "3-way one-shot accuracy" in out and "stored threshold" in out
+    m = json.loads((trained / "evaluate" / "metrics.json").read_text())
+    assert m["head"] == "triplet" and m["model"]
+    v, o = m["verification"], m["one_shot"]
+    assert v["pairs"] > v["same_id_pairs"] > 0 and 0 <= v["auc"] <= 1
+    assert v["at_best_threshold"]["threshold"] == m["best_threshold"]
+    assert o["n_way"] == 3 and o["tasks"] > 0 and 0 <= o["accuracy"] <= 1
+    tuned = json.loads((trained / "tuned_threshold.json").read_text())
+    assert tuned["head"] == "triplet" and tuned["threshold"] == m["best_threshold"]
+    assert "best threshold" in out and m["best_map5"] >= m["map5"]
+
+    out = whaleid("predict", "--work", trained)
+    assert "using the tuned new_whale threshold" in out and "gallery:" in out
+    sub = pd.read_csv(trained / "submission.csv")
+    order = pd.read_csv(tiny_set / "sample_submission.csv").Image
+    submission.validate(sub, list(order))
+    score = submission.score_files(trained / "submission.csv", tiny_set / "solution.csv")
+    print(score, m)
+    assert score["map5"] > score["all_new_whale_map5"]
+    # the gallery holds every known id (also those split held out of training)
+    known = set(pd.read_csv(tiny_set / "train.csv").Id) - {"new_whale"}
+    labels = set(" ".join(sub.Id).split()) - {"new_whale"}
+    assert labels <= known and len(labels) > len(json.loads((trained / "train" / "classes.json").read_text())) - 2
+
+    # a threshold tuned for the softmax head means nothing for similarities: predict says so and ignores it
+    (trained / "tuned_threshold.json").write_text(json.dumps({**tuned, "head": "softmax"}))
+    out = whaleid("predict", "--work", trained)
+    assert "tuned for the softmax head: ignoring it" in out
