@@ -305,11 +305,11 @@ def test_offline_imagenet_fails_fast_with_one_clear_line(tmp_path):
     assert time.time() - t < 60
 
 
-def test_missing_weights_file_and_unbuilt_head_are_clear_errors(tmp_path):
+def test_missing_weights_file_and_impossible_head_batches_are_clear_errors(tmp_path):
     with pytest.raises(StageError, match="no such file"):
         run_train(tmp_path / "a", ["model.weights=" + str(tmp_path / "nope.weights.h5")])
-    with pytest.raises(StageError, match="siamese is not built yet"):
-        run_train(tmp_path / "b", ["model.head=siamese"])
+    with pytest.raises(StageError, match="batch_size = 4 holds fewer than 2 ids"):
+        run_train(tmp_path / "b", ["model.head=siamese", "train.batch_size=4", "train.photos_per_id=4"])
 
 
 @pytest.mark.filterwarnings("ignore:Skipping nested container")  # the mismatched file below
