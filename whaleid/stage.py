@@ -10,7 +10,8 @@ their sha256, so a changed upstream result reruns everything downstream, never a
 Crash safety: the old manifest is deleted before a stage starts, artifacts are written atomically
 (temp file + rename) and the manifest is written last, so a killed run leaves nothing a rerun would
 trust. A stage killed part way may resume its own per-item work when it reruns with exactly the same
-fingerprint (`Run.resume`), e.g. training continues from its last checkpoint.
+fingerprint (`Run.resume`), e.g. training continues from its last checkpoint; it first deletes the
+temp files of the writes the kill cut short.
 """
 from __future__ import annotations
 
@@ -73,6 +74,19 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 def write_json(path: Path, obj) -> None:
     write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def clear_temp_files(folder: Path) -> int:
+    """Delete the temp files of atomic writes a killed run never finished (".<name>.<random>.tmp" from
+    atomic_path, ".<name>.tmp" from images.save_jpeg) under `folder`, which a resumed stage keeps; no
+    live writer can own them (one run per work folder). Returns how many were deleted."""
+    n = 0
+    for p in Path(folder).rglob(".*.tmp"):
+        if p.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                n += 1
+    return n
 
 
 def sha256_file(path: Path) -> str:
@@ -331,6 +345,8 @@ class Session:
             (d / MANIFEST).unlink()  # from here on, nothing in d is trusted until the new manifest
         if not resume and d.exists():
             shutil.rmtree(d)
+        elif resume:
+            clear_temp_files(d)
         d.mkdir(parents=True, exist_ok=True)
         write_json(d / RUNNING, key)
         started = time.time()
