@@ -1,13 +1,15 @@
 # make demo   - set up, build the synthetic data set, run the whole pipeline on CPU
 # make test   - set up, run the test suite
 # make bench  - benchmarks (minutes; numbers for the README's Performance section)
+# make report - PNG sheets and plots of the demo's work folder: demo/work/report/index.html
+# make faults - fault injection: SIGKILLs and cache tampering vs the stage cache's promises (~20 min)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 WHALEID := $(VENV)/bin/whaleid
 DEMO := demo
 
-.PHONY: setup test demo bench clean-demo
+.PHONY: setup test demo bench clean-demo report faults
 
 setup: $(VENV)/.installed
 
@@ -35,6 +37,12 @@ bench: setup
 	$(PY) scripts/bench_dedup.py
 	$(PY) scripts/bench_boxes.py
 	$(PY) scripts/bench_input.py
+
+report: setup
+	$(WHALEID) report --work $(DEMO)/work
+
+faults: setup
+	$(PY) scripts/fault_injection.py $(FAULTS_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO)
