@@ -34,9 +34,12 @@ upstream of the change. The reruns observed are the CLI's "[stage] running (...)
 changed image and config the final artifacts must equal a from-scratch run on the changed inputs.
 
 "Equal artifacts" = for every stage, the sha256 of each artifact file (every file of a folder
-artifact) equals the reference's and the manifest's; except train's model.keras (holds its save
-date) and MODEL_TIME.pickle (wall time), which stand in through identical history, evaluation and
-predictions. Leftover temp files (.*.tmp) in a finished work folder are a failure too.
+artifact) equals the reference's, and the manifest's sha256 matches the file; except: train's
+MODEL_TIME.pickle (wall time) is not compared; model.keras is compared by its weights (the zip's
+model.weights.h5; the zip also holds a save date and Python object ids), and a file recording the
+model file's sha256 (evaluate/metrics.json) with that digest masked. So a resumed training must end
+with bit-identical weights, history, evaluation and predictions. Leftover temp files (.*.tmp) in a
+finished work folder are a failure too.
 
 Prints a table (case, detail, reruns observed (expected), result); exits 1 on any FAIL. Takes
 ~15-25 minutes on 2 cores with the defaults. The temp folder is deleted unless --keep or a FAIL.
@@ -56,6 +59,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,7 +97,7 @@ def load_declarations(code: Path) -> None:
     ORDER = [s.name for s in STAGES]
     COMMAND_OF = {s.name: cmd for cmd, stages in pipeline().items() for s in stages}
     PREPROCESS = {s.name for s in pipeline()["preprocess"]}
-NOT_COMPARED = {("train", "model.keras"), ("train", "MODEL_TIME.pickle")}
+NOT_COMPARED = {("train", "MODEL_TIME.pickle")}  # wall time
 RUNNING = re.compile(r"^\[(\w+)\] running \((.*)\)\s*$")
 DONE = re.compile(r"^\[(\w+)\] done in ")
 CMD_TIMEOUT = 1800
@@ -223,9 +227,21 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def content_digest(path: Path) -> str | None:
-    """sha256 of a file; for a folder, of every file's relative name and sha256 (dot files skipped)."""
+def content_digest(path: Path, masks: dict[str, str] | None = None) -> str | None:
+    """sha256 of a file; for a folder, of every file's relative name and sha256 (dot files skipped).
+    A Keras model file: the sha256 of its weights (model.weights.h5 in the zip; the zip also holds its
+    save date and Python object ids). `masks` {text: placeholder}: replaced in a file before hashing
+    (evaluate's metrics.json records the model file's sha256)."""
     if path.is_file():
+        if path.suffix == ".keras" and zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                if "model.weights.h5" in z.namelist():
+                    return "weights:" + hashlib.sha256(z.read("model.weights.h5")).hexdigest()
+        if masks:
+            raw = path.read_bytes()
+            for text, placeholder in masks.items():
+                raw = raw.replace(text.encode(), placeholder.encode())
+            return hashlib.sha256(raw).hexdigest()
         return sha256(path)
     if not path.is_dir():
         return None
@@ -250,6 +266,8 @@ def manifests(work: Path) -> dict:
 def snapshot(work: Path) -> dict:
     """{stage/artifact: content digest} of every stage's artifacts, plus WORK/submission.csv."""
     out = {}
+    model = ((manifest(work, "train") or {}).get("artifacts") or {}).get("model.keras")
+    masks = {model: "<the model file's sha256>"} if model else None
     for s in ORDER:
         m = manifest(work, s)
         if m is None:
@@ -257,7 +275,7 @@ def snapshot(work: Path) -> dict:
             continue
         for name in m["artifacts"]:
             if (s, name) not in NOT_COMPARED:
-                out[f"{s}/{name}"] = content_digest(work / s / name)
+                out[f"{s}/{name}"] = content_digest(work / s / name, masks)
     out["submission.csv"] = content_digest(work / "submission.csv")
     return out
 
