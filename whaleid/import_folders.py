@@ -48,7 +48,7 @@ def _id_name(folder: Path) -> str:
     return name
 
 
-def scan(src: Path) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+def scan(src: Path, progress: bool = True) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """(photos: source, path, Id, width, height; skipped: (source, reason)) of every jpg/png under src."""
     src = Path(src)
     rows, skipped, owner = [], [], {}
@@ -58,7 +58,7 @@ def scan(src: Path) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
         for f in sorted(files):
             if not f.startswith(".") and Path(f).suffix.lower() in EXTENSIONS:
                 paths.append(Path(root) / f)
-    for path in tqdm(paths, desc="import-folders: read photos", unit="img", disable=len(paths) < 200,
+    for path in tqdm(paths, desc="import-folders: read photos", unit="img", disable=not progress or len(paths) < 200,
                      dynamic_ncols=True, mininterval=0.5):
         rel = path.relative_to(src).as_posix()
         if path.parent == src:
@@ -112,7 +112,7 @@ def import_folders(src: Path, out: Path, new_fraction: float = 0.3, query_fracti
         raise FolderError(f"--out {out} is inside --src {src}: whaleid never writes into a data folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FolderError(f"--out {out} exists and is not empty: choose a new folder (import never overwrites)")
-    photos, skipped = scan(src)
+    photos, skipped = scan(src, progress)
     if photos.empty:
         raise FolderError(f"--src {src}: no readable .jpg/.jpeg/.png photos in its sub-folders")
     photos["role"] = assign(photos, new_fraction, query_fraction, seed)

@@ -130,7 +130,8 @@ def threshold(run: Run) -> float:
 def gallery_files(files: pd.DataFrame, photos, all_variants: bool) -> pd.DataFrame:
     """File, Image, Id of the gallery: augment's files (TRAINING_FILE_FINAL) of `photos` (None: every
     photo of a known id); the original only (each photo's first file) unless all_variants."""
-    g = files[files.Id != NEW_WHALE]
+    g = files.astype({"Id": str})
+    g = g[g.Id != NEW_WHALE]
     if photos is not None:
         g = g[g.Image.isin(set(photos))]
     if not all_variants:
@@ -166,7 +167,8 @@ def run(run: Run) -> dict:
     order, _ = read_test(run.data / "sample_submission.csv")
     test = run.read_csv("format", "test.csv")
     boxes = run.read_csv("boxes", "BB_TEST.csv").set_index("Image")
-    known = dict(run.read_csv("dedup", "known_answers.csv")[["Image", "Id"]].itertuples(index=False))
+    # (Id as text: pandas reads ids that look like numbers, e.g. folder names "10", as integers)
+    known = dict(run.read_csv("dedup", "known_answers.csv")[["Image", "Id"]].astype(str).itertuples(index=False))
     net = models.load_model(run.upstream("train", "model.keras"))
     gallery = None
     if run.setting("model.head") != "softmax":
@@ -186,7 +188,7 @@ def run(run: Run) -> dict:
         answers[image] = labels
         rows.append((image, " ".join(labels), "known" if image in known else "model", float(probs.mean(0).max())))
     # photos that could not be read still get a valid row: the most common answer shape
-    train_ids = run.read_csv("format", "train.csv").Id.value_counts().index.tolist()
+    train_ids = run.read_csv("format", "train.csv").Id.astype(str).value_counts().index.tolist()
     fallback = ([NEW_WHALE] + [i for i in train_ids if i != NEW_WHALE])[:k]
     for image in order.Image:
         if image not in answers:

@@ -15,13 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import rankdata
 
 from .tables import NEW_WHALE
 
 
 def roc_auc(labels, scores) -> float:
     """Mann-Whitney form: P(score of a random positive > score of a random negative); nan without both."""
+    from scipy.stats import rankdata  # (not at import: `whaleid status` imports the stages)
     labels = np.asarray(labels, bool)
     scores = np.asarray(scores, np.float64)
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
