@@ -1,0 +1,134 @@
+"""Open-set re-identification benchmark: softmax vs siamese vs triplet heads, same data, same CPU budget.
+
+    python scripts/bench_reid.py [--src ROOT] [--heads softmax,siamese,triplet] [--minutes 4] ...
+
+ROOT holds one folder per individual (../shared/data/nyala, ../shared/data/lion, or any catalogue).
+`whaleid import-folders` turns it into the Kaggle layout with a solution.csv (--new-fraction of the
+individuals held out entirely as new_whale); `whaleid preprocess` runs once (whole-photo boxes from
+import-folders' boxes.csv); then for each head, in its own copy of that work folder: train (with
+train.max_minutes = --minutes), evaluate --tune-threshold, predict, and the submission is scored
+against solution.csv. Prints the settings, then one line per head:
+
+    head=... MAP@5=... baseline=... minutes=...
+
+(baseline: the all-new_whale submission's MAP@5; minutes: training time.) Everything is cached in
+--work (default a folder in the system temp dir): a rerun retrains nothing that is up to date.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from whaleid import submission  # noqa: E402
+from whaleid.import_folders import FolderError, import_folders  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+HEADS = ("softmax", "siamese", "triplet")
+
+
+def settings(args) -> list[str]:
+    return [f"run.image_size={args.image_size}", f"run.seed={args.seed}",
+            f"model.backbone={args.backbone}", "model.weights=none", "model.pooling=global", "model.dropout=0.2",
+            "model.bn_momentum=0.9", "split.unseen_ids=0.2", "train.batch_size=32", "train.photos_per_id=4",
+            "train.epochs=1000", "train.patience=30", "train.learning_rate=0.001", "train.online_augment=true",
+            "train.strategy=none", "train.precision=float32", f"train.max_minutes={args.minutes}",
+            "predict.batch_size=64", *args.overrides]
+
+
+def whaleid(*args, log: Path) -> None:
+    cmd = [sys.executable, "-m", "whaleid.cli", *map(str, args)]
+    with open(log, "a") as f:
+        f.write("$ whaleid " + " ".join(map(str, args)) + "\n")
+        f.flush()
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    if proc.returncode:
+        tail = log.read_text().splitlines()[-15:]
+        raise SystemExit(f"whaleid {args[0]} failed (see {log}):\n" + "\n".join(tail))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--src", type=Path, default=SHARED / "nyala", help="ROOT/<individual>/*.jpg|png")
+    ap.add_argument("--heads", default=",".join(HEADS))
+    ap.add_argument("--minutes", type=float, default=4.0, help="training budget per head (train.max_minutes)")
+    ap.add_argument("--new-fraction", type=float, default=0.3)
+    ap.add_argument("--query-fraction", type=float, default=0.3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--image-size", type=int, default=96)
+    ap.add_argument("--backbone", default="MobileNetV3Small")
+    ap.add_argument("--work", type=Path, default=None, help="default: <tmp>/whaleid-bench-reid-<src name>")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other whaleid setting for every head, e.g. --set model.pair_features=rich")
+    args = ap.parse_args(argv)
+    heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    bad = [h for h in heads if h not in HEADS]
+    if bad:
+        raise SystemExit(f"--heads {', '.join(bad)}: expected some of {', '.join(HEADS)}")
+    work = args.work or Path(tempfile.gettempdir()) / f"whaleid-bench-reid-{args.src.resolve().name}"
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "bench.log"
+    sets = settings(args)
+    print(f"src: {args.src} -> {work}; new-fraction {args.new_fraction}, query-fraction {args.query_fraction}, "
+          f"seed {args.seed}")
+    print("settings: " + " ".join(sets))
+
+    data = work / "data"
+    wanted = {"src": str(args.src.resolve()), "new_fraction": args.new_fraction,
+              "query_fraction": args.query_fraction, "seed": args.seed}
+    record = work / "import.json"
+    if not (record.exists() and json.loads(record.read_text()) == wanted and data.is_dir()):
+        shutil.rmtree(data, ignore_errors=True)
+        try:
+            summary = import_folders(args.src, data, args.new_fraction, args.query_fraction, args.seed, progress=False)
+        except FolderError as e:
+            raise SystemExit(str(e))
+        record.write_text(json.dumps(wanted))
+        (work / "import_summary.json").write_text(json.dumps(summary))
+    summary = json.loads((work / "import_summary.json").read_text())
+    print("data: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+
+    base = work / "base"
+    t = time.time()
+    whaleid("preprocess", "--data", data, "--work", base, "--boxes", data / "boxes.csv", "--quiet",
+            *[a for s in sets for a in ("--set", s)], log=log)
+    report = json.loads((base / "split" / "split_report.json").read_text())
+    print(f"preprocess: {time.time() - t:.0f}s; split {report['photos']}, {report['ids_in_training']} ids trained, "
+          f"{report['unseen_ids']} held out to tune new_whale")
+
+    results = []
+    for head in heads:
+        hw = work / head
+        if not hw.exists():
+            shutil.copytree(base, hw, symlinks=True)  # copy2 keeps mtimes: the copied stages stay cached
+        t = time.time()
+        common = ["--work", hw, "--quiet", "--set", f"model.head={head}", *[a for s in sets for a in ("--set", s)]]
+        whaleid("train", *common, log=log)
+        whaleid("evaluate", *common, "--tune-threshold", log=log)
+        whaleid("predict", *common, log=log)
+        score = submission.score_files(hw / "submission.csv", data / "solution.csv")
+        minutes = pickle.loads((hw / "train" / "MODEL_TIME.pickle").read_bytes()) / 60
+        counts = json.loads((hw / "train" / "manifest.json").read_text())["counts"]
+        metrics = json.loads((hw / "evaluate" / "metrics.json").read_text())
+        results.append((head, score, minutes))
+        print(f"head={head} MAP@5={score['map5']:.4f} baseline={score['all_new_whale_map5']:.4f} minutes={minutes:.1f}"
+              f"  (top-1 {score['top1']:.4f}, {score['images']} test photos; {counts['epochs']} epochs, best "
+              f"{counts['best_epoch']}; validation MAP@5 {metrics['best_map5']:.4f} at threshold "
+              f"{metrics['best_threshold']:.2f}, AUC {metrics['verification']['auc']}; wall {(time.time() - t) / 60:.1f} min)",
+              flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
