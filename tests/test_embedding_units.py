@@ -177,12 +177,16 @@ def test_auc_and_f1_against_hand_worked_values():
     assert (r["precision"], r["recall"], r["f1"]) == (0.0, 0.0, 0.0)
 
 
-def test_id_pairs_for_known_queries_and_new_whales():
+def test_id_pairs_are_the_true_id_and_a_random_other_one():
     classes = ["w_a", "w_b", "w_c"]
     scores = np.array([[0.9, 0.2, 0.1], [0.3, 0.6, 0.8]])
-    labels, values = verification.id_pairs(scores, ["w_a", NEW_WHALE], classes, np.random.default_rng(0))
-    assert labels.tolist() == [True, False, False]
-    assert values[0] == 0.9 and values[1] in (0.2, 0.1) and values[2] == 0.8
+    seen = set()
+    for seed in range(20):
+        labels, values = verification.id_pairs(scores, ["w_a", NEW_WHALE], classes, np.random.default_rng(seed))
+        assert labels.tolist() == [True, False, False]
+        assert values[0] == 0.9 and values[1] in (0.2, 0.1) and values[2] in (0.3, 0.6, 0.8)
+        seen.add(values[2])
+    assert seen == {0.3, 0.6, 0.8}, "a new whale is paired with any id"
 
 
 def test_one_shot_tasks_have_one_correct_candidate_and_n_distinct_ids():

@@ -9,8 +9,8 @@ Embedding heads rank the training photos' ids by similarity (predict.py, retriev
 is the training split's photos, so the held-out ids really are new.
 
 Every head also gets the verification view of seeds 002/003 (verification.py): the AUC of (query, id)
-pairs (each known photo with its true id and with a random other id, each new whale with its best
-match) and precision / recall / F1 of "same" = score >= threshold, at the configured and at the
+pairs (each known photo with its true id; every photo, new whales too, with a random id not its own)
+and precision / recall / F1 of "same" = score >= threshold, at the configured and at the
 best (tuned) threshold; and with evaluate.one_shot = N (`--one-shot N`), N-way one-shot accuracy:
 each validation or held-out photo against one other photo of its id and N-1 photos of N-1 other ids,
 compared photo to photo (softmax: p_a . p_b; see retrieval.py), also reported for the held-out ids alone.
@@ -18,7 +18,7 @@ compared photo to photo (softmax: p_a . p_b; see retrieval.py), also reported fo
 Inputs:    split/split.csv, augment/images/ + TRAINING_FILE_FINAL.csv, train/model.keras + classes.json
 Artifacts: metrics.json          MAP@5, top-1, the all-new_whale baseline, at the configured threshold
                                  and at the best one of the sweep; verification; one_shot
-           threshold_sweep.csv   MAP@5 for every threshold 0.00 .. 1.00
+           threshold_sweep.csv   MAP@5 for every threshold 0.00 .. 1.00 and 1.01 (above every score)
            val_predictions.csv   Image, truth, answer
 `whaleid evaluate --tune-threshold` copies the best threshold to WORK/tuned_threshold.json, which
 predict then uses (and says so).
@@ -36,7 +36,9 @@ from .predict import TUNED, class_probabilities, gallery_files, model_digest, sc
 from .stage import Run, Stage, StageError, write_json
 from .tables import NEW_WHALE
 
-SWEEP = np.round(np.arange(0.0, 1.0001, 0.01), 2)
+# 0.00 .. 1.00, and 1.01: above every score (probabilities and similarities reach 1.0 in float32),
+# new_whale first everywhere, so the sweep always contains the all-new_whale baseline
+SWEEP = np.round(np.append(np.arange(0.0, 1.0001, 0.01), 1.01), 2)
 
 
 def open_set(split: pd.DataFrame, share: float, seed: int) -> pd.DataFrame:

@@ -2,10 +2,10 @@
 
     roc_auc(labels, scores)                     area under the ROC curve (ties count one half)
     precision_recall_f1(labels, scores, thr)    "same" when score >= thr, the rule that places new_whale
-    id_pairs(scores, truths, classes, rng)      (query, id) pairs from open-set id scores: each known
-                                                query with its true id (same) and with a random other
-                                                id (different); each new whale with its best-scoring
-                                                id (different: the match the threshold must reject)
+    id_pairs(scores, truths, classes, rng)      (query, id) pairs from open-set id scores, as the seeds'
+                                                balanced pairs: each known query with its true id (same),
+                                                every query (new whales too) with a random id that is
+                                                not its own (different)
     one_shot_tasks(ids, queries, n_way, rng)    N-way one-shot tasks: a query photo and N candidate
                                                 photos of N distinct ids, one of them the query's own
     one_shot_accuracy(similarities, correct)    share of tasks whose most similar candidate is the right one
@@ -50,17 +50,15 @@ def id_pairs(scores: np.ndarray, truths, classes, rng: np.random.Generator) -> t
     index = {c: i for i, c in enumerate(classes)}
     labels, values = [], []
     for q, truth in enumerate(truths):
-        if truth in index:
-            t = index[truth]
+        t = index.get(truth)
+        if t is not None:
             labels.append(True)
             values.append(scores[q, t])
-            if len(classes) > 1:
-                other = int(rng.integers(len(classes) - 1))
-                labels.append(False)
-                values.append(scores[q, other + (other >= t)])
-        elif truth == NEW_WHALE:
+        n_other = len(classes) - (t is not None)
+        if n_other > 0:
+            other = int(rng.integers(n_other))
             labels.append(False)
-            values.append(scores[q].max())
+            values.append(scores[q, other + (t is not None and other >= t)])
     return np.array(labels, bool), np.array(values, np.float64)
 
 
