@@ -88,3 +88,15 @@ def test_triplet_head_evaluates_tunes_and_predicts_a_valid_submission(imported, 
     (trained / "tuned_threshold.json").write_text(json.dumps({**tuned, "head": "softmax"}))
     out = whaleid("predict", "--work", trained)
     assert "tuned for the softmax head: ignoring it" in out
+
+
+def test_softmax_head_gets_verification_and_one_shot_too(trained, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(trained, work)  # (copy2 keeps mtimes: preprocess stays cached)
+    out = whaleid("evaluate", "--work", work, "--set", "model.head=softmax", "--set", "train.epochs=2",
+                  "--one-shot", "3", "--quiet")
+    assert "[train] running (setting model.head changed" in out and "[split] up to date" in out
+    m = json.loads((work / "evaluate" / "metrics.json").read_text())
+    assert m["head"] == "softmax" and m["verification"]["same_id_pairs"] > 0
+    assert m["one_shot"]["n_way"] == 3 and m["one_shot"]["tasks"] > 0 and 0 <= m["one_shot"]["accuracy"] <= 1
+    assert "3-way one-shot accuracy" in out
