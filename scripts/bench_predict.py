@@ -62,12 +62,10 @@ def main():
     import multiprocessing.pool
     from functools import partial
     import pandas as pd
-    from whaleid.predict import prepare
-    test = pd.read_csv(args.work / "format/test.csv")
-    boxes = pd.read_csv(args.work / "boxes/BB_TEST.csv").set_index("Image")
-    data = Path(rec["data"])
-    jobs = [(i, str(data / "test" / i), tuple(int(v) for v in boxes.loc[i, ["x0", "y0", "x1", "y1"]]))
-            for i in test.Image if i in boxes.index]
+    from whaleid.predict import photo_jobs, prepare
+    jobs = photo_jobs(pd.read_csv(args.work / "format/test.csv", dtype={"Image": str}),
+                      pd.read_csv(args.work / "boxes/BB_TEST.csv", dtype={"Image": str}).set_index("Image"),
+                      Path(rec["data"]) / "test")
     work = partial(prepare, size=size, margin=cfg["augment"]["margin"], crop_max=cfg["augment"]["crop_max"],
                    sigma_max=cfg["augment"]["blur_sigma_max"], seed=cfg["run"]["seed"], tta=cfg["predict"]["tta"])
     decode = []

@@ -8,6 +8,21 @@ SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+def cli(*args) -> tuple[int, str]:
+    """(exit code, output) of the whaleid command line run in-process."""
+    from click.testing import CliRunner
+    from whaleid.cli import main
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def whaleid(*args) -> str:
+    """The output of a whaleid command that must succeed."""
+    code, output = cli(*args)
+    assert code == 0, output
+    return output
+
+
 @pytest.fixture
 def shared_data():
     """../shared/data (real photos); users' checkouts lack it, so tests that need it skip."""

@@ -13,14 +13,12 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from whaleid import submission
-from whaleid.cli import main
 from whaleid.stage import fingerprint
 
-from conftest import ROOT
+from conftest import ROOT, cli as whaleid
 
 TINY = ["--config", str(ROOT / "configs/cpu.toml"), "--set", "model.backbone=tiny", "--set", "run.image_size=32",
         "--set", "train.epochs=1", "--quiet", "--workers", "2"]
@@ -30,11 +28,6 @@ UNUSABLE = {"zero.jpg": "empty", "trunc.jpg": "cannot decode", "text.jpg": "not 
             "bomb.jpg": "pixel limit|decompression bomb"}
 ODD = {"cmyk.jpg": "cmyk", "png_named.jpg": "rgb", "deep16.png": "16-bit", "rgba.png": "rgba-on-white",
        "one_pixel.jpg": "rgb"}
-
-
-def whaleid(*args):
-    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return r.exit_code, r.output
 
 
 def header_bomb() -> bytes:

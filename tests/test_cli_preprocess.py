@@ -4,19 +4,12 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from whaleid.cli import main
 
-from conftest import ROOT
+from conftest import ROOT, cli as whaleid
 
 CPU = str(ROOT / "configs/cpu.toml")
-
-
-def whaleid(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return result.exit_code, result.output
 
 
 def test_preprocess_then_status_then_cached(tiny_set, tmp_path):

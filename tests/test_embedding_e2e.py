@@ -8,23 +8,15 @@ import shutil
 
 import pandas as pd
 import pytest
-from click.testing import CliRunner
 
 from whaleid import submission
-from whaleid.cli import main
 
-from conftest import ROOT
+from conftest import ROOT, whaleid
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 TINY = ["--config", str(ROOT / "configs/cpu.toml"), "--set", "model.backbone=tiny", "--set", "run.image_size=48",
         "--set", "train.epochs=15", "--set", "train.patience=15", "--set", "train.batch_size=16",
         "--set", "train.learning_rate=0.003", "--set", "model.head=triplet", "--quiet"]
-
-
-def whaleid(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,11 @@ from PIL import Image
 from whaleid import submission
 from whaleid.cli import main
 
-from conftest import ROOT
+from conftest import ROOT, whaleid
 
 TINY = ["--config", str(ROOT / "configs/cpu.toml"), "--set", "model.backbone=tiny", "--set", "run.image_size=48",
         "--set", "train.epochs=15", "--set", "train.patience=15", "--set", "train.batch_size=16",
         "--set", "train.learning_rate=0.003", "--quiet"]
-
-
-def whaleid(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 @pytest.fixture(scope="module")

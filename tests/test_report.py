@@ -13,17 +13,13 @@ from PIL import Image
 
 from whaleid import report, synth
 from whaleid.cli import main
+
+from conftest import whaleid
 from whaleid.stage import fingerprint
 
 CPU = Path(__file__).parents[1] / "configs/cpu.toml"
 TINY = ["--config", str(CPU), "--set", "model.backbone=tiny", "--set", "run.image_size=48",
         "--set", "train.epochs=2", "--quiet"]
-
-
-def whaleid(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 @pytest.fixture(scope="module")

@@ -61,7 +61,7 @@ def run(run: Run) -> dict:
     head, n_way = run.setting("model.head"), run.setting("evaluate.one_shot")
     if n_way == 1 or n_way < 0:
         raise StageError(f"evaluate.one_shot = {n_way}: expected 0 (off) or N >= 2 candidates")
-    split = run.read_csv("split", "split.csv").astype({"Id": str})  # ids like "10" are text, as in classes.json
+    split = run.read_csv("split", "split.csv")
     evalset = open_set(split, run.setting("evaluate.new_whale_share"), run.setting("run.seed"))
     if evalset.empty:
         raise StageError("the split has no validation photos to evaluate on (too few photos per id?)")

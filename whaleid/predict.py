@@ -130,8 +130,7 @@ def threshold(run: Run) -> float:
 def gallery_files(files: pd.DataFrame, photos, all_variants: bool) -> pd.DataFrame:
     """File, Image, Id of the gallery: augment's files (TRAINING_FILE_FINAL) of `photos` (None: every
     photo of a known id); the original only (each photo's first file) unless all_variants."""
-    g = files.astype({"Id": str})
-    g = g[g.Id != NEW_WHALE]
+    g = files[files.Id != NEW_WHALE]
     if photos is not None:
         g = g[g.Image.isin(set(photos))]
     if not all_variants:
@@ -162,13 +161,19 @@ def scorer(run: Run, net, gallery: pd.DataFrame | None):
     return s, s.classes
 
 
+def photo_jobs(test: pd.DataFrame, boxes: pd.DataFrame, folder: Path) -> list[tuple]:
+    """(image, path, box) for prepare(), for the photos of `test` that have a box (boxes: by Image)."""
+    usable = test[test.Image.isin(boxes.index)]
+    return [(r.Image, str(folder / r.Image), tuple(int(v) for v in boxes.loc[r.Image, ["x0", "y0", "x1", "y1"]]))
+            for r in usable.itertuples()]
+
+
 def run(run: Run) -> dict:
     from . import model as models
     order, _ = read_test(run.data / "sample_submission.csv")
     test = run.read_csv("format", "test.csv")
     boxes = run.read_csv("boxes", "BB_TEST.csv").set_index("Image")
-    # (Id as text: pandas reads ids that look like numbers, e.g. folder names "10", as integers)
-    known = dict(run.read_csv("dedup", "known_answers.csv")[["Image", "Id"]].astype(str).itertuples(index=False))
+    known = dict(run.read_csv("dedup", "known_answers.csv")[["Image", "Id"]].itertuples(index=False))
     net = models.load_model(run.upstream("train", "model.keras"))
     gallery = None
     if run.setting("model.head") != "softmax":
@@ -176,9 +181,7 @@ def run(run: Run) -> dict:
                                 run.setting("predict.gallery_tta"))
     model, classes = scorer(run, net, gallery)
     thr, merge, k = threshold(run), run.setting("predict.merge"), run.setting("predict.top_k")
-    usable = test[test.Image.isin(boxes.index)]
-    jobs = [(r.Image, str(run.data / "test" / r.Image), tuple(int(v) for v in boxes.loc[r.Image, ["x0", "y0", "x1", "y1"]]))
-            for r in usable.itertuples()]
+    jobs = photo_jobs(test, boxes, run.data / "test")
     answers, rows = {}, []
     for image, probs, error in class_probabilities(run, model, jobs, run.setting("predict.batch_size"), "TTA + model"):
         if error:
@@ -188,7 +191,7 @@ def run(run: Run) -> dict:
         answers[image] = labels
         rows.append((image, " ".join(labels), "known" if image in known else "model", float(probs.mean(0).max())))
     # photos that could not be read still get a valid row: the most common answer shape
-    train_ids = run.read_csv("format", "train.csv").Id.astype(str).value_counts().index.tolist()
+    train_ids = run.read_csv("format", "train.csv").Id.value_counts().index.tolist()
     fallback = ([NEW_WHALE] + [i for i in train_ids if i != NEW_WHALE])[:k]
     for image in order.Image:
         if image not in answers:

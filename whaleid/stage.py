@@ -41,6 +41,7 @@ MANIFEST = "manifest.json"
 RUNNING = ".running.json"
 SKIPPED = "skipped.csv"
 LOCK = ".whaleid.lock"
+TEXT_COLUMNS = {"Image": str, "Id": str, "File": str, "truth": str}
 
 
 class StageError(RuntimeError):
@@ -414,7 +415,9 @@ class Run:
             return pickle.load(f)
 
     def read_csv(self, stage: str, name: str) -> pd.DataFrame:
-        return pd.read_csv(self.upstream(stage, name), keep_default_na=False)
+        """An upstream table; names of photos and ids stay text (pandas would read ids that look like
+        numbers, e.g. import-folders' folder names "10", as integers, and they would match nothing)."""
+        return pd.read_csv(self.upstream(stage, name), keep_default_na=False, dtype=TEXT_COLUMNS)
 
     # -- writing this stage's artifacts, atomically
     def write_pickle(self, name: str, obj) -> Path:

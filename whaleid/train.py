@@ -463,9 +463,8 @@ def compiled_model(cfg, n_classes: int, steps_per_epoch: int | None = None):
 
 def read_inputs(run: Run) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """Training and validation files (with a class index `y` and a full `path`) and the class list."""
-    # Id as text: pandas reads ids that look like numbers (folder names "10") as integers
-    train = run.read_csv("split", "train_files.csv").astype({"Id": str})
-    val = run.read_csv("split", "val_files.csv").astype({"Id": str})
+    train = run.read_csv("split", "train_files.csv")
+    val = run.read_csv("split", "val_files.csv")
     images = run.upstream("augment", "images")
     if train.empty:
         raise StageError("split/train_files.csv lists no training images: nothing to train on")
