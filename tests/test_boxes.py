@@ -1,3 +1,4 @@
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -6,7 +7,7 @@ from PIL import Image
 from whaleid import boxes
 
 
-def _sea_with_tail(w=800, h=500, box=(200, 150, 600, 330), grey=False):
+def _sea_with_tail(w=800, h=500, box=(200, 150, 600, 330), grey=False, colour=(30, 30, 32)):
     y = np.linspace(0, 1, h)[:, None, None]
     img = np.broadcast_to(np.array([60, 110, 170]) * (0.9 + 0.2 * y), (h, w, 3)).copy()
     img += np.random.default_rng(0).normal(0, 4, img.shape)
@@ -15,7 +16,7 @@ def _sea_with_tail(w=800, h=500, box=(200, 150, 600, 330), grey=False):
     ys = np.arange(h)[:, None]
     cx = (x0 + x1) / 2
     lobe = (np.abs(xs - cx) / ((x1 - x0) / 2)) ** 2 + ((ys - (y0 + y1) / 2) / ((y1 - y0) / 2)) ** 2 <= 1
-    img[lobe] = (30, 30, 32)
+    img[lobe] = colour
     out = np.clip(img, 0, 255).astype(np.uint8)
     return out.mean(-1, keepdims=True).repeat(3, -1).astype(np.uint8) if grey else out
 
@@ -23,18 +24,40 @@ def _sea_with_tail(w=800, h=500, box=(200, 150, 600, 330), grey=False):
 def test_dark_tail_on_blue_sea_is_found():
     rgb = _sea_with_tail()
     *box, method = boxes.detect_box(rgb)
+    assert method == "grabcut" and boxes.iou(box, (200, 150, 600, 330)) > 0.8
+    *box, method = boxes.detect_box(rgb, detector="dark")
     assert method == "dark" and boxes.iou(box, (200, 150, 600, 330)) > 0.8
     *box, method = boxes.detect_box(rgb, detector="hsv")
     assert method.startswith("hsv") and boxes.iou(box, (200, 150, 600, 330)) > 0.8
 
 
+def test_white_underside_is_found_by_grabcut_not_by_darkness():
+    rgb = _sea_with_tail(colour=(235, 235, 230))  # a fluke showing its white underside
+    *box, method = boxes.detect_box(rgb)
+    assert method == "grabcut" and boxes.iou(box, (200, 150, 600, 330)) > 0.8
+    *box, method = boxes.detect_box(rgb, detector="dark")
+    assert boxes.iou(box, (200, 150, 600, 330)) < 0.5
+
+
+def test_grabcut_box_does_not_depend_on_opencvs_global_random_state():
+    rgb = _sea_with_tail(colour=(200, 190, 150))
+    rgb[::7, ::5] = 255  # speckle so k-means has choices to make
+    first = boxes.detect_box(rgb)
+    cv2.setRNGSeed(12345)
+    cv2.randu(np.zeros((10, 10)), 0, 1)
+    assert boxes.detect_box(rgb) == first
+
+
 def test_greyscale_photo_gets_the_grey_method():
-    *box, method = boxes.detect_box(_sea_with_tail(grey=True), detector="hsv")
-    assert method == "grey" and boxes.iou(box, (200, 150, 600, 330)) > 0.8
+    for detector in ("hsv", "grabcut"):
+        *box, method = boxes.detect_box(_sea_with_tail(grey=True), detector=detector)
+        assert method == "grey" and boxes.iou(box, (200, 150, 600, 330)) > 0.8
 
 
 def test_blank_image_falls_back_to_the_whole_image():
-    assert boxes.detect_box(np.full((100, 200, 3), 128, np.uint8)) == (0, 0, 200, 100, "full-image")
+    for detector in ("grabcut", "dark", "hsv"):
+        assert boxes.detect_box(np.full((100, 200, 3), 128, np.uint8), detector=detector) == (0, 0, 200, 100, "full-image")
+        assert boxes.detect_box(np.full((1, 1, 3), 9, np.uint8), detector=detector) == (0, 0, 1, 1, "full-image")
 
 
 def test_box_scaled_back_from_the_downscaled_copy(tmp_path):
@@ -52,7 +75,7 @@ def test_real_photos_against_reference_boxes(shared_data):
         ious.append(boxes.iou(box, (r.x0, r.y0, r.x1, r.y1)))
         print(f"{r.Image} {r.mode} {method:<11} IoU {ious[-1]:.3f}")
     print(f"mean IoU over {len(ious)} real photos: {np.mean(ious):.3f}")
-    assert len(ious) == 29 and np.mean(ious) >= 0.75
+    assert len(ious) == 29 and np.mean(ious) >= 0.82  # 0.837 with GrabCut; 0.787 with the dark mask alone
 
 
 def test_box_csv_import_reports_each_bad_row(tmp_path):

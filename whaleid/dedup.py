@@ -37,13 +37,19 @@ HASH_DRAFT = (128, 128)  # phash reads a 32x32 greyscale copy; decoding JPEG at 
 
 # ---------------------------------------------------------------- hashing
 
+HASH_REDUCE_TO = 64  # box-reduce to >= this many px first: phash's Lanczos resize then costs a fifth
+
+
 def phash_of(img: Image.Image) -> int:
+    factor = min(img.size) // HASH_REDUCE_TO
+    if factor >= 2:
+        img = img.reduce(factor)
     return int.from_bytes(np.packbits(imagehash.phash(img).hash.flatten()).tobytes(), "big")
 
 
 def hash_image(path) -> tuple[int, tuple[int, int], str]:
-    """(phash as an int, full (width, height), PIL mode) from a reduced-size JPEG decode."""
-    img = images.open_image(path, draft_size=HASH_DRAFT)
+    """(phash as an int, full (width, height), PIL mode) from a reduced-size, luma-only JPEG decode."""
+    img = images.open_image(path, draft_size=HASH_DRAFT, grey=True)
     size, mode = img.info["file_size"], img.info["file_mode"]
     if img.mode not in ("L", "RGB"):
         img = images.to_rgb(img)

@@ -20,8 +20,9 @@ class BadImage(Exception):
     """The file cannot be used as a photo; the message says why (shown in stage reports)."""
 
 
-def open_image(path: Path, draft_size: tuple[int, int] | None = None) -> Image.Image:
-    """Open and fully decode `path`; with `draft_size`, let JPEG decode at a reduced scale (>= that size).
+def open_image(path: Path, draft_size: tuple[int, int] | None = None, grey: bool = False) -> Image.Image:
+    """Open and fully decode `path`; with `draft_size`, let JPEG decode at a reduced scale (>= that size),
+    and with `grey` too, decode only the luma of a colour JPEG (what a perceptual hash reads).
     img.info["file_size"] / ["file_mode"] keep the file's own size and mode.
 
     Raises BadImage for a missing, empty, non-image, truncated or oversized file.
@@ -42,7 +43,7 @@ def open_image(path: Path, draft_size: tuple[int, int] | None = None) -> Image.I
                 raise BadImage(f"image is {w}x{h} pixels, over the {MAX_PIXELS:,} pixel limit (decompression bomb?)")
             file_mode = img.mode
             if draft_size is not None and img.format == "JPEG":
-                img.draft(img.mode if img.mode in ("RGB", "L") else None, draft_size)
+                img.draft(("L" if grey else img.mode) if img.mode in ("RGB", "L") else None, draft_size)
             img.load()
     except BadImage:
         raise
