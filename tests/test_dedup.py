@@ -124,3 +124,28 @@ def test_real_photos_copies_group_with_their_originals_only(shared_data, tmp_pat
     for p in src:
         mine = [g for g in groups if p.name in g]
         assert len(mine) == 1 and mine[0] == {p.name, f"r_{p.name}", f"g_{p.name}", f"q_{p.name}"}, (p.name, mine)
+
+
+def test_equal_hashes_of_different_photos_are_checked_on_pixels(tmp_path, monkeypatch):
+    # At 33k photos two different whales can share a phash; the pixels decide when dedup.verify is on.
+    from whaleid import config
+    from whaleid.cli import all_stages
+    from whaleid.stage import Session
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "test").mkdir()
+    _jpeg(data / "train/a.jpg", 1)
+    _jpeg(data / "train/b.jpg", 2)
+    shutil.copy(data / "train/a.jpg", data / "test/c.jpg")
+    pd.DataFrame({"Image": ["a.jpg", "b.jpg"], "Id": ["w_1", "w_2"]}).to_csv(data / "train.csv", index=False)
+    pd.DataFrame({"Image": ["c.jpg"], "Id": ["new_whale"]}).to_csv(data / "sample_submission.csv", index=False)
+    real = dedup.hash_image
+    monkeypatch.setattr(dedup, "hash_image", lambda p: (0x0123456789ABCDEF, *real(p)[1:]))
+    for verify, expected in ((True, {frozenset({"a.jpg", "c.jpg"})}), (False, {frozenset({"a.jpg", "b.jpg", "c.jpg"})})):
+        cfg = config.load(None)
+        cfg["dedup"]["verify"] = verify
+        s = Session(cfg=cfg, work=tmp_path / f"w{verify}", data=data, stages=all_stages(), workers=1,
+                    echo=lambda m: None)
+        s.run([s.stage("dedup")])
+        found = {frozenset(x.split()) for x in pd.read_csv(tmp_path / f"w{verify}/dedup/dedup_report.csv").images}
+        assert found == expected
