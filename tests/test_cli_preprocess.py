@@ -120,7 +120,8 @@ def test_every_command_has_help(command):
 def test_boxes_against_the_generators_true_boxes_and_box_import(tiny_set, tmp_path):
     from whaleid.boxes import iou
     work = tmp_path / "work"
-    whaleid("preprocess", "--data", tiny_set, "--work", work, "--config", CPU, "--quiet")
+    whaleid("preprocess", "--data", tiny_set, "--work", work, "--config", CPU, "--quiet",
+            "--set", "boxes.detector=grabcut")
     truth = pd.read_csv(tiny_set / "boxes.csv").set_index("Image")
     found = pd.concat([pd.read_csv(work / "boxes/BB_TRAIN.csv"), pd.read_csv(work / "boxes/BB_TEST.csv")])
     ious = [iou(tuple(r[1:5]), tuple(truth.loc[r[0]])) for r in found.itertuples(index=False)]
