@@ -1,9 +1,9 @@
-"""boxes: a tail bounding box for every photo, by colour thresholds (design.md §3), or imported.
+"""boxes: a tail bounding box for every photo, by GrabCut or colour thresholds (design.md §3), or imported.
 
 Inputs:    format/train.csv, format/new_whale.csv, format/test.csv, train/, test/,
            boxes.import_csv when set (`whaleid preprocess --boxes FILE`)
 Artifacts: BB_TRAIN.csv, BB_TEST.csv   Image, x0, y0, x1, y1 (pixels of the full photo, x1/y1
-           exclusive), method: hsv-low-sat | hsv-high-sat | grey | imported | full-image
+           exclusive), method: grabcut | dark | hsv-low-sat | hsv-high-sat | grey | imported | full-image
            import_report.csv           rows of the imported CSV that were refused, and why
 
 The original: HSV; three-class Otsu thresholds th_S on saturation and th_V on the grey image; mask =
@@ -101,7 +101,8 @@ def detect_box(rgb: np.ndarray, *, grey: bool | None = None, detector: str = "gr
     detector "grabcut": GrabCut for colour photos, then the dark-body mask; "dark": the dark-body
     mask alone (the underside of a fluke is often white, and saturation adds sea, not tail);
     "hsv": the original's saturation + value masks. Greyscale photos always use the dark-body mask
-    ("grey"): on the real grey photos GrabCut is no better and 10x slower."""
+    ("grey"): on the 9 real grey photos GrabCut is no better, and it costs ~25 ms a photo against
+    ~1.5 ms for the mask."""
     h, w = rgb.shape[:2]
     if grey is None:
         a = rgb.astype(np.int16)
