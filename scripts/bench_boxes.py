@@ -30,7 +30,7 @@ def main():
             rows.append((r.Image, r.mode, method, boxes.iou(box, (r.x0, r.y0, r.x1, r.y1))))
         ms = (time.perf_counter() - t0) * 1000 / len(rows)
         df = pd.DataFrame(rows, columns=["Image", "mode", "method", "iou"])
-        print(f"\n== detector {detector} (max_side {args.max_side}, grabcut_side 160, min_fraction 0.10, open_size 5)")
+        print(f"\n== detector {detector} (max_side {args.max_side}, grabcut_side 160, grabcut_max_iter 10, min_fraction 0.10, open_size 5)")
         print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         print(f"detector {detector}: mean IoU vs reference boxes over {len(df)} real photos: {df.iou.mean():.3f}")
         print(f"detector {detector}: methods", df.method.value_counts().to_dict())

@@ -48,10 +48,20 @@ def test_grabcut_box_does_not_depend_on_opencvs_global_random_state():
     assert boxes.detect_box(rgb) == first
 
 
-def test_greyscale_photo_gets_the_grey_method():
-    for detector in ("hsv", "grabcut"):
+def test_greyscale_photo_gets_grabcut_or_the_grey_method():
+    for detector, expected in (("grabcut", "grabcut"), ("dark", "grey"), ("hsv", "grey")):
         *box, method = boxes.detect_box(_sea_with_tail(grey=True), detector=detector)
-        assert method == "grey" and boxes.iou(box, (200, 150, 600, 330)) > 0.8
+        assert method == expected and boxes.iou(box, (200, 150, 600, 330)) > 0.8
+
+
+def test_grabcut_iterates_until_its_mask_settles():
+    # Once the mask is at a fixed point a higher cap changes nothing; the real-photo test below
+    # shows what converging buys (0.856 vs 0.837 with 3 fixed iterations).
+    rgb = _sea_with_tail(colour=(200, 190, 150))
+    rgb[::7, ::5] = 255
+    converged = boxes.grabcut_extent(rgb, max_iterations=10)
+    assert converged == boxes.grabcut_extent(rgb, max_iterations=30)
+    assert boxes.iou(converged, (200, 150, 600, 330)) > 0.8
 
 
 def test_blank_image_falls_back_to_the_whole_image():
@@ -75,7 +85,8 @@ def test_real_photos_against_reference_boxes(shared_data):
         ious.append(boxes.iou(box, (r.x0, r.y0, r.x1, r.y1)))
         print(f"{r.Image} {r.mode} {method:<11} IoU {ious[-1]:.3f}")
     print(f"mean IoU over {len(ious)} real photos: {np.mean(ious):.3f}")
-    assert len(ious) == 29 and np.mean(ious) >= 0.82  # 0.837 with GrabCut; 0.787 with the dark mask alone
+    # 0.856 with GrabCut run to convergence; 0.837 with 3 fixed iterations; 0.787 with the dark mask alone
+    assert len(ious) == 29 and np.mean(ious) >= 0.85
 
 
 def test_box_csv_import_reports_each_bad_row(tmp_path):

@@ -14,7 +14,7 @@ DEFAULTS: dict[str, dict] = {
     "run": {"seed": 42, "image_size": 224},
     "dedup": {"max_distance": 6, "verify": True, "verify_mse": 0.1},
     "format": {},
-    "boxes": {"max_side": 512, "detector": "grabcut", "grabcut_side": 160, "min_fraction": 0.10, "open_size": 5, "import_csv": ""},
+    "boxes": {"max_side": 512, "detector": "grabcut", "grabcut_side": 160, "grabcut_max_iter": 10, "min_fraction": 0.10, "open_size": 5, "import_csv": ""},
     "augment": {"margin": 0.05, "crop_max": 20, "blur_sigma_max": 1.0, "jpeg_quality": 95},
     "split": {"validation": 0.3, "unseen_ids": 0.1},
     "model": {"head": "softmax", "backbone": "InceptionResNetV2", "weights": "imagenet",
