@@ -34,7 +34,7 @@ def main():
         ms = (time.perf_counter() - t0) * 1000 / len(rows)
         df = pd.DataFrame(rows, columns=["Image", "mode", "method", "iou"])
         name = f"{detector} max_iter {max_iter}" if detector == "grabcut" else detector
-        print(f"\n== detector {name} (max_side {args.max_side}, grabcut_side 160, min_fraction 0.10, open_size 5)")
+        print(f"\n== detector {name} (max_side {args.max_side}, other settings as configs/default.toml)")
         print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         print(f"detector {name}: mean IoU vs reference boxes over {len(df)} real photos: {df.iou.mean():.3f}")
         print(f"detector {name}: methods", df.method.value_counts().to_dict())

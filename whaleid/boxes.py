@@ -17,9 +17,8 @@ underside of a fluke is often white, which no darkness or saturation threshold s
 and sky, while a colour model of "what the border looks like" does. GrabCut starts from a rectangle
 2% inside the photo's edge (sea and sky touch the edge; the tail seldom fills it) on a copy of
 boxes.grabcut_side pixels and iterates until its mask settles; if it finds too little, the
-dark-body mask ("dark" / "grey") is next. "dark" and
-"hsv" (the original's masks) remain as detectors; scripts/bench_boxes.py prints all three on the
-real photos. Detection runs on a copy downscaled to boxes.max_side and the box is scaled back.
+dark-body mask ("dark" / "grey") is next. "dark" and "hsv" (the original's masks) remain as
+detectors; scripts/bench_boxes.py prints all three on the real photos. Detection runs on a copy downscaled to boxes.max_side and the box is scaled back.
 """
 from __future__ import annotations
 
@@ -36,6 +35,9 @@ from .stage import Run, Stage
 
 METHODS = ("grabcut", "dark", "hsv-low-sat", "hsv-high-sat", "grey", "imported", "full-image")
 COLUMNS = ["Image", "x0", "y0", "x1", "y1", "method"]
+# The settings detect_box_file takes, by the same names: the stage passes them on and fingerprints them.
+DETECT_SETTINGS = ("boxes.max_side", "boxes.detector", "boxes.grabcut_side", "boxes.grabcut_max_iter",
+                   "boxes.min_fraction", "boxes.open_size")
 
 
 def _thresholds(channel: np.ndarray) -> np.ndarray | None:
@@ -235,10 +237,7 @@ def run(run: Run) -> dict:
                  f"refused (replaced by detection, see {run.path('import_report.csv')})")
     run.write_csv("import_report.csv", refused)
     have = set(imported.Image)
-    detect = partial(_detect_job, max_side=run.setting("boxes.max_side"), detector=run.setting("boxes.detector"),
-                     min_fraction=run.setting("boxes.min_fraction"), open_size=run.setting("boxes.open_size"),
-                     grabcut_side=run.setting("boxes.grabcut_side"),
-                     grabcut_max_iter=run.setting("boxes.grabcut_max_iter"))
+    detect = partial(_detect_job, **{key.split(".")[1]: run.setting(key) for key in DETECT_SETTINGS})
     counts = {}
     for folder, table in tables.items():
         jobs = [(r.Image, str(run.data / folder / r.Image)) for r in table.itertuples() if r.Image not in have]
@@ -263,6 +262,5 @@ def _box_file(session) -> list[Path]:
 
 
 STAGE = Stage("boxes", run, artifacts=("BB_TRAIN.csv", "BB_TEST.csv", "import_report.csv"),
-              settings=("boxes.max_side", "boxes.detector", "boxes.grabcut_side", "boxes.grabcut_max_iter",
-                        "boxes.min_fraction", "boxes.open_size", "boxes.import_csv"),
+              settings=DETECT_SETTINGS + ("boxes.import_csv",),
               data=("train/", "test/"), upstream=("format",), extra_inputs=_box_file)
