@@ -43,7 +43,7 @@ def all_stages() -> list:
 
 # ---------------------------------------------------------------- shared options and the session
 
-SETTINGS_RECORD = "whaleid.json"
+SETTINGS_RECORD = stagelib.SETTINGS_RECORD
 DEFAULT_CONFIG = Path("configs/default.toml")
 
 

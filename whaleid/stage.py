@@ -41,6 +41,7 @@ MANIFEST = "manifest.json"
 RUNNING = ".running.json"
 SKIPPED = "skipped.csv"
 LOCK = ".whaleid.lock"
+SETTINGS_RECORD = "whaleid.json"   # WORK/whaleid.json: the data folder, config and --set a work folder was run with
 TEXT_COLUMNS = {"Image": str, "Id": str, "File": str, "truth": str}
 
 

@@ -1,0 +1,34 @@
+"""The model heads: one class per file, found by name here. Light: importing this module does not
+import Keras (config checks model.head against `names()`; `whaleid status` must stay fast).
+
+Adding a head = one file in this folder with a Head subclass + one line in REGISTRY.
+"""
+from __future__ import annotations
+
+import importlib
+
+REGISTRY: dict[str, str | type] = {
+    "softmax": "whaleid.heads.softmax:Softmax",
+    "siamese": "whaleid.heads.siamese:Siamese",
+    "triplet": "whaleid.heads.triplet:Triplet",
+}
+
+
+def names() -> tuple[str, ...]:
+    return tuple(REGISTRY)
+
+
+def register(name: str, cls) -> None:
+    """Add a head at run time (a plugin, or a test's toy head): a Head subclass or "module:Class"."""
+    REGISTRY[name] = cls
+
+
+def head_class(name: str):
+    try:
+        entry = REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"model.head = {name!r}: expected one of {', '.join(REGISTRY)}") from None
+    if isinstance(entry, str):
+        module, attr = entry.split(":")
+        entry = getattr(importlib.import_module(module), attr)
+    return entry
