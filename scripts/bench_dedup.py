@@ -23,7 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from whaleid import config, dedup, images, synth  # noqa: E402
-from whaleid.cli import all_stages  # noqa: E402
+from whaleid.stages import ALL  # noqa: E402
 from whaleid.stage import Session  # noqa: E402
 
 KAGGLE = 33321
@@ -82,7 +82,7 @@ def main():
     dedup.near_pairs(big, 6)
     t_search_k = time.perf_counter() - t
 
-    s = Session(cfg=config.load(None), work=tmp / "work", data=data, stages=all_stages(),
+    s = Session(cfg=config.load(None), work=tmp / "work", data=data, stages=ALL,
                 workers=args.workers, progress=False, echo=lambda msg: None)
     t = time.perf_counter()
     s.run([s.stage("dedup")])

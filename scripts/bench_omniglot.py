@@ -98,7 +98,7 @@ def write_jpeg(path: Path, rgb: np.ndarray) -> None:
 # ---------------------------------------------------------------- stand-in upstream stages for train
 
 def make_stages(data: Path, train_alphabets: dict[str, Path], record: Path):
-    from whaleid import train
+    from whaleid.stages import TRAIN
 
     def augment(run):
         out = run.path("images")
@@ -125,7 +125,7 @@ def make_stages(data: Path, train_alphabets: dict[str, Path], record: Path):
     return [Stage("augment", augment, artifacts=("images/", "TRAINING_FILE_FINAL.csv"), settings=("run.image_size",),
                   extra_inputs=lambda session: [record]),
             Stage("split", split, artifacts=("train_files.csv", "val_files.csv"), upstream=("augment",)),
-            train.STAGE]
+            TRAIN]
 
 
 # ---------------------------------------------------------------- one-shot runs (the original format)

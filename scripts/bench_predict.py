@@ -19,7 +19,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from whaleid import config  # noqa: E402
-from whaleid.cli import all_stages  # noqa: E402
+from whaleid.stages import ALL  # noqa: E402
 from whaleid.stage import Session  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def main():
     args = ap.parse_args()
     rec = json.loads((args.work / "whaleid.json").read_text())
     cfg = config.load(rec["config"], tuple(rec.get("set", [])))
-    s = Session(cfg=cfg, work=args.work, data=Path(rec["data"]), stages=all_stages(), workers=args.workers,
+    s = Session(cfg=cfg, work=args.work, data=Path(rec["data"]), stages=ALL, workers=args.workers,
                 progress=False, echo=lambda m: None)
     predict = s.stage("predict")
     s.run([predict], force={"predict"})  # warm-up: imports, model load, tracing

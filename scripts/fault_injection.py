@@ -26,7 +26,7 @@ one (the control: the pipeline must be deterministic, or no comparison below mea
   test image      one test photo changed: the stages that read test/.
   config          augment.margin edited in a copy of the TOML file.
 
-For the cases, the expected reruns are worked out from the stage declarations (whaleid.cli.all_stages:
+For the cases, the expected reruns are worked out from the stage declarations (whaleid.stages.ALL:
 data, settings, upstream) and the manifests before and after, by the rule the cache promises: a stage
 reruns when it is forced or directly affected (its artifact is missing, its data or setting changed),
 or when an upstream stage's artifacts now differ from the ones it recorded; never otherwise, so never
@@ -90,13 +90,13 @@ def load_declarations(code: Path) -> None:
     global STAGES, ORDER, COMMAND_OF, PREPROCESS, CODE
     CODE = code
     sys.path.insert(0, str(code))
-    from whaleid.cli import all_stages, pipeline  # stage declarations only; no TensorFlow
+    from whaleid.stages import ALL, BY_COMMAND  # stage declarations only; no TensorFlow
     import whaleid
     assert Path(whaleid.__file__).resolve().is_relative_to(code.resolve()), whaleid.__file__
-    STAGES = all_stages()
+    STAGES = ALL
     ORDER = [s.name for s in STAGES]
-    COMMAND_OF = {s.name: cmd for cmd, stages in pipeline().items() for s in stages}
-    PREPROCESS = {s.name for s in pipeline()["preprocess"]}
+    COMMAND_OF = {s.name: cmd for cmd, stages in BY_COMMAND.items() for s in stages}
+    PREPROCESS = {s.name for s in BY_COMMAND["preprocess"]}
 NOT_COMPARED = {("train", "MODEL_TIME.pickle")}  # wall time
 RUNNING = re.compile(r"^\[(\w+)\] running \((.*)\)\s*$")
 DONE = re.compile(r"^\[(\w+)\] done in ")

@@ -85,9 +85,9 @@ def test_relabel_cases():
 
 def test_synthetic_ground_truth_groups_found_exactly(tiny_set, tmp_path):
     from whaleid import config
-    from whaleid.cli import all_stages
+    from whaleid.stages import ALL
     from whaleid.stage import Session
-    s = Session(cfg=config.load(None), work=tmp_path / "w", data=tiny_set, stages=all_stages(), echo=lambda m: None)
+    s = Session(cfg=config.load(None), work=tmp_path / "w", data=tiny_set, stages=ALL, echo=lambda m: None)
     s.run([s.stage("dedup")])
     truth = {frozenset(g.Image) for _, g in pd.read_csv(tiny_set / "duplicates.csv").groupby("group")}
     found = {frozenset(x.split()) for x in pd.read_csv(tmp_path / "w/dedup/dedup_report.csv").images}
@@ -116,9 +116,9 @@ def test_real_photos_copies_group_with_their_originals_only(shared_data, tmp_pat
     pd.DataFrame({"Image": sorted(x.name for x in (data / "test").iterdir()), "Id": "new_whale"}).to_csv(
         data / "sample_submission.csv", index=False)
     from whaleid import config
-    from whaleid.cli import all_stages
+    from whaleid.stages import ALL
     from whaleid.stage import Session
-    s = Session(cfg=config.load(None), work=tmp_path / "w", data=data, stages=all_stages(), echo=lambda m: None)
+    s = Session(cfg=config.load(None), work=tmp_path / "w", data=data, stages=ALL, echo=lambda m: None)
     s.run([s.stage("dedup")])
     groups = [set(x.split()) for x in pd.read_csv(tmp_path / "w/dedup/dedup_report.csv").images]
     for p in src:
@@ -129,7 +129,7 @@ def test_real_photos_copies_group_with_their_originals_only(shared_data, tmp_pat
 def test_equal_hashes_of_different_photos_are_checked_on_pixels(tmp_path, monkeypatch):
     # At 33k photos two different whales can share a phash; the pixels decide when dedup.verify is on.
     from whaleid import config
-    from whaleid.cli import all_stages
+    from whaleid.stages import ALL
     from whaleid.stage import Session
     data = tmp_path / "data"
     (data / "train").mkdir(parents=True)
@@ -144,7 +144,7 @@ def test_equal_hashes_of_different_photos_are_checked_on_pixels(tmp_path, monkey
     for verify, expected in ((True, {frozenset({"a.jpg", "c.jpg"})}), (False, {frozenset({"a.jpg", "b.jpg", "c.jpg"})})):
         cfg = config.load(None)
         cfg["dedup"]["verify"] = verify
-        s = Session(cfg=cfg, work=tmp_path / f"w{verify}", data=data, stages=all_stages(), workers=1,
+        s = Session(cfg=cfg, work=tmp_path / f"w{verify}", data=data, stages=ALL, workers=1,
                     echo=lambda m: None)
         s.run([s.stage("dedup")])
         found = {frozenset(x.split()) for x in pd.read_csv(tmp_path / f"w{verify}/dedup/dedup_report.csv").images}

@@ -81,9 +81,9 @@ SPLIT = Stage("split", _split, artifacts=("train_files.csv", "val_files.csv"), s
 
 
 def session(work, overrides=(), echo=lambda m: None):
-    from whaleid import train
+    from whaleid.stages import TRAIN
     cfg = config.load(ROOT / "configs" / "cpu.toml", tuple(BASE) + tuple(overrides))
-    return Session(cfg=cfg, work=Path(work), data=None, stages=[AUGMENT, SPLIT, train.STAGE], progress=False,
+    return Session(cfg=cfg, work=Path(work), data=None, stages=[AUGMENT, SPLIT, TRAIN], progress=False,
                    echo=echo)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from . import images
-from .stage import Run, Stage
+from .stage import Run
 
 VARIANTS = ("original", "flip-blur", "crop", "crop-flip")
 
@@ -116,9 +116,3 @@ def run(run: Run) -> dict:
     final = pd.DataFrame(rows, columns=["File", "Image", "Id", "variant"])
     run.write_csv("TRAINING_FILE_FINAL.csv", final)
     return {"photos": final.Image.nunique(), "files": len(final)}
-
-
-STAGE = Stage("augment", run, artifacts=("images/", "TRAINING_FILE_FINAL.csv"),
-              settings=("run.image_size", "run.seed", "augment.margin", "augment.crop_max",
-                        "augment.blur_sigma_max", "augment.jpeg_quality"),
-              data=("train/",), upstream=("format", "boxes"))

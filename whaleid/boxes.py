@@ -31,13 +31,11 @@ import pandas as pd
 from skimage.filters import threshold_multiotsu
 
 from . import images
-from .stage import Run, Stage
+from .stage import Run
+from .stages import DETECT_SETTINGS
 
 METHODS = ("grabcut", "dark", "hsv-low-sat", "hsv-high-sat", "grey", "imported", "full-image")
 COLUMNS = ["Image", "x0", "y0", "x1", "y1", "method"]
-# The settings detect_box_file takes, by the same names: the stage passes them on and fingerprints them.
-DETECT_SETTINGS = ("boxes.max_side", "boxes.detector", "boxes.grabcut_side", "boxes.grabcut_max_iter",
-                   "boxes.min_fraction", "boxes.open_size")
 
 
 def _thresholds(channel: np.ndarray) -> np.ndarray | None:
@@ -254,13 +252,3 @@ def run(run: Run) -> dict:
             counts[m] = counts.get(m, 0) + int(n)
     run.echo("methods: " + ", ".join(f"{m} {n}" for m, n in sorted(counts.items())))
     return counts
-
-
-def _box_file(session) -> list[Path]:
-    p = session.cfg["boxes"]["import_csv"]
-    return [Path(p)] if p else []
-
-
-STAGE = Stage("boxes", run, artifacts=("BB_TRAIN.csv", "BB_TEST.csv", "import_report.csv"),
-              settings=DETECT_SETTINGS + ("boxes.import_csv",),
-              data=("train/", "test/"), upstream=("format",), extra_inputs=_box_file)

@@ -24,21 +24,9 @@ import click
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter is not for users
 
 from . import config, stage as stagelib
+from .stages import ALL as ALL_STAGES, BY_COMMAND
 from .stage import Session, StageError
 from .tables import TableError
-
-
-def pipeline() -> dict[str, list]:
-    """Stages by command, in run order. Imported lazily: `whaleid status` need not load TensorFlow."""
-    from . import dedup, formatting, boxes, augment, split, train, evaluate, predict
-    return {"preprocess": [dedup.STAGE, formatting.STAGE, boxes.STAGE, augment.STAGE, split.STAGE],
-            "train": [train.STAGE],
-            "evaluate": [evaluate.STAGE],
-            "predict": [predict.STAGE]}
-
-
-def all_stages() -> list:
-    return [s for stages in pipeline().values() for s in stages]
 
 
 # ---------------------------------------------------------------- shared options and the session
@@ -93,7 +81,7 @@ def open_session(work, data, config_file, overrides, workers, quiet, record=True
         stagelib.write_json(rec_path, {"data": str(Path(data).resolve()) if data else None,
                                        "config": str(Path(config_file).resolve()) if config_file else None,
                                        "set": set_list})
-    return Session(cfg=cfg, work=work, data=Path(data).resolve() if data else None, stages=all_stages(),
+    return Session(cfg=cfg, work=work, data=Path(data).resolve() if data else None, stages=ALL_STAGES,
                    workers=workers, progress=not quiet, echo=click.echo)
 
 
@@ -101,14 +89,14 @@ def run_command(command: str, kw: dict, extra_sets: tuple[str, ...] = ()) -> Ses
     kw = dict(kw)
     kw["overrides"] = tuple(kw["overrides"]) + extra_sets
     session = open_session(**kw)
-    needed = {s.name for s in pipeline()[command]}
+    needed = {s.name for s in BY_COMMAND[command]}
     for st in reversed(session.stages):  # pipeline order: add what the needed stages read
         if st.name in needed:
             needed |= set(st.upstream)
     stages = [st for st in session.stages if st.name in needed]
     force = set()
     if kw["force"] == "*":
-        force = {s.name for s in pipeline()[command]}
+        force = {s.name for s in BY_COMMAND[command]}
     elif kw["force"]:
         if kw["force"] not in {s.name for s in session.stages}:
             raise StageError(f"--force {kw['force']}: no such stage (stages: {', '.join(s.name for s in session.stages)})")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from functools import partial
-from pathlib import Path
 
 import imagehash
 import numpy as np
@@ -32,7 +31,7 @@ import pandas as pd
 from PIL import Image
 
 from . import images, tables
-from .stage import Run, Stage
+from .stage import Run
 from .tables import NEW_WHALE
 
 HASH_DRAFT = (128, 128)  # phash reads a 32x32 greyscale copy; decoding JPEG at >= 128 px keeps the hash
@@ -248,10 +247,3 @@ def run(run: Run) -> dict:
              f"{len(train) - len(conv)} redundant train rows dropped, {len(known)} test known answers")
     return {"photos": len(photos), "groups": len(dup_groups), "conflicts": conflicts,
             "dropped": int(len(train[train.Image.isin(set(names))]) - len(conv)), "known_answers": len(known)}
-
-
-STAGE = Stage("dedup", run,
-              artifacts=("p2h.pickle", "h2ps.pickle", "h2p.pickle", "p2size.pickle", "images.csv",
-                         "train.csv", "known_answers.csv", "dedup_report.csv"),
-              settings=("dedup.max_distance", "dedup.verify", "dedup.verify_mse"),
-              data=("train.csv", "sample_submission.csv", "train/", "test/"))

@@ -33,7 +33,7 @@ import pandas as pd
 
 from . import submission, verification
 from .predict import TUNED, class_probabilities, gallery_files, model_digest, scorer
-from .stage import Run, Stage, StageError, write_json
+from .stage import Run, StageError, write_json
 from .tables import NEW_WHALE
 
 # 0.00 .. 1.00, and 1.01: above every score (probabilities and similarities reach 1.0 in float32),
@@ -166,11 +166,3 @@ def tune(work: Path) -> float:
                                     "head": metrics.get("head"), "model": metrics.get("model"),
                                     "source": str(Path(work) / "evaluate" / "threshold_sweep.csv")})
     return metrics["best_threshold"]
-
-
-STAGE = Stage("evaluate", run, artifacts=("metrics.json", "threshold_sweep.csv", "val_predictions.csv"),
-              settings=("run.image_size", "run.seed", "augment.margin", "augment.crop_max",
-                        "augment.blur_sigma_max", "model.head", "predict.top_k", "predict.tta",
-                        "predict.merge", "predict.batch_size", "new_whale.threshold",
-                        "evaluate.new_whale_share", "predict.gallery_tta", "evaluate.one_shot"),
-              upstream=("split", "augment", "train"))

@@ -11,10 +11,9 @@ stage writes a second full-size copy of 30k photos just to change its channel co
 """
 from __future__ import annotations
 
-import pandas as pd
 
 from . import images
-from .stage import Run, Stage
+from .stage import Run
 from .tables import NEW_WHALE
 
 COLUMNS = ["Image", "Id", "folder", "width", "height", "mode", "conversion"]
@@ -35,6 +34,3 @@ def run(run: Run) -> dict:
         run.echo("converted to RGB on decode: " + ", ".join(f"{n} {c}" for c, n in not_rgb.items()))
     return {"train": len(known), "ids": int(known.Id.nunique()), "new_whale": len(new), "test": len(test),
             **{f"mode {c}": int(n) for c, n in not_rgb.items()}}
-
-
-STAGE = Stage("format", run, artifacts=("train.csv", "new_whale.csv", "test.csv"), upstream=("dedup",))

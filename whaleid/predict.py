@@ -32,10 +32,10 @@ import numpy as np
 import pandas as pd
 
 from . import augment, images, submission
-from .stage import Run, Stage, StageError, atomic_path
+from .stage import Run, StageError, atomic_path
+from .stages import TUNED
 from .tables import NEW_WHALE, read_test
 
-TUNED = "tuned_threshold.json"
 TTA_VERSIONS = ("original", "flip", "crop", "crop-flip-blur")
 
 
@@ -210,15 +210,3 @@ def run(run: Run) -> dict:
     run.echo(f"wrote {run.work / 'submission.csv'}: {stats['images']} images, new_whale first in "
              f"{stats['new_whale_first']}, {stats['known_answers']} known answers, threshold {thr:.3f}")
     return stats
-
-
-def _tuned_file(session) -> list[Path]:
-    return [session.work / TUNED] if (session.work / TUNED).exists() else []
-
-
-STAGE = Stage("predict", run, artifacts=("submission.csv", "predictions.csv"),
-              settings=("run.image_size", "run.seed", "augment.margin", "augment.crop_max",
-                        "augment.blur_sigma_max", "model.head", "predict.top_k", "predict.tta",
-                        "predict.merge", "predict.batch_size", "predict.gallery_tta", "new_whale.threshold"),
-              data=("sample_submission.csv", "test/"), upstream=("dedup", "format", "boxes", "augment", "train"),
-              extra_inputs=_tuned_file)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .stage import Run, Stage
+from .stage import Run
 from .tables import NEW_WHALE
 
 
@@ -65,7 +65,3 @@ def run(run: Run) -> dict:
     run.echo(f"{report['ids_validated']} of {ids_train} ids have validation photos; "
              f"{report['unseen_ids']} ids held out as unseen; {len(train)} training files, {len(val)} validation")
     return {"train_files": len(train), "val_files": len(val), "ids": int(ids_train), "ids_validated": int(ids_val)}
-
-
-STAGE = Stage("split", run, artifacts=("split.csv", "train_files.csv", "val_files.csv", "split_report.json"),
-              settings=("split.validation", "split.unseen_ids", "run.seed"), upstream=("augment",))

@@ -16,191 +16,61 @@ temp files of the writes the kill cut short.
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import importlib
 import json
 import multiprocessing
 import multiprocessing.pool
-import os
 import pickle
 import shutil
-import socket
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import pandas as pd
 from tqdm import tqdm
 
-from . import __version__
 from .config import get as get_setting
+from .files import (LOCK, StageError, atomic_path, clear_temp_files, digest_folder, fingerprint,  # noqa: F401
+                    sha256_file, versions, work_lock, write_bytes, write_json)
 
 MANIFEST = "manifest.json"
 RUNNING = ".running.json"
 SKIPPED = "skipped.csv"
-LOCK = ".whaleid.lock"
 SETTINGS_RECORD = "whaleid.json"   # WORK/whaleid.json: the data folder, config and --set a work folder was run with
 TEXT_COLUMNS = {"Image": str, "Id": str, "File": str, "truth": str}
-
-
-class StageError(RuntimeError):
-    """A problem the user must act on; the message says what to do."""
-
-
-# ---------------------------------------------------------------- atomic files and fingerprints
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success it replaces `path` in one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def write_json(path: Path, obj) -> None:
-    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
-def clear_temp_files(folder: Path) -> int:
-    """Delete the temp files of atomic writes a killed run never finished (".<name>.<random>.tmp" from
-    atomic_path, ".<name>.tmp" from images.save_jpeg) under `folder`, which a resumed stage keeps; no
-    live writer can own them (one run per work folder). Returns how many were deleted."""
-    n = 0
-    for p in Path(folder).rglob(".*.tmp"):
-        if p.is_file():
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-                n += 1
-    return n
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def digest_folder(path: Path) -> str:
-    """Fingerprint of a folder of many files (images) from names, sizes and mtimes: reading 30k
-    photos' bytes on every status check would cost minutes."""
-    h = hashlib.sha256()
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            p = os.path.join(root, name)
-            st = os.stat(p)
-            h.update(f"{os.path.relpath(p, path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return "files:" + h.hexdigest()
-
-
-def fingerprint(path: Path) -> str | None:
-    """sha256 for a file, a listing digest for a folder, None when absent."""
-    path = Path(path)
-    if path.is_dir():
-        return digest_folder(path)
-    if path.is_file():
-        return sha256_file(path)
-    return None
-
-
-def versions() -> dict:
-    out = {"whaleid": __version__, "python": sys.version.split()[0]}
-    for mod in ("numpy", "pandas", "PIL", "cv2", "skimage", "imagehash", "tensorflow", "keras"):
-        if mod in sys.modules:
-            out[mod] = getattr(sys.modules[mod], "__version__", "?")
-    return out
-
-
-# ---------------------------------------------------------------- the work-folder lock
-
-@contextlib.contextmanager
-def work_lock(work: Path, command: str):
-    """Refuse a second concurrent run on the same work folder; take over a lock whose process died."""
-    work = Path(work)
-    work.mkdir(parents=True, exist_ok=True)
-    lock = work / LOCK
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-          "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text() or "{}")
-            except (OSError, ValueError):
-                holder = {}
-            if _alive(holder):
-                raise StageError(
-                    f"{work} is in use by another whaleid run (pid {holder.get('pid')}, "
-                    f"'{holder.get('command')}', since {holder.get('started')}). Wait for it to finish; "
-                    f"if that process is gone, delete {lock}.") from None
-            print(f"whaleid: taking over a stale lock left by pid {holder.get('pid')} (process is gone)",
-                  file=sys.stderr)
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
-    else:
-        raise StageError(f"could not take the lock {lock}")
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError, ValueError):
-            if json.loads(lock.read_text()).get("pid") == os.getpid():
-                lock.unlink()
-
-
-def _alive(holder: dict) -> bool:
-    pid = holder.get("pid")
-    if not isinstance(pid, int) or holder.get("host") not in (None, socket.gethostname()):
-        return isinstance(pid, int)  # another host's lock (shared disk): we cannot tell, so respect it
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie (killed child not yet reaped) is dead for our purposes
-    with contextlib.suppress(OSError):
-        if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
-            return False
-    return True
 
 
 # ---------------------------------------------------------------- stages
 
 @dataclass(frozen=True)
 class Stage:
+    """A stage's inputs + settings -> artifacts. `run` is the stage's function or its dotted path
+    ("whaleid.train:run"), imported only when the stage runs: declaring stages stays light."""
     name: str
-    run: Callable[["Run"], dict | None]
+    run: Callable[["Run"], dict | None] | str
     artifacts: tuple[str, ...]            # names inside WORK/<name>/; a trailing "/" marks a folder
-    settings: tuple[str, ...] = ()        # dotted config keys the stage reads
+    settings: tuple[str, ...] = ()        # dotted config keys the stage reads; "section.*": all of a section
     data: tuple[str, ...] = ()            # files/folders inside the data folder
     upstream: tuple[str, ...] = ()        # stages whose artifacts this one reads
     extra_inputs: Callable[["Session"], list[Path]] | None = None  # inputs named by settings (a box CSV)
+
+    def function(self) -> Callable[["Run"], dict | None]:
+        if callable(self.run):
+            return self.run
+        module, name = self.run.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    def setting_keys(self, cfg: dict) -> list[str]:
+        keys = []
+        for key in self.settings:
+            section, name = key.split(".", 1)
+            keys += [f"{section}.{k}" for k in cfg[section]] if name == "*" else [key]
+        return keys
+
+    def reads(self, key: str) -> bool:
+        return key in self.settings or f"{key.split('.', 1)[0]}.*" in self.settings
 
 
 @dataclass
@@ -256,7 +126,7 @@ class Session:
         return fp
 
     def settings_of(self, stage: Stage) -> dict:
-        return {key: get_setting(self.cfg, key) for key in stage.settings}
+        return {key: get_setting(self.cfg, key) for key in stage.setting_keys(self.cfg)}
 
     def artifact_digests(self, stage: Stage) -> dict:
         out = {}
@@ -353,7 +223,7 @@ class Session:
         write_json(d / RUNNING, key)
         started = time.time()
         run = Run(self, stage, resume)
-        counts = stage.run(run) or {}
+        counts = stage.function()(run) or {}
         for name in stage.artifacts:
             if not (d / name.rstrip("/")).exists():
                 raise StageError(f"[{stage.name}] finished without writing its artifact {name} (a bug)")
@@ -385,7 +255,7 @@ class Run:
         self.skipped: list[tuple[str, str]] = []
 
     def setting(self, dotted: str):
-        if dotted not in self.stage.settings:
+        if not self.stage.reads(dotted):
             raise KeyError(f"stage {self.stage.name} reads {dotted} without declaring it (a bug)")
         return get_setting(self.cfg, dotted)
 

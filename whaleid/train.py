@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .stage import Run, Stage, StageError, atomic_path
+from .stage import Run, StageError, atomic_path
 
 CHECKPOINT = "checkpoint.npz"
 BEST = "best-{epoch:04d}.npz"
@@ -581,21 +581,3 @@ def run(run: Run) -> dict:
     if state:
         counts["resumed_from_epoch"] = start
     return counts
-
-
-def _weights_inputs(session) -> list[Path]:
-    """A weights file named by model.weights is an input: a changed file retrains."""
-    from .config import get
-    weights = get(getattr(session, "cfg", session), "model.weights")
-    return [] if weights.lower() == "none" or weights == "imagenet" else [Path(weights).expanduser()]
-
-
-STAGE = Stage("train", run, artifacts=ARTIFACTS,
-              settings=("run.seed", "run.image_size",
-                        "model.head", "model.backbone", "model.weights", "model.pooling", "model.dropout",
-                        "model.embedding_size", "model.pair_features", "train.photos_per_id", "train.margin",
-                        "train.hard_negatives", "train.max_minutes",
-                        "train.batch_size", "train.epochs", "train.patience", "train.learning_rate",
-                        "train.online_augment", "train.strategy", "train.precision", "train.xla",
-                        "model.bn_momentum", "train.lr_schedule", "train.label_smoothing", "train.weight_decay"),
-              upstream=("split", "augment"), extra_inputs=_weights_inputs)

@@ -1,0 +1,91 @@
+"""Every stage of the pipeline, declared: its inputs (data files, upstream stages, files named by
+settings), the settings it reads and the artifacts it writes (see stage.py for what the cache does
+with them). Each stage's code lives in its own module and is imported only when the stage runs, so
+`whaleid status` reads this page without loading TensorFlow.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .stage import Stage
+
+TUNED = "tuned_threshold.json"  # WORK/tuned_threshold.json, written by `evaluate --tune-threshold`
+# the settings boxes.detect_box_file takes, by the same names: the stage passes them on and fingerprints them
+DETECT_SETTINGS = ("boxes.max_side", "boxes.detector", "boxes.grabcut_side", "boxes.grabcut_max_iter",
+                   "boxes.min_fraction", "boxes.open_size")
+TTA_SETTINGS = ("run.image_size", "run.seed", "augment.margin", "augment.crop_max", "augment.blur_sigma_max",
+                "model.head", "predict.top_k", "predict.tta", "predict.merge", "predict.batch_size",
+                "predict.gallery_tta", "new_whale.threshold")
+
+
+def _box_file(session) -> list[Path]:
+    """A box CSV named by boxes.import_csv is an input: a changed file reruns boxes."""
+    p = session.cfg["boxes"]["import_csv"]
+    return [Path(p)] if p else []
+
+
+def _weights_file(session) -> list[Path]:
+    """A weights file named by model.weights is an input: a changed file retrains."""
+    weights = session.cfg["model"]["weights"]
+    return [] if weights.lower() == "none" or weights == "imagenet" else [Path(weights).expanduser()]
+
+
+def _tuned_file(session) -> list[Path]:
+    return [session.work / TUNED] if (session.work / TUNED).exists() else []
+
+
+DEDUP = Stage(
+    "dedup", "whaleid.dedup:run",
+    artifacts=("p2h.pickle", "h2ps.pickle", "h2p.pickle", "p2size.pickle", "images.csv", "train.csv",
+               "known_answers.csv", "dedup_report.csv"),
+    settings=("dedup.max_distance", "dedup.verify", "dedup.verify_mse"),
+    data=("train.csv", "sample_submission.csv", "train/", "test/"))
+
+FORMAT = Stage(
+    "format", "whaleid.formatting:run",
+    artifacts=("train.csv", "new_whale.csv", "test.csv"),
+    upstream=("dedup",))
+
+BOXES = Stage(
+    "boxes", "whaleid.boxes:run",
+    artifacts=("BB_TRAIN.csv", "BB_TEST.csv", "import_report.csv"),
+    settings=DETECT_SETTINGS + ("boxes.import_csv",),
+    data=("train/", "test/"), upstream=("format",), extra_inputs=_box_file)
+
+AUGMENT = Stage(
+    "augment", "whaleid.augment:run",
+    artifacts=("images/", "TRAINING_FILE_FINAL.csv"),
+    settings=("run.image_size", "run.seed", "augment.margin", "augment.crop_max", "augment.blur_sigma_max",
+              "augment.jpeg_quality"),
+    data=("train/",), upstream=("format", "boxes"))
+
+SPLIT = Stage(
+    "split", "whaleid.split:run",
+    artifacts=("split.csv", "train_files.csv", "val_files.csv", "split_report.json"),
+    settings=("split.validation", "split.unseen_ids", "run.seed"),
+    upstream=("augment",))
+
+TRAIN = Stage(
+    "train", "whaleid.train:run",
+    artifacts=("model.keras", "classes.json", "HISTORY.pickle", "history.csv", "MODEL_TIME.pickle"),
+    settings=("run.seed", "run.image_size", "model.*", "train.*"),
+    upstream=("split", "augment"), extra_inputs=_weights_file)
+
+EVALUATE = Stage(
+    "evaluate", "whaleid.evaluate:run",
+    artifacts=("metrics.json", "threshold_sweep.csv", "val_predictions.csv"),
+    settings=TTA_SETTINGS + ("evaluate.new_whale_share", "evaluate.one_shot"),
+    upstream=("split", "augment", "train"))
+
+PREDICT = Stage(
+    "predict", "whaleid.predict:run",
+    artifacts=("submission.csv", "predictions.csv"),
+    settings=TTA_SETTINGS,
+    data=("sample_submission.csv", "test/"), upstream=("dedup", "format", "boxes", "augment", "train"),
+    extra_inputs=_tuned_file)
+
+BY_COMMAND = {"preprocess": [DEDUP, FORMAT, BOXES, AUGMENT, SPLIT],
+              "train": [TRAIN],
+              "evaluate": [EVALUATE],
+              "predict": [PREDICT]}
+ALL = [s for stages in BY_COMMAND.values() for s in stages]
