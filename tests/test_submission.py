@@ -28,7 +28,7 @@ def test_vote_agreement_wins_over_a_more_probable_single_version():
     probs[0, 3] = 0.9          # one version is very sure of w_3
     probs[1:, 5] = 0.5         # three versions agree on w_5
     probs[1:, 3] = 0.05
-    out = sub.merge_vote(probs, CLASSES)
+    out = sub.merge_vote(probs, CLASSES, 5)
     assert out[0] == "w_5" and out[1] == "w_3"
     assert len(out) == 5 and len(set(out)) == 5
 
@@ -37,9 +37,9 @@ def test_vote_without_agreement_takes_the_most_probable_and_never_repeats():
     probs = np.zeros((2, 8))
     probs[0] = np.linspace(0.9, 0.1, 8)            # ranks 0,1,2,...
     probs[1] = np.linspace(0.1, 0.85, 8)           # ranks 7,6,5,...
-    out = sub.merge_vote(probs, CLASSES)
+    out = sub.merge_vote(probs, CLASSES, 5)
     assert out[:2] == ["w_0", "w_7"] and len(set(out)) == 5
-    mean = sub.merge_mean(probs, CLASSES)
+    mean = sub.merge_mean(probs, CLASSES, 5)
     assert len(set(mean)) == 5
 
 
@@ -48,19 +48,19 @@ def test_new_whale_inserted_before_the_first_score_under_threshold(position):
     labels = ["a", "b", "c", "d", "e"]
     scores = [0.9 - 0.1 * i for i in range(5)]
     threshold = scores[position] + 0.01
-    out = sub.insert_new_whale(labels, scores, threshold)
+    out = sub.insert_new_whale(labels, scores, threshold, 5)
     assert out.index("new_whale") == position and len(out) == 5 and len(set(out)) == 5
 
 
 def test_new_whale_takes_last_slot_when_all_scores_clear_the_threshold():
-    assert sub.insert_new_whale(list("abcde"), [0.9] * 5, 0.5) == ["a", "b", "c", "d", "new_whale"]
+    assert sub.insert_new_whale(list("abcde"), [0.9] * 5, 0.5, 5) == ["a", "b", "c", "d", "new_whale"]
 
 
 def test_known_answer_goes_first_without_repeating():
     probs = np.tile(np.linspace(0.5, 0.01, 8), (4, 1))
-    out = sub.answer(probs, CLASSES, threshold=0.3, known="w_2")
+    out = sub.answer(probs, CLASSES, 0.3, "vote", "w_2", 5)
     assert out[0] == "w_2" and len(set(out)) == 5 and out.count("w_2") == 1
-    out = sub.answer(probs, CLASSES, threshold=0.3, known="w_7")
+    out = sub.answer(probs, CLASSES, 0.3, "vote", "w_7", 5)
     assert out[0] == "w_7" and len(out) == 5
 
 
@@ -89,3 +89,44 @@ def test_score_files(tmp_path):
     pd.DataFrame({"Image": ["a.jpg", "b.jpg"], "Id": ["w_2", "new_whale"]}).to_csv(t, index=False)
     r = sub.score_files(s, t)
     assert r["map5"] == pytest.approx((1 / 2 + 1 / 5) / 2) and r["all_new_whale_map5"] == 0.5 and r["top1"] == 0
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_answers_hold_k_distinct_labels(k):
+    probs = np.tile(np.linspace(0.5, 0.01, 8), (4, 1))
+    for merge in ("vote", "mean"):
+        out = sub.answer(probs, CLASSES, 0.3, merge, None, k)
+        assert len(out) == k and len(set(out)) == k
+    assert sub.answer(probs, CLASSES, 0.3, "vote", "w_5", k)[0] == "w_5"
+
+
+def test_validator_counts_the_given_top_k_and_defaults_to_the_shipped_setting():
+    from whaleid import config
+    three = pd.DataFrame({"Image": ["a.jpg", "b.jpg"], "Id": ["w_1 w_2 new_whale"] * 2})
+    sub.validate(three, ["a.jpg", "b.jpg"], 3)
+    with pytest.raises(SubmissionError, match="3 labels, expected exactly 5"):
+        sub.validate(three, ["a.jpg", "b.jpg"])  # default: the shipped predict.top_k
+    assert config.defaults()["predict"]["top_k"] == 5
+    with pytest.raises(SubmissionError, match="5 labels, expected exactly 3"):
+        sub.validate(_good(), ["a.jpg", "b.jpg"], 3)
+
+
+def _check_folder(tmp_path, labels):
+    data = tmp_path / "data"
+    data.mkdir(parents=True)
+    pd.DataFrame({"Image": ["a.jpg", "b.jpg"], "Id": ["new_whale"] * 2}).to_csv(data / "sample_submission.csv", index=False)
+    f = tmp_path / "s.csv"
+    pd.DataFrame({"Image": ["a.jpg", "b.jpg"], "Id": [labels] * 2}).to_csv(f, index=False)
+    return data, f
+
+
+def test_predict_check_uses_the_configured_top_k(tmp_path):
+    from conftest import cli
+    data, f = _check_folder(tmp_path, "w_1 w_2 new_whale")
+    code, out = cli("predict", "--work", tmp_path / "w", "--data", data, "--check", f, "--set", "predict.top_k=3")
+    assert code == 0 and "valid (2 images, 3 distinct labels each)" in out, out
+    code, out = cli("predict", "--work", tmp_path / "w", "--data", data, "--check", f)
+    assert code != 0 and "3 labels, expected exactly 5" in out, out
+    data5, f5 = _check_folder(tmp_path / "five", "w_1 w_2 w_3 w_4 new_whale")
+    code, out = cli("predict", "--work", tmp_path / "w5", "--data", data5, "--check", f5)
+    assert code == 0 and "5 distinct labels each" in out, out

@@ -67,12 +67,11 @@ def open_session(work, data, config_file, overrides, workers, quiet, record=True
     if data is None and rec.get("data"):
         data = Path(rec["data"])
     if config_file is None:
-        config_file = Path(rec["config"]) if rec.get("config") else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
-        sets = {**dict(s.split("=", 1) for s in rec.get("set", [])), **dict(s.split("=", 1) for s in overrides)}
+        config_file = Path(rec["config"]) if rec.get("config") else None  # None: the shipped defaults
+        sets = {**config.parse_overrides(rec.get("set", [])), **config.parse_overrides(overrides)}
     else:
-        sets = dict(s.split("=", 1) for s in overrides if "=" in s)
-    for s in overrides:
-        config.parse_override(s)  # a malformed --set is an error, not silently ignored
+        config_file = config.resolve(config_file)  # a file, or a shipped config's name: --config cpu
+        sets = config.parse_overrides(overrides)  # a malformed --set is a one-line error
     set_list = [f"{k}={v}" for k, v in sets.items()]
     cfg = config.load(config_file, tuple(set_list))
     if data is not None and not Path(data).is_dir():
@@ -192,11 +191,12 @@ def predict(check_file, **kw):
         if session.data is None:
             raise click.ClickException("--check needs --data (the folder with sample_submission.csv)")
         order, _ = read_test(session.data / "sample_submission.csv")
+        k = config.get(session.cfg, "predict.top_k")
         try:
-            submission.validate(submission.read_submission(check_file), list(order.Image), source=str(check_file))
+            submission.validate(submission.read_submission(check_file), list(order.Image), k, source=str(check_file))
         except submission.SubmissionError as e:
             raise click.ClickException(str(e)) from None
-        click.echo(f"{check_file}: valid ({len(order)} images, 5 distinct labels each)")
+        click.echo(f"{check_file}: valid ({len(order)} images, {k} distinct labels each)")
         return
     session = run_command("predict", kw)
     click.echo(f"submission: {session.work / 'submission.csv'}")

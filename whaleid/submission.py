@@ -14,12 +14,14 @@ import pandas as pd
 
 from .tables import NEW_WHALE
 
-TOP_K = 5
+MAP_K = 5  # Kaggle's metric is MAP@5: map5/average_precision score the first 5 labels of an answer
+# How many labels an answer holds is the setting predict.top_k: the functions that build or check
+# answers take it as `k`, with no default of their own (validate: the shipped default's value).
 
 
 # ---------------------------------------------------------------- merging TTA versions
 
-def merge_vote(probs: np.ndarray, classes: list[str], k: int = TOP_K, depth: int = 10) -> list[str]:
+def merge_vote(probs: np.ndarray, classes: list[str], k: int, depth: int = 10) -> list[str]:
     """The original's rule, bugs removed. probs: (versions, classes). Fill k slots in order; for each
     slot take the next-best not-yet-output candidate of every version; an id named by more than one
     version wins (most votes, then highest probability), otherwise the most probable candidate."""
@@ -44,13 +46,13 @@ def merge_vote(probs: np.ndarray, classes: list[str], k: int = TOP_K, depth: int
     return [classes[c] for c in out]
 
 
-def merge_mean(probs: np.ndarray, classes: list[str], k: int = TOP_K) -> list[str]:
+def merge_mean(probs: np.ndarray, classes: list[str], k: int) -> list[str]:
     """Average the versions' probabilities and rank."""
     order = np.argsort(-probs.mean(0), kind="stable")[:k]
     return [classes[c] for c in order]
 
 
-def insert_new_whale(labels: list[str], scores: list[float], threshold: float, k: int = TOP_K) -> list[str]:
+def insert_new_whale(labels: list[str], scores: list[float], threshold: float, k: int) -> list[str]:
     """new_whale goes before the first id whose score is under `threshold`; when every score clears
     it, new_whale takes the last slot (at ~27% of test images it beats a 5th-ranked id)."""
     labels = [lab for lab in labels if lab != NEW_WHALE]
@@ -58,16 +60,17 @@ def insert_new_whale(labels: list[str], scores: list[float], threshold: float, k
     return (labels[:pos] + [NEW_WHALE] + labels[pos:])[:k]
 
 
-def known_first(labels: list[str], known: str | None, k: int = TOP_K) -> list[str]:
+def known_first(labels: list[str], known: str | None, k: int) -> list[str]:
     """A test photo that duplicates a labelled train photo: its id goes first."""
     if not known:
         return labels[:k]
     return ([known] + [lab for lab in labels if lab != known])[:k]
 
 
-def answer(probs: np.ndarray, classes: list[str], threshold: float, merge: str = "vote",
-           known: str | None = None, k: int = TOP_K) -> list[str]:
-    """Five distinct labels for one image from its TTA versions' probabilities (versions, classes)."""
+def answer(probs: np.ndarray, classes: list[str], threshold: float, merge: str, known: str | None,
+           k: int) -> list[str]:
+    """k (predict.top_k) distinct labels for one image from its TTA versions' probabilities
+    (versions, classes); merge: predict.merge; known: the id of a labelled duplicate, or None."""
     probs = np.atleast_2d(probs)
     top = merge_vote(probs, classes, k) if merge == "vote" else merge_mean(probs, classes, k)
     index = {c: i for i, c in enumerate(classes)}
@@ -78,7 +81,7 @@ def answer(probs: np.ndarray, classes: list[str], threshold: float, merge: str =
 
 # ---------------------------------------------------------------- the metric
 
-def average_precision(truth: str, predicted: list[str], k: int = TOP_K) -> float:
+def average_precision(truth: str, predicted: list[str], k: int = MAP_K) -> float:
     """Kaggle's MAP@5 for one image: 1/rank of the first correct label in the top k, else 0.
     A repeated label counts once (only its first occurrence has a rank)."""
     seen = []
@@ -93,7 +96,7 @@ def average_precision(truth: str, predicted: list[str], k: int = TOP_K) -> float
     return 0.0
 
 
-def map5(truths, predictions, k: int = TOP_K) -> float:
+def map5(truths, predictions, k: int = MAP_K) -> float:
     truths = list(truths)
     if not truths:
         return 0.0
@@ -115,8 +118,12 @@ class SubmissionError(ValueError):
     pass
 
 
-def validate(df: pd.DataFrame, expected_images: list[str], k: int = TOP_K, source: str = "submission") -> None:
-    """Raise SubmissionError naming the first problem; a file that passes scores on Kaggle."""
+def validate(df: pd.DataFrame, expected_images: list[str], k: int | None = None, source: str = "submission") -> None:
+    """Raise SubmissionError naming the first problem; a file that passes scores on Kaggle. Each row
+    must hold exactly k distinct labels: pass the run's predict.top_k (None: the shipped default's)."""
+    if k is None:
+        from . import config
+        k = config.defaults()["predict"]["top_k"]
     if list(df.columns) != ["Image", "Id"]:
         raise SubmissionError(f"{source}: header must be exactly Image,Id (got {','.join(map(str, df.columns))})")
     dup = df.Image[df.Image.duplicated()]
@@ -147,12 +154,13 @@ def read_submission(path: Path) -> pd.DataFrame:
         raise SubmissionError(f"{path}: not a readable CSV ({e})") from None
 
 
-def score_files(submission: Path, solution: Path) -> dict:
-    """MAP@5, top-1 and the all-new_whale baseline of any submission against a solution (Image,Id)."""
+def score_files(submission: Path, solution: Path, k: int | None = None) -> dict:
+    """MAP@5, top-1 and the all-new_whale baseline of any submission against a solution (Image,Id);
+    k: labels per row (predict.top_k; None: the shipped default's)."""
     sub, sol = read_submission(submission), read_submission(solution)
     for name, df in (("solution", sol), ("submission", sub)):
         if not {"Image", "Id"} <= set(df.columns):
             raise SubmissionError(f"{name} file needs columns Image,Id")
-    validate(sub, list(sol.Image), source=str(submission))
+    validate(sub, list(sol.Image), k, source=str(submission))
     preds = dict(zip(sub.Image, sub.Id.str.split()))
     return scores(sol.Id, [preds[i] for i in sol.Image])

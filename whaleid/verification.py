@@ -1,6 +1,7 @@
 """Verification and one-shot metrics (seeds 002/003), for every head: is this the same individual?
 
     roc_auc(labels, scores)                     area under the ROC curve (ties count one half)
+    average_ranks(values)                       1-based ranks, ties sharing their mean rank
     precision_recall_f1(labels, scores, thr)    "same" when score >= thr, the rule that places new_whale
     id_pairs(scores, truths, classes, rng)      (query, id) pairs from open-set id scores, as the seeds'
                                                 balanced pairs: each known query with its true id (same),
@@ -19,15 +20,30 @@ import numpy as np
 from .tables import NEW_WHALE
 
 
+def average_ranks(values) -> np.ndarray:
+    """1-based ranks of a 1-D array, tied values sharing the mean of their ranks (scipy.stats.rankdata's
+    default "average" method): [10, 20, 10, 30] -> [1.5, 3, 1.5, 4]. Any NaN: all NaN (as rankdata)."""
+    x = np.asarray(values, np.float64).ravel()
+    if np.isnan(x).any():
+        return np.full(x.shape, np.nan)
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    first = np.r_[True, xs[1:] != xs[:-1]]          # where each run of equal values starts
+    starts = np.flatnonzero(first)                  # 0-based start of each run
+    ends = np.r_[starts[1:], len(x)]                # exclusive end: the run holds ranks starts+1..ends
+    ranks = np.empty(len(x), np.float64)
+    ranks[order] = ((starts + 1 + ends) / 2.0)[np.cumsum(first) - 1]
+    return ranks
+
+
 def roc_auc(labels, scores) -> float:
     """Mann-Whitney form: P(score of a random positive > score of a random negative); nan without both."""
-    from scipy.stats import rankdata  # (not at import: `whaleid status` imports the stages)
     labels = np.asarray(labels, bool)
     scores = np.asarray(scores, np.float64)
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    ranks = rankdata(scores)  # average ranks for ties
+    ranks = average_ranks(scores)  # average ranks for ties
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
