@@ -1,6 +1,6 @@
 """Is the train stage's input pipeline ever the bottleneck? Prints, with the settings used:
 
-    pipeline alone    images/s of whaleid.train.train_dataset (read, parallel decode, shuffle, batch,
+    pipeline alone    images/s of whaleid.inputs.train_dataset (read, parallel decode, shuffle, batch,
                       prefetch), iterated without a model
     train step alone  images/s of the compiled model's training step (whaleid.train.compiled_model) on
                       batches already in memory
@@ -81,12 +81,12 @@ def main() -> None:
             source = f"{len(paths)} synthetic {size} px JPEGs, {args.ids} classes ({time.perf_counter() - t:.1f}s to write)"
         n_classes = max(labels) + 1
 
-        from whaleid import train
-        strategy = train.make_strategy(get("train.strategy"))
-        precision = train.choose_precision(get("train.precision"), strategy)
-        deterministic = not train._accelerated(strategy)
-        train.seed_everything(seed, deterministic)
-        steps_per_epoch = train.steps(len(paths), batch)
+        from whaleid import devices, heads, inputs, train
+        strategy = devices.make_strategy(get("train.strategy"))
+        precision = devices.choose_precision(get("train.precision"), strategy)
+        deterministic = not devices.accelerated(strategy)
+        devices.seed_everything(seed, deterministic)
+        steps_per_epoch = inputs.steps(len(paths), batch)
         print(f"source: {source}")
         print(f"settings: {get('model.backbone')} ({get('model.pooling')} pooling) at {size} px, batch {batch}, "
               f"online_augment {get('train.online_augment')}, {precision}, xla {get('train.xla')}, "
@@ -94,7 +94,7 @@ def main() -> None:
               f"op determinism {deterministic}, {os.cpu_count()} CPU cores")
 
         # 1. the pipeline alone: three epochs, the first one's start-up excluded
-        ds = train.train_dataset(paths, labels, size, batch, seed, 0, 3)
+        ds = inputs.train_dataset(paths, labels, size, batch, seed, 0, 3)
         it = iter(ds)
         for _ in range(min(5, steps_per_epoch)):
             next(it)
@@ -120,11 +120,11 @@ def main() -> None:
                 times = self.times[self.skip:]
                 return (len(times) - 1) * batch / (times[-1] - times[0])
 
-        with train._dtype_policy(precision):
+        with devices.dtype_policy(precision):
             with strategy.scope():
-                net = train.compiled_model(cfg, n_classes)
+                net = train.compiled_model(get, heads.from_settings(get), n_classes)
             k = min(8, steps_per_epoch)
-            memory = train.train_dataset(paths, labels, size, batch, seed, 0, 1).take(k).cache().repeat()
+            memory = inputs.train_dataset(paths, labels, size, batch, seed, 0, 1).take(k).cache().repeat()
             t = time.perf_counter()
             net.fit(memory, epochs=1, steps_per_epoch=k, verbose=0, shuffle=False)  # traces, fills the cache
             trace = time.perf_counter() - t
@@ -135,7 +135,7 @@ def main() -> None:
                   f"took {trace:.1f}s)")
 
             epochs = max(1, -(-(args.steps + 2) // steps_per_epoch))
-            ds = train.train_dataset(paths, labels, size, batch, seed, 0, epochs)
+            ds = inputs.train_dataset(paths, labels, size, batch, seed, 0, epochs)
             clock = Clock(skip=2)
             net.fit(ds, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=0, shuffle=False, callbacks=[clock])
             fit = clock.rate()

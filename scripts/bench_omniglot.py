@@ -280,8 +280,8 @@ def main(argv=None):
     minutes = pickle.loads((args.work / "train" / "MODEL_TIME.pickle").read_bytes()) / 60
 
     from whaleid import model as models
-    from whaleid.embedding import Embedder
-    embedder = Embedder(models.load_model(args.work / "train" / "model.keras"), "siamese")
+    from whaleid.scoring import Embedder
+    embedder = Embedder(models.load_model(args.work / "train" / "model.keras"))
     if args.runs:
         runs_dir, notes = args.runs, []
     else:

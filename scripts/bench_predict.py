@@ -62,7 +62,8 @@ def main():
     import multiprocessing.pool
     from functools import partial
     import pandas as pd
-    from whaleid.predict import photo_jobs, prepare
+    from whaleid.predict import photo_jobs
+    from whaleid.scoring import prepare
     jobs = photo_jobs(pd.read_csv(args.work / "format/test.csv", dtype={"Image": str}),
                       pd.read_csv(args.work / "boxes/BB_TEST.csv", dtype={"Image": str}).set_index("Image"),
                       Path(rec["data"]) / "test")

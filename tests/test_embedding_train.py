@@ -36,12 +36,13 @@ def trained(tmp_path_factory):
 def _val_map5(work, head):
     """val_map5 of the saved model, recomputed as the validation callback computes it."""
     from whaleid import model as models, submission
-    from whaleid.embedding import Embedder
+    from whaleid.scoring import Embedder
     from whaleid.retrieval import GalleryScorer
     d = Path(work)
     train = pd.read_csv(d / "split" / "train_files.csv").drop_duplicates("Image")
     val = pd.read_csv(d / "split" / "val_files.csv")
-    e = Embedder(models.load_model(d / "train" / "model.keras"), head)
+    e = Embedder(models.load_model(d / "train" / "model.keras"))
+    assert e.head.name == head
     folder = d / "augment" / "images"
     G = e.encode_files([str(folder / f) for f in train.File], 48, 8, progress=False)
     Q = e.encode_files([str(folder / f) for f in val.File], 48, 8, progress=False)

@@ -60,7 +60,7 @@ def test_batch_layout_errors_name_the_setting(batch, per_id, message):
 # ---------------------------------------------------------------- in-batch pairs (Keras ops, eager)
 
 def test_pair_partners_labels_right_and_hard_negative_is_the_highest_scoring():
-    from whaleid import embedding
+    from whaleid.heads import siamese as embedding
     labels = np.array([0, 0, 1, 1, 1, 2, 2, 3])          # id 3 has no positive in this batch
     rng = np.random.default_rng(0)
     for trial in range(20):
@@ -81,7 +81,7 @@ def test_pair_partners_labels_right_and_hard_negative_is_the_highest_scoring():
 
 
 def test_pair_loss_on_constructed_logits():
-    from whaleid import embedding
+    from whaleid.heads import siamese as embedding
     labels = np.array([0, 0, 1, 1], "float32")
     y = np.stack([labels, *np.random.default_rng(1).random((3, 4))], axis=1).astype("float32")
     same = labels[:, None] == labels[None, :]
@@ -96,7 +96,7 @@ def test_pair_loss_on_constructed_logits():
 # ---------------------------------------------------------------- triplet loss
 
 def test_semi_hard_triplet_loss_on_constructed_embeddings():
-    from whaleid import embedding
+    from whaleid.heads import triplet as embedding
     # 1-D embeddings: anchor 0 at 0, its positive at 1 (d_ap = 1); negatives at 1.5 (d = 2.25, semi-hard
     # for margin 2) and 3 (d = 9). Semi-hard picks 2.25: loss = 1 - 2.25 + 2 = 0.75 for (0, 1).
     e = np.array([[0.0], [1.0], [1.5], [3.0]], "float32")
@@ -124,17 +124,22 @@ def test_semi_hard_triplet_loss_on_constructed_embeddings():
 
 @pytest.mark.parametrize("features", ["l1", "rich"])
 def test_numpy_pair_scores_match_the_keras_pair_head(features):
-    from whaleid import embedding
+    import keras
+    from whaleid.heads import siamese
     rng = np.random.default_rng(2)
     x = rng.random((6, 5)).astype("float32")
-    layer = embedding.PairHead(features)
+    layer = siamese.PairHead(features, name="pair_head")
     keras_logits = np.asarray(layer(x))
     kernel, bias = layer.score.get_weights()
-    pair = retrieval.PairWeights(kernel.reshape(-1), float(bias[0]), features)
-    np.testing.assert_allclose(retrieval.pair_logits(x, x, pair), keras_logits, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(retrieval.pair_logits(x, x, pair, max_elements=7), keras_logits, rtol=1e-5, atol=1e-5)
-    rows = retrieval.pair_similarity("siamese", np.repeat(x, 6, 0), np.tile(x, (6, 1)), pair).reshape(6, 6)
-    np.testing.assert_allclose(rows, retrieval.similarity("siamese", x, x, pair), rtol=1e-5, atol=1e-6)
+    pair = siamese.PairWeights(kernel.reshape(-1), float(bias[0]), features)
+    np.testing.assert_allclose(siamese.pair_logits(x, x, pair), keras_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(siamese.pair_logits(x, x, pair, max_elements=7), keras_logits, rtol=1e-5, atol=1e-5)
+    inp = keras.Input((5,))
+    net = keras.Model(inp, layer(inp))  # the head reads the pair weights from the model, as predict does
+    head = siamese.Siamese(embedding_size=5, pair_features=features, hard_negatives=0.0)
+    rows = head.pair_similarity(net, np.repeat(x, 6, 0), np.tile(x, (6, 1))).reshape(6, 6)
+    np.testing.assert_allclose(rows, head.similarity(net, x, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(head.similarity(net, x, x), 1 / (1 + np.exp(-keras_logits)), rtol=1e-5, atol=1e-6)
 
 
 def test_ids_ranked_by_their_best_photo_and_new_whale_by_threshold():
@@ -144,7 +149,10 @@ def test_ids_ranked_by_their_best_photo_and_new_whale_by_threshold():
         return [np.cos(r), np.sin(r)]
     gallery = np.array([unit(a) for a in (10, 170, 40, 90, 120)], "float32")
     ids = ["w_b", "w_b", "w_a", "w_c", "w_a"]   # w_b's best photo is at 10, w_a's at 40, w_c at 90
-    scorer = retrieval.GalleryScorer(lambda x: x, lambda q, g: retrieval.similarity("triplet", q, g), gallery, ids)
+    from whaleid.heads.softmax import Softmax
+    from whaleid.heads.triplet import Triplet
+    triplet = Triplet(embedding_size=2, margin=1.0)
+    scorer = retrieval.GalleryScorer(lambda x: x, lambda q, g: triplet.similarity(None, q, g), gallery, ids)
     assert scorer.classes == ["w_a", "w_b", "w_c"]
     scores = scorer.predict_on_batch(np.array([unit(0)], "float32"))
     expect = [(1 + np.cos(np.deg2rad(a))) / 2 for a in (40, 10, 90)]
@@ -155,7 +163,7 @@ def test_ids_ranked_by_their_best_photo_and_new_whale_by_threshold():
     assert submission.answer(scores, scorer.classes, 0.1, "mean", None, 4) == ["w_b", "w_a", "w_c", NEW_WHALE]
     # softmax "similarity" is the probability that two photos show the same class
     p = np.array([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
-    np.testing.assert_allclose(retrieval.similarity("softmax", p, p), [[0.5, 0.5], [0.5, 1.0]])
+    np.testing.assert_allclose(Softmax(label_smoothing=0.0).similarity(None, p, p), [[0.5, 0.5], [0.5, 1.0]])
 
 
 # ---------------------------------------------------------------- verification and one-shot

@@ -220,12 +220,12 @@ def test_killed_after_the_last_epoch_rerun_only_writes_the_artifacts(tmp_path):
 def _evaluate(work):
     """(loss, accuracy) of the saved model on the validation files, decoded as training decodes them."""
     import keras
-    from whaleid import model as models, train
+    from whaleid import inputs, model as models
     d = Path(work)
     val = pd.read_csv(d / "split" / "val_files.csv")
     classes = json.loads((d / "train" / "classes.json").read_text())
     y = [classes.index(i) for i in val.Id]
-    ds = train.eval_dataset([str(d / "augment" / "images" / f) for f in val.File], y, SIZE, 8)
+    ds = inputs.eval_dataset([str(d / "augment" / "images" / f) for f in val.File], y, SIZE, 8)
     probs = np.asarray(models.load_model(d / "train" / "model.keras").predict(ds, verbose=0))
     loss = float(np.mean(keras.losses.sparse_categorical_crossentropy(np.array(y), probs)))
     return loss, float(np.mean(probs.argmax(1) == np.array(y)))
@@ -378,11 +378,11 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
 
 def test_precision_auto_is_float32_on_cpu_and_mixed_keeps_a_float32_softmax():
     import keras
-    from whaleid import model as models, train
-    strategy = train.make_strategy("auto")
-    assert strategy.num_replicas_in_sync == 1 and train.choose_precision("auto", strategy) == "float32"
-    assert train.choose_precision("mixed_float16", strategy) == "mixed_float16"
-    with train._dtype_policy("mixed_float16"):
+    from whaleid import devices, model as models
+    strategy = devices.make_strategy("auto")
+    assert strategy.num_replicas_in_sync == 1 and devices.choose_precision("auto", strategy) == "float32"
+    assert devices.choose_precision("mixed_float16", strategy) == "mixed_float16"
+    with devices.dtype_policy("mixed_float16"):
         net = models.build_model(config.load(ROOT / "configs" / "cpu.toml", tuple(BASE)), 4)
     assert keras.config.dtype_policy().name == "float32", "the policy is restored after the stage"
     assert net.get_layer("logits").compute_dtype == "float16"
@@ -390,8 +390,9 @@ def test_precision_auto_is_float32_on_cpu_and_mixed_keeps_a_float32_softmax():
     assert keras.backend.standardize_dtype(out.dtype) == "float32" and np.allclose(np.asarray(out).sum(), 1, atol=1e-3)
 
 
-def test_importing_the_stage_does_not_load_tensorflow():
-    code = "import sys, whaleid.train; assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules"
+def test_declaring_the_stages_does_not_load_tensorflow():
+    code = ("import sys, whaleid.stages, whaleid.heads, whaleid.config; "
+            "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 

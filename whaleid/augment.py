@@ -25,9 +25,6 @@ import pandas as pd
 from . import images
 from .stage import Run
 
-VARIANTS = ("original", "flip-blur", "crop", "crop-flip")
-
-
 def crop_to_box(rgb: np.ndarray, box, margin: float, size: int) -> np.ndarray:
     """Box plus `margin` (fraction of its size), clipped to the photo, resized to size x size."""
     h, w = rgb.shape[:2]
@@ -50,13 +47,31 @@ def random_crop(img: np.ndarray, rng: np.random.Generator, crop_max: int) -> np.
     return cv2.resize(img[c[1]:size - c[3], c[0]:size - c[2]], (size, size), interpolation=cv2.INTER_CUBIC)
 
 
-def variants(base: np.ndarray, rng: np.random.Generator, crop_max: int, sigma_max: float) -> list[np.ndarray]:
-    sigma = rng.uniform(0, sigma_max)
-    flipped = base[:, ::-1]
-    blurred = cv2.GaussianBlur(flipped, (0, 0), sigma) if sigma > 0.05 else flipped
-    crop = random_crop(base, rng, crop_max)
-    crop2 = random_crop(base, rng, crop_max)[:, ::-1]
-    return [base, np.ascontiguousarray(blurred), crop, np.ascontiguousarray(crop2)]
+# A variant is (name, the variant it starts from, operations applied in order); the same operations
+# serve the offline variants here and predict's test-time versions (design.md §4 and §7).
+OFFLINE = (("original", None, ()), ("flip-blur", "original", ("flip", "blur")),
+           ("crop", "original", ("crop",)), ("crop-flip", "original", ("crop", "flip")))
+TTA = (("original", None, ()), ("flip", "original", ("flip",)),
+       ("crop", "original", ("crop",)), ("crop-flip-blur", "crop", ("flip", "blur")))
+VARIANTS = tuple(name for name, _, _ in OFFLINE)
+
+
+def variants(base: np.ndarray, rng: np.random.Generator, crop_max: int, sigma_max: float,
+             recipe=OFFLINE) -> list[np.ndarray]:
+    """The recipe's variants of `base`, in order; random draws come from `rng` (the photo's)."""
+    made = {}
+    for name, start, operations in recipe:
+        img = base if start is None else made[start]
+        for op in operations:
+            if op == "crop":
+                img = random_crop(img, rng, crop_max)
+            elif op == "flip":
+                img = img[:, ::-1]
+            elif op == "blur":
+                sigma = rng.uniform(0, sigma_max)
+                img = cv2.GaussianBlur(img, (0, 0), sigma) if sigma > 0.05 else img
+        made[name] = np.ascontiguousarray(img)
+    return list(made.values())
 
 
 def photo_rng(seed: int, name: str) -> np.random.Generator:

@@ -195,7 +195,7 @@ def run(run: Run) -> dict:
         for name in table.Image:
             path = run.data / folder / name
             if name in listed:
-                run.skip(name, f"listed in both train.csv and sample_submission.csv; used as a train photo")
+                run.skip(name, "listed in both train.csv and sample_submission.csv; used as a train photo")
             elif not path.is_file():
                 run.skip(name, f"listed in {csv} but {folder}/{name} does not exist")
             else:

@@ -31,9 +31,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import submission, verification
-from .predict import TUNED, class_probabilities, gallery_files, model_digest, scorer
+from . import model as models, scoring, submission, verification
+from .scoring import ORIGINAL, Embedder, gallery_files
 from .stage import Run, StageError, write_json
+from .stages import TUNED
 from .tables import NEW_WHALE
 
 # 0.00 .. 1.00, and 1.01: above every score (probabilities and similarities reach 1.0 in float32),
@@ -57,25 +58,20 @@ def answers_at(probs: list[np.ndarray], classes: list[str], thr: float, merge: s
 
 
 def run(run: Run) -> dict:
-    from . import model as models
     head, n_way = run.setting("model.head"), run.setting("evaluate.one_shot")
-    if n_way == 1 or n_way < 0:
-        raise StageError(f"evaluate.one_shot = {n_way}: expected 0 (off) or N >= 2 candidates")
     split = run.read_csv("split", "split.csv")
     evalset = open_set(split, run.setting("evaluate.new_whale_share"), run.setting("run.seed"))
     if evalset.empty:
         raise StageError("the split has no validation photos to evaluate on (too few photos per id?)")
     folder = run.upstream("augment", "images")
     net = models.load_model(run.upstream("train", "model.keras"))
-    gallery = None
-    if head != "softmax":
-        gallery = gallery_files(run.read_csv("augment", "TRAINING_FILE_FINAL.csv"),
-                                split.Image[split.subset == "train"], run.setting("predict.gallery_tta"))
-    model, classes = scorer(run, net, gallery)
-    jobs = [(r.Image, str(folder / f"{Path(r.Image).stem}_0.jpg"), None) for r in evalset.itertuples()]
+    gallery = gallery_files(run.read_csv("augment", "TRAINING_FILE_FINAL.csv"),
+                            split.Image[split.subset == "train"], run.setting("predict.gallery_tta"))
+    model, classes = scoring.scorer(run, net, gallery)
+    jobs = [(r.Image, str(folder / ORIGINAL.format(stem=Path(r.Image).stem)), None) for r in evalset.itertuples()]
     probs, truths, names = [], [], []
     truth_of = dict(zip(evalset.Image, evalset.truth))
-    for image, p, error in class_probabilities(run, model, jobs, run.setting("predict.batch_size"), "TTA + model"):
+    for image, p, error in scoring.class_scores(run, model, jobs, run.setting("predict.batch_size"), "TTA + model"):
         if error:
             run.skip(image, error)
             continue
@@ -96,7 +92,7 @@ def run(run: Run) -> dict:
                "best_threshold": float(best.threshold), "best_map5": at_best["map5"],
                "best_top1": at_best["top1"], "merge": merge, "tta": run.setting("predict.tta"),
                "known_ids_in_eval": int(evalset[evalset.truth != NEW_WHALE].truth.nunique()),
-               "head": head, "model": model_digest(run)}
+               "head": head, "model": scoring.model_digest(run)}
     metrics["verification"] = verify(probs, truths, classes, configured, float(best.threshold), run.setting("run.seed"))
     if n_way:
         metrics["one_shot"] = one_shot(run, net, split, n_way)
@@ -132,7 +128,6 @@ def verify(probs: list[np.ndarray], truths: list[str], classes: list[str], confi
 def one_shot(run: Run, net, split: pd.DataFrame, n_way: int) -> dict:
     """N-way one-shot accuracy over the labelled photos (training, validation and held-out ids): each
     validation or held-out photo is a query; photos compared one to one (originals, no TTA)."""
-    from .embedding import Embedder
     pool = split[split.subset.isin(["train", "val", "unseen"])].reset_index(drop=True)
     queries = np.flatnonzero(pool.subset.isin(["val", "unseen"]).to_numpy())
     tasks = verification.one_shot_tasks(pool.Id, queries, n_way, np.random.default_rng([run.setting("run.seed"), n_way]))
@@ -143,8 +138,8 @@ def one_shot(run: Run, net, split: pd.DataFrame, n_way: int) -> dict:
         return out
     used = np.unique(np.concatenate([tasks.query, tasks.candidates.ravel()]))
     folder = run.upstream("augment", "images")
-    embedder = Embedder(net, run.setting("model.head"))
-    got = embedder.encode_files([str(folder / f"{Path(i).stem}_0.jpg") for i in pool.Image.iloc[used]],
+    embedder = Embedder(net)
+    got = embedder.encode_files([str(folder / ORIGINAL.format(stem=Path(i).stem)) for i in pool.Image.iloc[used]],
                                 run.setting("run.image_size"), run.setting("predict.batch_size"),
                                 run.session.progress, f"[{run.stage.name}] one-shot photos")
     vectors = np.zeros((len(pool), got.shape[1]), np.float32)

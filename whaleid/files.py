@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -164,3 +165,23 @@ def _alive(holder: dict) -> bool:
         if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
             return False
     return True
+
+
+_FAULT_HITS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """A named moment where tests and scripts/fault_injection.py kill a run, as a pre-empted VM would:
+    with WHALEID_FAULT="name" (or "name@k": the k-th time it is reached) this process SIGKILLs itself
+    here. Unset (always, for users), it does nothing."""
+    spec = os.environ.get("WHALEID_FAULT")
+    if not spec:
+        return
+    target, _, nth = spec.partition("@")
+    if target != name:
+        return
+    _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
+    if _FAULT_HITS[name] >= int(nth or 1):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)

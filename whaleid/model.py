@@ -1,20 +1,14 @@
-"""The models of the train stage, one small factory per concern (after pudae/kaggle-humpback):
+"""The model of the train stage, one small factory per concern (after pudae/kaggle-humpback):
 
     backbone(name, image_size, weights)        a keras.applications network without its top (or "tiny")
     preprocess(name)                           that backbone's own preprocess_input, as a layer
     online_augment()                           random Keras preprocessing layers, active in training only
     pool(features, pooling)                    2x2 average pooling + flatten (or global pooling)
-    softmax_head(features, n_classes, ...)     pooling, dropout, dense softmax (float32 under mixed precision)
-    (embedding.py)                             the siamese and triplet heads, their losses and metrics
-    loss(head, ...), metrics(head, n_classes)
-    build_model(cfg, n_classes)                all of it, dispatched on model.head
+    heads/                                     the heads: layers, loss, metrics, similarity (one file each)
+    build_model(cfg, n_classes, head)          all of it
 
 The model takes raw 0-255 RGB images (image_size x image_size); everything else happens inside it.
-A saved model loads with keras.saving.load_model once this module is imported (it registers the
-preprocessing layer), or with load_model() below.
-
-Stages import this module inside their run functions only: it imports Keras (and TensorFlow) at
-import time, which `whaleid status` must not pay for.
+A saved model loads with load_model() below, which imports the module of the head it records.
 """
 from __future__ import annotations
 
@@ -25,14 +19,12 @@ from pathlib import Path
 
 import keras
 
-from . import embedding  # noqa: F401  (registers the embedding heads' layers for load_model)
+from . import heads
 from .config import get as setting
 from .stage import StageError
 
 TINY = "tiny"                 # a few conv layers: tests and smoke runs, any image size >= 16
 DOWNLOAD_TIMEOUT = 20         # seconds without a byte before an ImageNet weights download gives up
-HEADS = ("softmax", "siamese", "triplet")
-EMBEDDING_HEADS = ("siamese", "triplet")
 
 
 # ---------------------------------------------------------------- preprocessing inside the model
@@ -209,100 +201,52 @@ def pool(features, pooling: str):
     raise StageError(f"model.pooling = {pooling!r}: expected avg2x2 or global")
 
 
-def softmax_head(features, n_classes: int, pooling: str, dropout: float):
-    L = keras.layers
-    x = pool(features, pooling)  # (before Dropout is constructed: layer creation order fixes the seeds)
-    x = L.Dropout(dropout, name="dropout")(x)
-    x = L.Dense(n_classes, name="logits")(x)
-    return L.Activation("softmax", dtype="float32", name="softmax")(x)
-
-
-def loss(head: str, label_smoothing: float = 0.0, margin: float = 1.0, hard_negatives: float = 0.0):
-    if head == "softmax":
-        if label_smoothing > 0:
-            return SmoothedSparseCrossentropy(label_smoothing, name="loss")
-        return keras.losses.SparseCategoricalCrossentropy(name="loss")
-    if head in EMBEDDING_HEADS:
-        if margin <= 0 or not 0 <= hard_negatives <= 1:
-            raise StageError(f"train.margin = {margin} must be > 0 and train.hard_negatives = {hard_negatives} "
-                             f"within 0..1")
-        return embedding.loss(head, margin, hard_negatives)
-    raise _not_built(head)
-
-
-class SmoothedSparseCrossentropy(keras.losses.Loss):
-    """Cross-entropy against integer labels smoothed like CategoricalCrossentropy(label_smoothing=e):
-    the target is 1 - e + e/K for the true class and e/K for the others (Keras' sparse loss has no
-    label_smoothing). Off by default: on the demo set, 0.1 together with the cosine schedule lowered
-    validation accuracy (0.63 vs 0.84)."""
-
-    def __init__(self, smoothing: float, name: str = "loss", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.smoothing = float(smoothing)
-
-    def call(self, y_true, y_pred):
-        ops = keras.ops
-        n = ops.shape(y_pred)[-1]
-        y = ops.one_hot(ops.cast(ops.reshape(y_true, (-1,)), "int32"), n, dtype=y_pred.dtype)
-        y = y * (1.0 - self.smoothing) + self.smoothing / ops.cast(n, y_pred.dtype)
-        return keras.losses.categorical_crossentropy(y, y_pred)
-
-    def get_config(self):
-        return {**super().get_config(), "smoothing": self.smoothing}
-
-
-def metrics(head: str, n_classes: int) -> list:
-    if head == "softmax":
-        out = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
-        if n_classes > 5:
-            out.append(keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5_accuracy"))
-        return out
-    if head in EMBEDDING_HEADS:
-        return embedding.metrics(head)
-    raise _not_built(head)
-
-
-def _not_built(head: str) -> StageError:
-    if head not in HEADS:
-        return StageError(f"model.head = {head!r}: expected one of {', '.join(HEADS)}")
-    return StageError(f"model.head = {head} is not built yet in this version of whaleid; use softmax")
-
-
 # ---------------------------------------------------------------- the whole model
 
-def build_model(cfg, n_classes: int) -> keras.Model:
-    """Raw 0-255 RGB in; out: class probabilities (softmax), the batch's pair logits (siamese, whose
-    layer "embedding" is the photo's vector) or the unit embedding (triplet). `cfg` is the settings
-    dict or a stage Run (whose setting() refuses keys the stage did not declare). Call it inside the
-    distribution strategy's scope, after setting the dtype policy."""
-    get = cfg.setting if hasattr(cfg, "setting") else (lambda key: setting(cfg, key))
-    head = get("model.head")
-    if head not in HEADS:
-        raise _not_built(head)
-    size = get("run.image_size")
-    name = get("model.backbone")
+def settings_getter(cfg):
+    """`get(dotted_key)` for a settings dict, a stage Run (whose setting() refuses undeclared keys) or
+    an existing getter."""
+    if hasattr(cfg, "setting"):
+        return cfg.setting
+    if callable(cfg):
+        return cfg
+    return lambda key: setting(cfg, key)
+
+
+def build_model(cfg, n_classes: int, head=None) -> keras.Model:
+    """Raw 0-255 RGB in -> [online augmentation] -> the backbone's preprocessing -> backbone -> pooling
+    -> dropout -> the head's training output (heads/). `head`: a Head, by default the one the
+    settings name. Call it inside the distribution strategy's scope, after setting the dtype policy."""
+    get = settings_getter(cfg)
+    head = head or heads.from_settings(get)
+    size, name = get("run.image_size"), get("model.backbone")
     inp = keras.Input((size, size, 3), dtype="float32", name="image")
     x = online_augment()(inp) if get("train.online_augment") else inp
     x = preprocess(name)(x)
     net = backbone(name, size, get("model.weights"))
-    momentum = get("model.bn_momentum")
-    if momentum > 0:
-        if not momentum < 1:
-            raise StageError(f"model.bn_momentum = {momentum}: expected 0 (the backbone's own) or 0 < m < 1")
-        set_bn_momentum(net, momentum)
-    features = net(x)
-    if head == "softmax":
-        out = softmax_head(features, n_classes, get("model.pooling"), get("model.dropout"))
-    else:
-        pooled = pool(features, get("model.pooling"))
-        pooled = keras.layers.Dropout(get("model.dropout"), name="dropout")(pooled)
-        try:
-            _, out = embedding.embedding_layers(pooled, head, get("model.embedding_size"), get("model.pair_features"))
-        except ValueError as e:
-            raise StageError(str(e)) from None
-    return keras.Model(inp, out, name=f"whaleid_{head}_{name}")
+    if get("model.bn_momentum") > 0:
+        set_bn_momentum(net, get("model.bn_momentum"))
+    x = pool(net(x), get("model.pooling"))  # (before Dropout is constructed: creation order fixes the seeds)
+    x = keras.layers.Dropout(get("model.dropout"), name="dropout")(x)
+    return keras.Model(inp, head.build(x, n_classes), name=f"whaleid_{head.name}_{name}")
 
 
 def load_model(path: Path) -> keras.Model:
-    """A saved whaleid model (model.keras), for inference."""
+    """A saved whaleid model (model.keras), for inference; heads.from_model(net) tells its head."""
+    heads.head_class(_saved_head(path))  # imports the head's module: its layers must be registered
     return keras.saving.load_model(path, compile=False)
+
+
+def _saved_head(path: Path) -> str:
+    """The head name recorded in a saved model's config (HeadTag layer), read without loading it."""
+    import json
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            config = json.loads(z.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        raise StageError(f"{path}: not a readable Keras model ({e}); rerun with --force train") from None
+    for layer in config.get("config", {}).get("layers", []):
+        if layer.get("class_name") == "HeadTag":
+            return layer["config"]["head"]
+    raise StageError(f"{path} records no head (made by an older whaleid): rerun with --force train")

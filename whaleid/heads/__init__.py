@@ -32,3 +32,18 @@ def head_class(name: str):
         module, attr = entry.split(":")
         entry = getattr(importlib.import_module(module), attr)
     return entry
+
+
+def from_settings(get):
+    """The head the settings name, with its settings; `get(dotted_key)` -> value."""
+    return head_class(get("model.head")).from_settings(get)
+
+
+def from_model(net):
+    """The head a saved whaleid model was built with (recorded in its HeadTag layer)."""
+    try:
+        tag = net.get_layer("head")
+    except ValueError:
+        raise ValueError(f"model {net.name} records no head (made by an older whaleid): retrain it "
+                         f"with --force train") from None
+    return head_class(tag.head)(**tag.settings)

@@ -1,0 +1,122 @@
+"""What every head is: the layers after the pooled backbone features, its loss and metrics, how its
+training batches are laid out, what early stopping watches, and how two photos compare at
+prediction time (in NumPy, on the vectors its encoder gives).
+
+The trainer, predict and evaluate only talk to this interface; they never ask which head they have.
+A head's name and settings travel inside the saved model (the HeadTag layer), so a loaded model
+knows its head without guessing from layer names.
+"""
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+TAG = "head"  # the HeadTag layer's name in every whaleid model
+
+
+@keras.saving.register_keras_serializable(package="whaleid")
+class HeadTag(keras.layers.Layer):
+    """Identity on the model's output that records which head built the model, with its settings."""
+
+    def __init__(self, head: str, settings: dict | None = None, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.head, self.settings = head, dict(settings or {})
+
+    def call(self, x):
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "head": self.head, "settings": self.settings}
+
+
+@keras.saving.register_keras_serializable(package="whaleid")
+class L2Normalize(keras.layers.Layer):
+    def __init__(self, **kwargs):
+        kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+
+    def call(self, x):
+        x = ops.cast(x, "float32")
+        return x / ops.sqrt(ops.maximum(ops.sum(x * x, axis=-1, keepdims=True), 1e-12))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+class Head:
+    """Subclasses set `name`, SETTINGS (the dotted config keys they read; their values become
+    attributes named by the key's last part) and override what differs."""
+    name = "?"
+    SETTINGS: tuple[str, ...] = ()
+    per_id_batches = False      # True: batches of P ids x K photos, y = (label, u_pos, u_neg, u_hard)
+    monitor = "val_map5"        # what early stopping maximises (val_* from retrieval validation)
+    retrieval_validation = True  # validate by ranking validation photos against the training photos
+    embedding_layer = "embedding"  # the layer whose output is a photo's vector (None: the model output)
+
+    def __init__(self, **settings):
+        self.settings = settings
+        for key, value in settings.items():
+            setattr(self, key, value)
+
+    @classmethod
+    def from_settings(cls, get) -> "Head":
+        """`get(dotted_key)` -> value, e.g. a stage Run's setting or config.get over a settings dict."""
+        return cls(**{key.split(".", 1)[1]: get(key) for key in cls.SETTINGS})
+
+    # ---------------------------------------------------------------- training
+    def build(self, pooled, n_classes: int):
+        """Pooled (and dropped-out) features -> the training output, tagged with this head."""
+        return HeadTag(self.name, self.settings, name=TAG)(self.outputs(pooled, n_classes))
+
+    def outputs(self, pooled, n_classes: int):
+        raise NotImplementedError
+
+    def loss(self) -> keras.losses.Loss:
+        raise NotImplementedError
+
+    def metrics(self, n_classes: int) -> list:
+        return []
+
+    # ---------------------------------------------------------------- prediction
+    def encoder(self, net: keras.Model) -> keras.Model:
+        """images -> the vectors `similarity` compares."""
+        if self.embedding_layer is None:
+            return net
+        return keras.Model(net.inputs, net.get_layer(self.embedding_layer).output)
+
+    def similarity(self, net: keras.Model, Q: np.ndarray, G: np.ndarray) -> np.ndarray:
+        """(nq, ng) similarities in [0, 1]; one new_whale threshold and sweep serve every head."""
+        raise NotImplementedError
+
+    def pair_similarity(self, net: keras.Model, A: np.ndarray, B: np.ndarray) -> np.ndarray:
+        """(n,) similarities of aligned rows A[i], B[i]. Default: the diagonal, in row blocks."""
+        A, B = np.asarray(A, np.float32), np.asarray(B, np.float32)
+        out = np.empty(len(A), np.float32)
+        for s in range(0, len(A), 256):
+            out[s:s + 256] = np.diagonal(self.similarity(net, A[s:s + 256], B[s:s + 256]))
+        return out
+
+    def classifier(self, net: keras.Model, classes: list[str]):
+        """(model-like object whose predict_on_batch gives a score per class, classes) when the head
+        scores the training classes directly (softmax), else None: predict ranks by retrieval."""
+        return None
+
+
+def labels_of(y_true):
+    """The id labels of a batch's y (plain labels, or the first column of the P x K layout's rows)."""
+    y = ops.reshape(y_true, (ops.shape(y_true)[0], -1))
+    return ops.cast(ops.round(y[:, 0]), "int32"), y
+
+
+def same_and_other(labels):
+    """(same id and not the photo itself, other id) masks of a batch."""
+    n = ops.shape(labels)[0]
+    same = ops.equal(labels[:, None], labels[None, :])
+    r = ops.arange(n)
+    eye = ops.equal(r[:, None], r[None, :])
+    return ops.logical_and(same, ops.logical_not(eye)), ops.logical_not(same)
