@@ -1,5 +1,6 @@
-"""whaleid.report: the PNG sheets and plots and the index.html that shows them, on a tiny real run and on
-hand-made work folders (a stage not run, a history without validation, a box at a known place)."""
+"""whaleid.report (with report_sheets and plots): the PNG sheets and plots and the index.html that shows
+them, on a tiny real run and on hand-made work folders (a stage not run, a history without validation, a box
+at a known place); and the plot axes' tick and scale arithmetic."""
 import json
 import re
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from whaleid import report, synth
+from whaleid import plots, report, report_sheets, synth
 from whaleid.cli import main
 
 from conftest import whaleid
@@ -84,11 +85,11 @@ def test_full_run_report_shows_every_section(data, full_run, tmp_path):
         a = pixels(out / name)
         assert a.std() > 15, f"{name} looks blank"
         if name.startswith("boxes_"):
-            assert count(a, report.RED) > 300, f"{name}: no box drawn"
+            assert count(a, plots.RED) > 300, f"{name}: no box drawn"
         if name in ("training_curves.png", "threshold_map5.png"):
-            assert count(a, report.BLUE) > 600, f"{name}: no curve drawn"
+            assert count(a, plots.BLUE) > 600, f"{name}: no curve drawn"
         if name == "training_curves.png":
-            assert count(a, report.ORANGE) > 600, "no validation curve"  # more than legend + marker
+            assert count(a, plots.ORANGE) > 600, "no validation curve"  # more than legend + marker
         if name in ("predictions.png", "dedup_1.png") or name.startswith("boxes_"):
             assert a.std() > 30, f"{name}: no photos on the sheet?"
 
@@ -174,7 +175,7 @@ def test_box_lands_on_the_tail_and_partial_stages_are_noted(tmp_path):
     assert "1 photo(s) could not be read" in html and "broken.jpg" in html
     assert not (out / "boxes_full-image.png").exists()
     a = pixels(out / "boxes_dark.png")
-    red = np.argwhere(np.abs(a - np.array(report.RED)).max(axis=2) <= 40)
+    red = np.argwhere(np.abs(a - np.array(plots.RED)).max(axis=2) <= 40)
     tail = np.argwhere(np.abs(a - np.array([0, 200, 0])).max(axis=2) <= 50)
     assert len(red) > 300 and len(tail) > 1000
     (ry0, rx0), (ry1, rx1) = red.min(axis=0), red.max(axis=0)
@@ -192,7 +193,7 @@ def test_box_lands_on_the_tail_and_partial_stages_are_noted(tmp_path):
     assert "No validation columns" in html
     assert "best epoch 2 by accuracy" in html
     assert "the train stage has no manifest" in html
-    assert count(pixels(out / "training_curves.png"), report.BLUE) > 300
+    assert count(pixels(out / "training_curves.png"), plots.BLUE) > 300
     for stage in ("evaluate", "predict"):
         assert f"Not shown: the {stage} stage has not run" in html
 
@@ -226,7 +227,7 @@ def _photo(path: Path, rng, size=(300, 200)):
 def test_every_full_image_fallback_is_drawn_and_new_whale_keeps_three_id_photos(tmp_path, monkeypatch):
     """More fallbacks than one sheet holds: every one is on some sheet. A prediction with new_whale first
     still shows three known ids' photos (so four tiles beside the query); one without new_whale, three."""
-    monkeypatch.setattr(report, "FULL_IMAGE_PER_PAGE", 8)
+    monkeypatch.setattr(report_sheets, "FULL_IMAGE_PER_PAGE", 8)
     data, work = tmp_path / "data", tmp_path / "work"
     for d in (data / "train", data / "test", work / "boxes", work / "format", work / "predict"):
         d.mkdir(parents=True)
@@ -266,4 +267,50 @@ def test_every_full_image_fallback_is_drawn_and_new_whale_keeps_three_id_photos(
         html, out = sheet(1)
         assert "Test predictions: 1 of 1 photos" in html
         widths.append(Image.open(out / "predictions.png").size[0])
-    assert widths[0] - widths[1] == report.TILE[0] + 8  # new_whale first: one more tile, three ids' photos still
+    assert widths[0] - widths[1] == report_sheets.TILE[0] + 8  # new_whale first: one more tile, three ids' photos still
+
+
+# ---------------------------------------------------------------- plots: the axis arithmetic
+
+@pytest.mark.parametrize("lo, hi, n, integer, expected, decimals", [
+    (0.0, 1.0, 6, False, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0], 1),
+    (0.0, 0.104, 6, False, [0.0, 0.02, 0.04, 0.06, 0.08, 0.1], 2),     # no 0.060000000000000005
+    (0.0, 2.6, 6, False, [0.0, 0.5, 1.0, 1.5, 2.0, 2.5], 1),
+    (0.0, 1.2, 5, False, [0.0, 0.25, 0.5, 0.75, 1.0], 2),              # the 2.5 step prints two decimals
+    (0.5, 2.5, 8, True, [1.0, 2.0], 0),                                # epochs: whole steps, never 0.25
+    (1.0, 30.0, 8, True, [5.0, 10.0, 15.0, 20.0, 25.0, 30.0], 0),
+])
+def test_ticks_are_round_values_covering_the_range(lo, hi, n, integer, expected, decimals):
+    assert plots.ticks(lo, hi, n=n, integer=integer) == (expected, decimals)
+
+
+@pytest.mark.parametrize("lo, hi", [(0.0, 1.0), (0.45, 0.93), (0.0, 7.3), (-3.0, 250.0), (1e-4, 3e-4), (0.5, 40.5)])
+def test_ticks_are_evenly_spaced_inside_the_range_and_print_distinctly(lo, hi):
+    ticks, decimals = plots.ticks(lo, hi)
+    steps = np.diff(ticks)
+    assert len(ticks) >= 2 and np.allclose(steps, steps[0])
+    assert lo - 1e-12 <= ticks[0] < lo + steps[0] and hi - steps[0] < ticks[-1] <= hi + 1e-12
+    labels = [f"{v:.{decimals}f}" for v in ticks]
+    assert len(set(labels)) == len(labels)
+
+
+def test_axis_range_pads_but_not_below_its_floor():
+    assert plots.axis_range([0.2, np.nan, 1.0], floor=0.0) == pytest.approx((0.0, 1.05))
+    assert plots.axis_range([-1.0, 1.0], floor=0.0) == pytest.approx((-1.1, 1.1))  # below the floor: padded
+    assert plots.axis_range([3.0, 3.0]) == pytest.approx((2.45, 3.55))             # flat: widened to 1
+    assert plots.axis_range([np.inf, np.nan]) == pytest.approx((-0.05, 1.05))
+
+
+def test_plot_maps_the_limits_to_the_axes_corners_and_the_legend_wraps_below():
+    p = plots.Plot("t", "x", "y", (2.0, 12.0), (0.0, 0.5), size=(720, 460))
+    s = p.s
+    assert p.px(2.0, 0.0) == pytest.approx((72 * s, (460 - 58) * s))    # bottom left
+    assert p.px(12.0, 0.5) == pytest.approx(((720 - 22) * s, 46 * s))   # top right: y grows upwards
+    assert p.px(7.0, 0.25) == pytest.approx(((72 + 698) / 2 * s, (46 + 402) / 2 * s))
+    assert p.render().size == (720, 460)                                # no legend, no strip
+    p.line([2, 7, 12], [0.1, 0.3, 0.2], plots.BLUE, "one entry")
+    one = p.render().size
+    for i in range(8):
+        p.hline(0.05 * i, plots.GREY, f"a rather long legend entry number {i}")
+    many = p.render().size
+    assert one[0] == many[0] == 720 and 460 < one[1] < many[1]
