@@ -175,7 +175,8 @@ def _materialize(t: _PendingTensor) -> np.ndarray:
     item = base.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(flat, shape=t.size, strides=tuple(s * item for s in t.stride),
                                            writeable=False)
-    return np.ascontiguousarray(view, dtype=base.dtype.newbyteorder("="))
+    # np.array, not np.ascontiguousarray: the latter turns a 0-dim tensor into shape (1,)
+    return np.array(view, dtype=base.dtype.newbyteorder("="), order="C", copy=True)
 
 
 def _convert(obj, memo: dict):
