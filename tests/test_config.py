@@ -110,16 +110,6 @@ def test_a_later_source_may_repair_an_earlier_value(tmp_path):
     assert config.load(p, ("train.margin=0.5",))["train"]["margin"] == 0.5
 
 
-def test_embedding_head_batches_hold_two_ids():
-    message = re.escape("setting train.batch_size = 4: must be >= 8 with model.head = siamese")
-    with pytest.raises(ConfigError, match=message):
-        config.load(None, ("model.head=siamese", "train.batch_size=4", "train.photos_per_id=4"))
-    with pytest.raises(ConfigError, match="train.batch_size = 5: must be >= 6 with model.head = triplet"):
-        config.load(None, ("model.head=triplet", "train.batch_size=5", "train.photos_per_id=3"))
-    assert config.load(None, ("model.head=triplet", "train.batch_size=6", "train.photos_per_id=3"))["train"]["batch_size"] == 6
-    assert config.load(None, ("train.batch_size=4", "train.photos_per_id=4"))["train"]["batch_size"] == 4  # softmax
-
-
 def test_overrides_are_typed_and_checked():
     cfg = config.load(None, ("train.epochs=5", "split.validation=0.5", "model.backbone=MobileNetV3Small",
                              "dedup.verify=false", " train.margin = 2 "))

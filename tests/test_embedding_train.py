@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from whaleid.stage import StageError
 
 from test_train import Crash, crash_at, manifest, run_train, session
 
@@ -63,7 +62,7 @@ def test_embedding_head_trains_validates_by_retrieval_and_keeps_the_best_epoch(t
     counts = manifest(work)["counts"]
     best = int(np.argmax(hist["val_map5"]))
     assert counts["best_epoch"] == best + 1 and counts["best_val_map5"] == round(hist["val_map5"][best], 4)
-    assert any("batches of 4 ids x 2 photos" in x for x in lines)
+    assert any(f"{head} head, batches of 4 ids x 2 photos" in x for x in lines), lines
     assert sum("checkpoint saved" in x and "val_map5" in x for x in lines) == 3
     assert not list(d.glob("*.npz"))
     recomputed, Q = _val_map5(work, head)
@@ -97,7 +96,9 @@ def test_time_budget_stops_after_an_epoch_and_new_settings_retrain(trained, tmp_
     for change in ("train.margin=0.5", "train.photos_per_id=4", "model.embedding_size=64", "model.head=siamese"):
         st = session(work, SETTINGS["triplet"] + [change]).status(session(work).stage("train"))
         assert st.state == "stale" and change.split("=")[0] in st.reason
-    with pytest.raises(StageError, match="photos_per_id = 1"):
+    from whaleid.config import ConfigError
+    with pytest.raises(ConfigError, match="photos_per_id = 1: must be >= 2"):  # at load, before any stage
         run_train(tmp_path / "bad", ["model.head=triplet", "train.photos_per_id=1"])
-    with pytest.raises(StageError, match="max_minutes"):
+    with pytest.raises(ConfigError, match="max_minutes = -1.0: must be >= 0"):
         run_train(tmp_path / "bad2", ["model.head=triplet", "train.max_minutes=-1"])
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists()

@@ -18,7 +18,7 @@ def module_imports() -> dict[str, set[str]]:
         name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
         package = name if rel.name == "__init__" else name.rsplit(".", 1)[0]
         deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in runtime_nodes(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = package.split(".")
@@ -33,6 +33,19 @@ def module_imports() -> dict[str, set[str]]:
                 deps.update(a.name for a in node.names if a.name.startswith("whaleid"))
         graph[name] = deps
     return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def runtime_nodes(tree):
+    """Every node except those under `if TYPE_CHECKING:` (imports for annotations only)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and getattr(child.test, "id", None) == "TYPE_CHECKING":
+                stack.extend(child.orelse)
+                continue
+            stack.append(child)
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:

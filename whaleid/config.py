@@ -189,17 +189,6 @@ RANGES: dict[str, Range] = {
 }
 
 # Heads trained on batches of P ids x K photos (train.photos_per_id): a batch must hold 2 ids.
-PER_ID_BATCH_HEADS = ("siamese", "triplet")
-
-
-def _relations(cfg: dict) -> None:
-    """Checks that involve more than one key, run on the merged settings."""
-    head, batch, per_id = cfg["model"]["head"], cfg["train"]["batch_size"], cfg["train"]["photos_per_id"]
-    if head in PER_ID_BATCH_HEADS and batch < 2 * per_id:
-        raise ConfigError(f"setting train.batch_size = {batch}: must be >= {2 * per_id} with model.head = "
-                          f"{head} (2 ids of train.photos_per_id = {per_id} photos: negatives need a second id)")
-
-
 def _schema_default(key: str):
     section, _, name = key.partition(".")
     schema = _defaults()
@@ -249,7 +238,6 @@ def validate(cfg: dict) -> dict:
     for section, values in cfg.items():
         for key, value in values.items():
             _allowed(f"{section}.{key}", value)
-    _relations(cfg)
     return cfg
 
 

@@ -6,6 +6,7 @@ would. Images stay uint8 JPEG decodes until the batch is cast to float32.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -97,17 +98,25 @@ def steps(n: int, batch_size: int) -> int:
     return math.ceil(n / batch_size)
 
 
+class Batches(NamedTuple):
+    dataset: tf.data.Dataset
+    steps: int           # per epoch
+    size: int            # images per step
+    images: int          # distinct images per epoch
+    layout: str          # for the log
+
+
 def training_batches(head, paths: list[str], labels: list[int], photos: list[str], image_size: int,
-                     batch_size: int, per_id: int, seed: int, first_epoch: int, epochs: int):
-    """(dataset, steps per epoch, images per step, distinct images per epoch) in the layout the head
-    trains on: shuffled files, or P ids x K photos (batch_size rounded down to a multiple of K)."""
+                     batch_size: int, per_id: int, seed: int, first_epoch: int, epochs: int) -> Batches:
+    """Epochs first_epoch .. epochs-1 in the layout the head trains on: shuffled files, or P ids x K
+    photos (batch_size rounded down to a multiple of K)."""
     if head.per_id_batches:
         p, k = batches.layout(batch_size, per_id)
         ds = id_batch_dataset(paths, labels, photos, image_size, p * k, k, seed, first_epoch, epochs)
         n_steps = batches.steps_per_epoch(labels, p * k, k)
-        return ds, n_steps, p * k, n_steps * p * k
+        return Batches(ds, n_steps, p * k, n_steps * p * k, f"batches of {p} ids x {k} photos")
     ds = train_dataset(paths, labels, image_size, batch_size, seed, first_epoch, epochs)
-    return ds, steps(len(paths), batch_size), batch_size, len(paths)
+    return Batches(ds, steps(len(paths), batch_size), batch_size, len(paths), f"shuffled batches of {batch_size}")
 
 
 def padded(images: np.ndarray, rows: int) -> np.ndarray:

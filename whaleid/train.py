@@ -59,12 +59,12 @@ def run(run: Run) -> dict:
                                            run.setting("train.batch_size"), run.setting("train.photos_per_id"),
                                            seed, first_epoch, epochs)
         try:
-            _, steps, batch, images_per_epoch = batches_from(0)
+            plan = batches_from(0)
         except ValueError as e:  # a batch too small for the head's layout
             raise StageError(str(e)) from None
         run.echo(f"{len(classes)} classes, {len(train)} training images, {len(val)} validation images; "
                  f"{run.setting('model.backbone')} ({run.setting('model.weights')} weights) at {size} px, "
-                 f"{head.name} head, batch {batch}, up to {epochs} epochs; {devices.strategy_name(strategy)} with "
+                 f"{head.name} head, {plan.layout}, up to {epochs} epochs; {devices.strategy_name(strategy)} with "
                  f"{strategy.num_replicas_in_sync} replica(s), {precision}, xla {'on' if run.setting('train.xla') else 'off'}, "
                  f"op determinism {'on' if deterministic else 'off'}")
         if not len(val):
@@ -72,7 +72,7 @@ def run(run: Run) -> dict:
 
         # build, then restore the last checkpoint when resuming
         with strategy.scope():
-            net = compiled_model(run.setting, head, len(classes), steps)
+            net = compiled_model(run.setting, head, len(classes), plan.steps)
         restored = checkpoint.load(net) if run.resume else None
         if restored is None:
             if run.resume:
@@ -88,16 +88,16 @@ def run(run: Run) -> dict:
         validation = None
         if head.retrieval_validation and len(val):
             gallery = train.drop_duplicates("Image")
-            validation = RetrievalValidation(gallery.path, gallery.Id, val.path, val.Id, size, batch)
+            validation = RetrievalValidation(gallery.path, gallery.Id, val.path, val.Id, size, plan.size)
         stopper = ResumableEarlyStopping(monitor, patience, state and state["early_stopping"], best_weights)
-        progress = EpochCheckpoint(checkpoint, stopper, run.echo, epochs, images_per_epoch, state, validation,
+        progress = EpochCheckpoint(checkpoint, stopper, run.echo, epochs, plan.images, state, validation,
                                    run.setting("train.max_minutes"))
         callbacks = [c for c in (validation, stopper, progress) if c is not None] + logs(run, state)
         if start < epochs and not (state and state["stopped"]):
             val_data = None
             if len(val) and not head.retrieval_validation:
-                val_data = inputs.eval_dataset(list(val.path), list(val.y), size, batch)
-            net.fit(batches_from(start)[0], epochs=epochs, initial_epoch=start, steps_per_epoch=steps,
+                val_data = inputs.eval_dataset(list(val.path), list(val.y), size, plan.size)
+            net.fit(batches_from(start).dataset, epochs=epochs, initial_epoch=start, steps_per_epoch=plan.steps,
                     validation_data=val_data, callbacks=callbacks, shuffle=False,
                     verbose=1 if run.session.progress and sys.stdout.isatty() else 0)
         elif best_weights is not None:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .tables import NEW_WHALE
 
 
 def average_ranks(values) -> np.ndarray:
