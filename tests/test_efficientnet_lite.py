@@ -31,6 +31,12 @@ class _FakeStorage:
         self.stype, self.key, self.data = stype, key, data
 
 
+class _FakeView:
+    """An old-style storage view: persistent id view_metadata (view key, element offset, numel)."""
+    def __init__(self, root: _FakeStorage, key, offset, numel):
+        self.root, self.key, self.offset, self.numel = root, key, offset, numel
+
+
 class _FakeTensor:
     def __init__(self, storage, offset, size, stride):
         self.args = (storage, offset, size, stride, False, collections.OrderedDict())
@@ -67,6 +73,9 @@ def write_legacy(path, tensors: dict, storages: list, main_obj=None):
         def persistent_id(self, obj):
             if isinstance(obj, _FakeStorage):
                 return ("storage", obj.stype, obj.key, "cpu", int(obj.data.size), None)
+            if isinstance(obj, _FakeView):
+                r = obj.root
+                return ("storage", r.stype, r.key, "cpu", int(r.data.size), (obj.key, obj.offset, obj.numel))
             return None
 
     buf = io.BytesIO()
@@ -95,6 +104,7 @@ def test_reader_rebuilds_strided_offset_float_and_int64_tensors(tmp_path, fake_t
         "contiguous": (fs, 24, (2, 3), (3, 1)),
         "count": (ls, 0, (), ()),                          # 0-dim int64
         "ids": (ls, 2, (3,), (1,)),
+        "in_view": (_FakeView(fs, "140003", 10, 8), 1, (2, 2), (2, 1)),   # storage view at element 10
     }
     path = write_legacy(tmp_path / "small.pth", tensors, [fs, ls])
 
@@ -108,11 +118,13 @@ def test_reader_rebuilds_strided_offset_float_and_int64_tensors(tmp_path, fake_t
 
     assert list(got) == list(tensors)
     for name, (st, offset, size, stride) in tensors.items():
-        want = expected(st.data, offset, size, stride)
+        data = st.root.data[st.offset:st.offset + st.numel] if isinstance(st, _FakeView) else st.data
+        want = expected(data, offset, size, stride)
         assert got[name].shape == size and got[name].dtype == want.dtype, name
         assert got[name].flags.c_contiguous
         np.testing.assert_array_equal(got[name], want, err_msg=name)
     assert got["transposed"].tolist() == [[-0.5, 0.5, 1.5], [0.0, 1.0, 2.0]]
+    assert got["in_view"].tolist() == [[2.5, 3.0], [3.5, 4.0]]
     assert got["count"].dtype == np.int64 and got["count"] == 7 and got["ids"].tolist() == [2**40, 5, 9]
 
 

@@ -243,6 +243,7 @@ def _write_atomically(directory: Path, final: Path, suffix: str, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)                              # mkstemp's 0600 would hide it from other users
         os.replace(tmp, final)
     finally:
         with contextlib.suppress(FileNotFoundError):
