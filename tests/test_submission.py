@@ -29,8 +29,28 @@ def test_vote_agreement_wins_over_a_more_probable_single_version():
     probs[1:, 5] = 0.5         # three versions agree on w_5
     probs[1:, 3] = 0.05
     out = sub.merge_vote(probs, CLASSES, 5)
-    assert out[0] == "w_5" and out[1] == "w_3"
-    assert len(out) == 5 and len(set(out)) == 5
+    # then every version's next candidate is w_0, w_1, w_2 (equal probabilities: the lower index first)
+    assert out == ["w_5", "w_3", "w_0", "w_1", "w_2"]
+
+
+def test_vote_fills_every_slot_by_agreement_then_probability():
+    # worked out by hand, slot by slot (3 versions; each version's ranking skips ids already output):
+    #   1: candidates 1 (.40), 2 (.45), 3 (.50), one vote each       -> w_3, the most probable
+    #   2: 1 (.40) vs 2 named by two versions                        -> w_2
+    #   3: 1 named by two versions vs 5 (.12)                        -> w_1
+    #   4: 4 (.20, one version) vs 5 (.15, named by two versions)    -> w_5, agreement beats probability
+    #   5: 4 (.20), 6 (.10), 7 (.10)                                 -> w_4
+    probs = np.array([[0.01, 0.40, 0.30, 0.02, 0.20, 0.015, 0.05, 0.005],
+                      [0.01, 0.25, 0.45, 0.02, 0.005, 0.15, 0.10, 0.01],
+                      [0.01, 0.02, 0.20, 0.50, 0.005, 0.12, 0.03, 0.10]])
+    assert sub.merge_vote(probs, CLASSES, 5) == ["w_3", "w_2", "w_1", "w_5", "w_4"]
+    # mean merge: the versions' mean is w_2 .317, w_1 .223, w_3 .180, w_5 .095, w_4 .070, w_6 .060, ...
+    assert sub.merge_mean(probs, CLASSES, 5) == ["w_2", "w_1", "w_3", "w_5", "w_4"]
+    assert sub.merge_mean(probs, CLASSES, 7) == ["w_2", "w_1", "w_3", "w_5", "w_4", "w_6", "w_7"]
+    # through answer(): the mean probabilities decide where new_whale goes (under 0.2: before w_3)
+    assert sub.answer(probs, CLASSES, 0.2, "mean", None, 5) == ["w_2", "w_1", "new_whale", "w_3", "w_5"]
+    # vote puts w_3 first, and its mean (.180) is under 0.2: new_whale goes before it
+    assert sub.answer(probs, CLASSES, 0.2, "vote", None, 5) == ["new_whale", "w_3", "w_2", "w_1", "w_5"]
 
 
 def test_vote_without_agreement_takes_the_most_probable_and_never_repeats():
@@ -83,12 +103,27 @@ def test_validator_rejects_each_malformed_case(mutate, message):
         sub.validate(mutate(_good()), ["a.jpg", "b.jpg"])
 
 
+def test_validator_rejects_rows_out_of_sample_submission_order():
+    images = ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
+    good = pd.DataFrame({"Image": images, "Id": ["w_1 w_2 w_3 w_4 new_whale"] * 4})
+    sub.validate(good, images)
+    with pytest.raises(SubmissionError, match=r"row 2 is d.jpg, expected a.jpg.*order"):
+        sub.validate(good.iloc[::-1], images)
+    swapped = good.iloc[[0, 2, 1, 3]]  # only the middle rows swap: the first out-of-place row is named
+    with pytest.raises(SubmissionError, match=r"row 3 is c.jpg, expected b.jpg"):
+        sub.validate(swapped, images)
+    sub.validate(swapped, images, ordered=False)
+
+
 def test_score_files(tmp_path):
     s, t = tmp_path / "s.csv", tmp_path / "t.csv"
     _good().to_csv(s, index=False)
     pd.DataFrame({"Image": ["a.jpg", "b.jpg"], "Id": ["w_2", "new_whale"]}).to_csv(t, index=False)
     r = sub.score_files(s, t)
     assert r["map5"] == pytest.approx((1 / 2 + 1 / 5) / 2) and r["all_new_whale_map5"] == 0.5 and r["top1"] == 0
+    # a solution's row order means nothing: a submission in another order scores the same
+    _good().iloc[::-1].to_csv(s, index=False)
+    assert sub.score_files(s, t) == r
 
 
 @pytest.mark.parametrize("k", [1, 3, 7])
@@ -130,3 +165,14 @@ def test_predict_check_uses_the_configured_top_k(tmp_path):
     data5, f5 = _check_folder(tmp_path / "five", "w_1 w_2 w_3 w_4 new_whale")
     code, out = cli("predict", "--work", tmp_path / "w5", "--data", data5, "--check", f5)
     assert code == 0 and "5 distinct labels each" in out, out
+
+
+def test_predict_check_rejects_a_file_out_of_order(tmp_path):
+    from conftest import cli
+    data, f = _check_folder(tmp_path, "w_1 w_2 w_3 w_4 new_whale")
+    code, out = cli("predict", "--work", tmp_path / "w", "--data", data, "--check", f)
+    assert code == 0, out
+    rows = pd.read_csv(f)
+    rows.iloc[::-1].to_csv(f, index=False)
+    code, out = cli("predict", "--work", tmp_path / "w", "--data", data, "--check", f)
+    assert code != 0 and "row 2 is b.jpg, expected a.jpg" in out and "order" in out, out

@@ -118,9 +118,12 @@ class SubmissionError(ValueError):
     pass
 
 
-def validate(df: pd.DataFrame, expected_images: list[str], k: int | None = None, source: str = "submission") -> None:
+def validate(df: pd.DataFrame, expected_images: list[str], k: int | None = None, source: str = "submission",
+             ordered: bool = True) -> None:
     """Raise SubmissionError naming the first problem; a file that passes scores on Kaggle. Each row
-    must hold exactly k distinct labels: pass the run's predict.top_k (None: the shipped default's)."""
+    must hold exactly k distinct labels: pass the run's predict.top_k (None: the shipped default's).
+    ordered: the rows must follow `expected_images`' order (sample_submission's); False when
+    `expected_images` is a solution file's list, whose order means nothing."""
     if k is None:
         from . import config
         k = config.defaults()["predict"]["top_k"]
@@ -136,6 +139,11 @@ def validate(df: pd.DataFrame, expected_images: list[str], k: int | None = None,
     if have - want:
         extra = sorted(have - want)
         raise SubmissionError(f"{source}: {len(extra)} images are not in sample_submission, e.g. {extra[0]}")
+    if ordered:
+        for i, (image, want_here) in enumerate(zip(df.Image, expected_images), start=2):
+            if image != want_here:
+                raise SubmissionError(f"{source}: row {i} is {image}, expected {want_here}: rows must follow "
+                                      f"sample_submission's order")
     for i, (image, ids) in enumerate(zip(df.Image, df.Id), start=2):
         labels = str(ids).split()
         if len(labels) != k:
@@ -161,6 +169,6 @@ def score_files(submission: Path, solution: Path, k: int | None = None) -> dict:
     for name, df in (("solution", sol), ("submission", sub)):
         if not {"Image", "Id"} <= set(df.columns):
             raise SubmissionError(f"{name} file needs columns Image,Id")
-    validate(sub, list(sol.Image), k, source=str(submission))
+    validate(sub, list(sol.Image), k, source=str(submission), ordered=False)
     preds = dict(zip(sub.Image, sub.Id.str.split()))
     return scores(sol.Id, [preds[i] for i in sol.Image])
