@@ -77,18 +77,30 @@ def test_tampered_pickle_is_refused_never_unpickled(folders, monkeypatch):
     data, work = folders
     run(work, data)
     path = work / "a" / "a.pickle"
-    path.write_bytes(path.read_bytes()[:-5])  # truncated
+    intact = path.read_bytes()
+    path.write_bytes(intact[:-5])  # truncated
     st = toy.session(work, data).status(toy.STAGES[0])
     assert st.state == "modified"
     with pytest.raises(StageError, match="--force a"):
         run(work, data)
-    # a downstream stage loading it directly is refused before pickle.load sees the bytes
+    # Session.run refuses stage a above, so stage b never reaches its load; the load path itself must
+    # refuse too (a stage reading an upstream artifact that changed after the status check): it reads
+    # the file through Run.upstream's sha256 check before pickle.load ever sees the bytes
     unpickled = []
     monkeypatch.setattr(pickle, "load", lambda f: unpickled.append(1))
+    reader = stagelib.Run(toy.session(work, data), toy.STAGES[1], resume=False)
+    with pytest.raises(StageError, match="modified or truncated.*--force a"):
+        reader.load_pickle("a", "a.pickle")
+    flipped = bytearray(intact)
+    flipped[len(flipped) // 2] ^= 0x01  # same size, one bit changed
+    path.write_bytes(bytes(flipped))
     with pytest.raises(StageError, match="modified or truncated"):
-        run(work, data, force={"b"})
+        reader.load_pickle("a", "a.pickle")
     assert unpickled == []
     monkeypatch.undo()
+    path.write_bytes(intact)  # the same path loads the intact file: it was the bytes that were refused
+    assert reader.load_pickle("a", "a.pickle")["text"] == "hello"
+    path.write_bytes(intact[:-5])
     out, calls = run(work, data, force={"a"})
     assert calls == ["a", "b"] and toy.session(work, data).status(toy.STAGES[1]).done
 
@@ -180,3 +192,34 @@ def test_folder_digest_sees_changed_and_added_files(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"11")
     d3 = stagelib.digest_folder(tmp_path)
     assert len({d1, d2, d3}) == 3
+
+
+def test_folder_fingerprint_sees_a_same_size_change_and_a_deletion(tmp_path):
+    """Behaviour through the public fingerprint(), whatever it hashes (names/sizes/mtimes today,
+    contents once issue 16 lands): a photo edited in place to the same size and a deleted photo,
+    also one in a subfolder, must each change the folder's fingerprint."""
+    (tmp_path / "sub").mkdir()
+    for name in ("a.jpg", "b.jpg", "sub/c.jpg", "sub/d.jpg"):
+        (tmp_path / name).write_bytes(b"1234")
+    seen = [stagelib.fingerprint(tmp_path)]
+    time.sleep(0.05)  # an edit lands at a later time, as it would in use
+    (tmp_path / "a.jpg").write_bytes(b"1235")
+    seen.append(stagelib.fingerprint(tmp_path))
+    for name in ("b.jpg", "sub/d.jpg"):  # the last name of each folder
+        (tmp_path / name).unlink()
+        seen.append(stagelib.fingerprint(tmp_path))
+    assert len(set(seen)) == len(seen) == 4, seen
+    assert stagelib.fingerprint(tmp_path) == seen[-1]  # and it is stable while nothing changes
+
+
+@pytest.mark.xfail(reason="folder fingerprints use names, sizes and mtimes until content hashes land "
+                          "(issue 16); a same-size edit with the old mtime restored is not seen",
+                   strict=False)
+def test_folder_fingerprint_sees_a_same_size_edit_that_keeps_the_mtime(tmp_path):
+    p = tmp_path / "a.jpg"
+    p.write_bytes(b"1234")
+    before = stagelib.fingerprint(tmp_path)
+    st = p.stat()
+    p.write_bytes(b"4321")
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # as cp -p, rsync -t or a bucket sync may leave it
+    assert stagelib.fingerprint(tmp_path) != before
