@@ -13,9 +13,16 @@ def _save(path, img, fmt=None, **kw):
     return path
 
 
+def _colours() -> np.ndarray:
+    """30 x 40 RGB whose channels differ everywhere: R rises left to right, G top to bottom, B falls
+    left to right (a channel swap or an inversion moves pixels by ~80-120 levels on average)."""
+    y, x = np.mgrid[0:30, 0:40]
+    return np.stack([x * 6, y * 8, 255 - x * 6], -1).astype(np.uint8)
+
+
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "1", "RGB"])
 def test_every_mode_becomes_3_channel_rgb(tmp_path, mode):
-    rgb = (np.arange(40 * 30 * 3).reshape(30, 40, 3) % 251).astype(np.uint8)
+    rgb = _colours()
     img = Image.fromarray(rgb)
     if mode == "I;16":
         img = Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)
@@ -30,6 +37,30 @@ def test_every_mode_becomes_3_channel_rgb(tmp_path, mode):
         assert 0 < out.mean() < 250 and np.abs(out[..., 0].astype(int) - rgb[..., 0]).max() <= 1
     if mode in ("L", "LA", "I;16", "1"):
         assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+    # the pixels: what the saved image shows (grey levels, the palette's colours, the bilevel dots),
+    # exactly for PNG and within JPEG's loss (mean ~2, max 12 levels here) for JPEG
+    shown = np.asarray(img.convert("RGB") if mode != "I;16" else Image.fromarray(rgb[..., 0]).convert("RGB"), int)
+    err = np.abs(out.astype(int) - shown)
+    if fmt == "PNG":
+        assert err.max() <= (1 if mode == "I;16" else 0), (mode, err.max())
+    else:
+        assert err.mean() < 3 and err.max() <= 16, (mode, err.mean(), err.max())
+    if mode in ("RGB", "RGBA", "CMYK"):  # colour files keep the colours of the source, channel by channel
+        for c in range(3):
+            assert np.abs(out[..., c].astype(int) - rgb[..., c]).mean() < 3, (mode, c)
+    if mode == "P":  # the web palette with dithering: near the source colours, not a grey or swapped image
+        for c in range(3):
+            assert np.abs(out[..., c].astype(int) - rgb[..., c]).mean() < 25, (mode, c)
+
+
+def test_partly_transparent_pixels_are_composited_on_white(tmp_path):
+    rgb = _colours()
+    alpha = np.tile(np.linspace(0, 255, 40).round().astype(np.uint8), (30, 1))
+    path = _save(tmp_path / "a.png", Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), "PNG")
+    out = images.load_rgb(path).astype(float)
+    a = alpha[..., None] / 255.0
+    expected = rgb * a + 255 * (1 - a)
+    assert np.abs(out - expected).max() <= 1.5
 
 
 def test_rgba_transparent_pixels_become_white():
