@@ -113,6 +113,24 @@ def test_box_csv_import_reports_each_bad_row(tmp_path):
 def test_published_box_csv_covers_the_real_photos(shared_data):
     labels = pd.read_csv(shared_data / "whales/labels.csv")
     sizes = {r.Image: (int(r.width), int(r.height)) for r in labels.itertuples()}
-    good, bad = boxes.read_box_csv(shared_data / "whales/kaggle2019_bounding_boxes.csv", sizes)
-    mine = good[good.Image.isin(sizes)]
+    published = shared_data / "whales/kaggle2019_bounding_boxes.csv"
+    good, bad = boxes.read_box_csv(published, sizes)
+    mine = good[good.Image.isin(sizes)].set_index("Image")
     assert len(mine) >= 29 and (mine.method == "imported").all()
+    # each imported box is the file's box (its first row for the photo), rounded and clipped to the photo
+    cols = ["x0", "y0", "x1", "y1"]
+    raw = pd.read_csv(published)
+    raw = raw[raw.Image.isin(sizes)].drop_duplicates("Image").set_index("Image")
+    for image, r in mine.iterrows():
+        w, h = sizes[image]
+        x0, y0, x1, y1 = (float(raw.loc[image, c]) for c in cols)
+        want = (max(0, round(x0)), max(0, round(y0)), min(w, round(x1)), min(h, round(y1)))
+        assert tuple(int(v) for v in r[cols]) == want, image
+    # every photo the file lists is either imported or refused with a reason
+    refused = set(bad.Image[bad.Image.isin(sizes)])
+    assert set(raw.index) <= set(mine.index) | refused and not set(mine.index) & refused - set(mine.index)
+    # labels.csv's reference boxes come from the same published detector: every one is imported as is
+    ref = labels.dropna(subset=cols).set_index("Image")
+    ious = [boxes.iou(tuple(mine.loc[i, cols]), tuple(ref.loc[i, cols])) for i in ref.index]
+    print(f"imported vs reference boxes: mean IoU {np.mean(ious):.3f} over {len(ious)} photos")
+    assert len(ious) == 29 and min(ious) > 0.95
