@@ -123,7 +123,9 @@ def run(run: Run) -> dict:
                    quality=run.setting("augment.jpeg_quality"), seed=run.setting("run.seed"), resume=run.resume)
     ids = dict(zip(table.Image, table.Id))
     rows = []
-    for image, files, error in run.map(work, jobs, "crop + variants"):
+    # committed in chunks (a resumed run keeps them); within the chunk a kill cut short, photos whose
+    # files were all written are kept too (each file is written atomically)
+    for image, files, error in run.map_resumable(work, jobs, "crop + variants", key=lambda job: job[0], chunk=64):
         if error:
             run.skip(image, error)
         for k, f in enumerate(files):

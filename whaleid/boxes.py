@@ -239,7 +239,7 @@ def run(run: Run) -> dict:
     for folder, table in tables.items():
         jobs = [(r.Image, str(run.data / folder / r.Image)) for r in table.itertuples() if r.Image not in have]
         rows = []
-        for name, box, error in run.map(detect, jobs, f"{folder} boxes", chunksize=8):
+        for name, box, error in run.map_resumable(detect, jobs, f"{folder} boxes", key=lambda job: job[0], chunk=64):
             if error:
                 run.skip(name, error)
             else:

@@ -67,6 +67,16 @@ def _hash_job(path: str):
         return path, None, f"cannot decode: {e}"
 
 
+def _hash_named(job: tuple[str, str]):
+    """(name, result, error) for (name, path): results name the photo, not where the data folder is."""
+    name, path = job
+    return (name,) + _hash_job(path)[1:]
+
+
+def _same_pixels_job(job, mse_max: float) -> bool:
+    return same_pixels(job[2:], mse_max)
+
+
 # ---------------------------------------------------------------- the pair search
 
 def near_pairs(hashes: np.ndarray, max_distance: int, block: int = 256) -> np.ndarray:
@@ -201,9 +211,9 @@ def run(run: Run) -> dict:
             else:
                 listed[name] = (folder, str(path))
     rows = []
-    by_path = {p: (n, f) for n, (f, p) in listed.items()}
-    for path, result, error in run.map(_hash_job, [p for _, p in listed.values()], "phash", chunksize=32):
-        name, folder = by_path[path]
+    jobs = [(name, path) for name, (_, path) in listed.items()]
+    for name, result, error in run.map_resumable(_hash_named, jobs, "phash", key=lambda job: job[0], chunk=512):
+        folder = listed[name][0]
         if error:
             run.skip(name, error)
         else:
@@ -214,11 +224,12 @@ def run(run: Run) -> dict:
     pairs = near_pairs(hashes, run.setting("dedup.max_distance"))
     confirmed = [tuple(p) for p in pairs]
     if run.setting("dedup.verify") and confirmed:
-        paths = [listed[n][1] for n in photos.Image]
+        names_, paths = list(photos.Image), [listed[n][1] for n in photos.Image]
         sizes = list(zip(photos.width, photos.height))
-        jobs = [(paths[i], paths[j], sizes[i], sizes[j]) for i, j in confirmed]
-        check = partial(same_pixels, mse_max=run.setting("dedup.verify_mse"))
-        confirmed = [p for p, ok in zip(confirmed, run.map(check, jobs, "verify pairs", chunksize=4)) if ok]
+        jobs = [(names_[i], names_[j], paths[i], paths[j], sizes[i], sizes[j]) for i, j in confirmed]
+        check = partial(_same_pixels_job, mse_max=run.setting("dedup.verify_mse"))
+        verdicts = list(run.map_resumable(check, jobs, "verify pairs", key=lambda job: f"{job[0]}|{job[1]}", chunk=128))
+        confirmed = [p for p, ok in zip(confirmed, verdicts) if ok]
     names = list(photos.Image)
     groups = [[names[i] for i in g] for g in groups_of(len(names), confirmed)]
     area = dict(zip(photos.Image, photos.width * photos.height))

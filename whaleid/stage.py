@@ -6,16 +6,21 @@ WORK/<stage>/manifest.json: fingerprints of inputs and settings, sha256 of every
 times and counts. A stage is up to date when its manifest matches what it would read now; "up to
 date" is decided by these fingerprints only. Upstream artifacts enter a stage's fingerprint by
 their sha256, so a changed upstream result reruns everything downstream, never anything upstream.
+Fingerprints are content hashes (files.py) and name no absolute path: a settings value that names a
+file (a box CSV, a weights file) enters by that file's content, so a work folder copied anywhere,
+or run against a copy of its data folder, is up to date where its contents are.
 
 Crash safety: the old manifest is deleted before a stage starts, artifacts are written atomically
 (temp file + rename) and the manifest is written last, so a killed run leaves nothing a rerun would
 trust. A stage killed part way may resume its own per-item work when it reruns with exactly the same
 fingerprint (`Run.resume`), e.g. training continues from its last checkpoint; it first deletes the
-temp files of the writes the kill cut short.
+temp files of the writes the kill cut short. Per-photo work goes through `Run.map_resumable`, which
+commits results in chunks (WORK/<stage>/.partial/): a kill loses at most the chunk each worker was on.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import json
 import multiprocessing
@@ -24,21 +29,23 @@ import pickle
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pandas as pd
 from tqdm import tqdm
 
 from .config import get as get_setting
-from .files import (LOCK, StageError, atomic_path, clear_temp_files, digest_folder, fingerprint,  # noqa: F401
-                    sha256_file, versions, work_lock, write_bytes, write_json)
+from .files import (LOCK, STATE, HashState, StageError, atomic_path, clear_temp_files, digest_folder,  # noqa: F401
+                    fault_point, fingerprint, matches, sha256_file, versions, work_lock, write_bytes, write_json)
 
 MANIFEST = "manifest.json"
 RUNNING = ".running.json"
 SKIPPED = "skipped.csv"
 SETTINGS_RECORD = "whaleid.json"   # WORK/whaleid.json: the data folder, config and --set a work folder was run with
+PARTIAL = ".partial"               # WORK/<stage>/.partial/: committed chunks of a per-photo map (map_resumable)
+FILE_SETTING = "<a file: its content is input file/KEY>"  # a setting naming a file, in the settings fingerprint
 TEXT_COLUMNS = {"Image": str, "Id": str, "File": str, "truth": str}
 
 
@@ -54,7 +61,10 @@ class Stage:
     settings: tuple[str, ...] = ()        # dotted config keys the stage reads; "section.*": all of a section
     data: tuple[str, ...] = ()            # files/folders inside the data folder
     upstream: tuple[str, ...] = ()        # stages whose artifacts this one reads
-    extra_inputs: Callable[["Session"], list[Path]] | None = None  # inputs named by settings (a box CSV)
+    # settings whose value names a file: (key, value -> Path or None); the file's content is the input
+    # file/KEY, and the settings fingerprint records FILE_SETTING instead of the path
+    files: tuple[tuple[str, Callable[[Any], Path | None]], ...] = ()
+    extra_inputs: Callable[["Session"], dict[str, Path]] | None = None  # other files: {label: path} -> file/label
 
     def function(self) -> Callable[["Run"], dict | None]:
         if callable(self.run):
@@ -94,6 +104,8 @@ class Session:
     workers: int = 1
     progress: bool = True
     echo: Callable[[str], None] = print
+    state: HashState | None = field(default=None, repr=False)   # WORK/.whaleid_state, opened on first use
+    _memo: dict = field(default_factory=dict, repr=False)        # data-folder fingerprints of this session
 
     def stage(self, name: str) -> Stage:
         for s in self.stages:
@@ -110,28 +122,77 @@ class Session:
         except (FileNotFoundError, ValueError):
             return None
 
+    # -- content fingerprints, through the work folder's stat cache
+    def hash_state(self) -> HashState:
+        if self.state is None:
+            self.state = HashState(self.work / STATE if self.work.is_dir() else None)
+        elif self.state.path is None and self.work.is_dir():  # the work folder was created since
+            self.state = HashState(self.work / STATE)
+        return self.state
+
+    def _report(self, text: str) -> None:
+        self.echo(f"[cache] {text}")
+
+    def fingerprint(self, path: Path) -> str | None:
+        return fingerprint(path, self.hash_state(), self.workers, self._report)
+
+    def matches(self, recorded, path: Path) -> bool:
+        return matches(recorded, path, self.hash_state(), self.workers, self._report)
+
+    def close(self) -> None:
+        """Write what the stat cache learnt (call at the end of a command)."""
+        if self.state is not None:
+            self.state.close()
+            self.state = None
+
     # -- fingerprints of what a stage would read now
-    def inputs_of(self, stage: Stage) -> dict:
-        fp = {}
+    def file_settings(self, stage: Stage) -> dict[str, Path | None]:
+        """{setting key: the file its value names, or None} for the stage's file-naming settings."""
+        return {key: to_path(get_setting(self.cfg, key)) for key, to_path in stage.files}
+
+    def input_paths(self, stage: Stage) -> dict[str, Path]:
+        """{input key: path} of the data files and other files a stage reads (not upstream stages)."""
+        paths = {}
         for rel in stage.data:
             if self.data is None:
-                raise StageError(f"stage {stage.name} reads the data folder: pass --data DIR")
-            fp[f"data/{rel}"] = fingerprint(self.data / rel)
+                raise StageError(f"stage {stage.name} reads the data folder: pass --data DIR (a folder with "
+                                 f"train.csv, sample_submission.csv, train/, test/)")
+            paths[f"data/{rel}"] = self.data / rel
+        for key, p in self.file_settings(stage).items():
+            if p is not None:
+                paths[f"file/{key}"] = Path(p)
         if stage.extra_inputs:
-            for p in stage.extra_inputs(self):
-                fp[f"file/{p}"] = fingerprint(p)
+            extra = stage.extra_inputs(self)
+            if not isinstance(extra, dict):  # a list of paths: labelled by file name
+                extra = {Path(p).name: p for p in extra}
+            for label, p in extra.items():
+                paths[f"file/{label}"] = Path(p)
+        return paths
+
+    def _input_fingerprint(self, key: str, path: Path) -> str | None:
+        if key.startswith("data/"):  # the data folder is never written by whaleid: once per session
+            memo = str(path)
+            if memo not in self._memo:
+                self._memo[memo] = self.fingerprint(path)
+            return self._memo[memo]
+        return self.fingerprint(path)
+
+    def inputs_of(self, stage: Stage) -> dict:
+        fp = {key: self._input_fingerprint(key, p) for key, p in self.input_paths(stage).items()}
         for up in stage.upstream:
             m = self.manifest(up)
             fp[f"stage/{up}"] = m["artifacts"] if m else None
         return fp
 
     def settings_of(self, stage: Stage) -> dict:
-        return {key: get_setting(self.cfg, key) for key in stage.setting_keys(self.cfg)}
+        named = self.file_settings(stage)
+        return {key: FILE_SETTING if named.get(key) is not None else get_setting(self.cfg, key)
+                for key in stage.setting_keys(self.cfg)}
 
     def artifact_digests(self, stage: Stage) -> dict:
         out = {}
         for name in stage.artifacts + (SKIPPED,):
-            out[name.rstrip("/")] = fingerprint(self.dir(stage.name) / name.rstrip("/"))
+            out[name.rstrip("/")] = self.fingerprint(self.dir(stage.name) / name.rstrip("/"))
         return out
 
     def status(self, stage: Stage, _seen: dict | None = None) -> Status:
@@ -154,23 +215,35 @@ class Session:
                 return Status("stale", f"upstream {up} is {ust.state}", m)
         now_settings = self.settings_of(stage)
         for key, value in now_settings.items():
-            if m["settings"].get(key, "<absent>") != value:
-                return Status("stale", f"setting {key} changed ({m['settings'].get(key)!r} -> {value!r})", m)
+            was = m["settings"].get(key, "<absent>")
+            if was != value and not (value == FILE_SETTING and was == get_setting(self.cfg, key)):  # (*)
+                return Status("stale", f"setting {key} changed ({was!r} -> {value!r})", m)
         try:
-            now_inputs = self.inputs_of(stage)
+            paths = self.input_paths(stage)
         except StageError as e:
             return Status("stale", str(e), m)
-        for key, value in now_inputs.items():
-            if m["inputs"].get(key) != value:
-                what = key.split("/", 1)
-                label = f"upstream {what[1]} artifacts" if what[0] == "stage" else f"input {what[1]}"
-                return Status("stale", f"{label} changed", m)
+        recorded = m["inputs"]
+        for key, path in paths.items():
+            # (*) a manifest of an earlier whaleid keyed a named file by its path: file/<path>
+            was = recorded[key] if key in recorded else recorded.get(f"file/{path}")
+            if key.startswith("data/") and not str(was).startswith("files:"):
+                same = was == self._input_fingerprint(key, path)
+            else:
+                same = self.matches(was, path)
+            if not same:
+                if key.startswith("file/") and not path.exists():
+                    return Status("stale", f"input {path} ({key[5:]}) is missing", m)
+                return Status("stale", f"input {key.split('/', 1)[1]} changed", m)
+        for up in stage.upstream:
+            now = self.manifest(up)
+            if recorded.get(f"stage/{up}") != (now["artifacts"] if now else None):
+                return Status("stale", f"upstream {up} artifacts changed", m)
         for name, digest in m["artifacts"].items():
             path = self.dir(stage.name) / name
             if not path.exists():
                 return Status("stale", f"artifact {path} is missing", m)
         for name, digest in m["artifacts"].items():
-            if fingerprint(self.dir(stage.name) / name) != digest:
+            if not self.matches(digest, self.dir(stage.name) / name):
                 return Status("modified", f"artifact {self.dir(stage.name) / name} was modified or "
                                           f"truncated after its run", m)
         return Status("done", "", m)
@@ -200,6 +273,8 @@ class Session:
             self.echo(f"[{stage.name}] running ({why})")
             self._execute(stage, resume_allowed=stage.name not in forced)
             outcome[stage.name] = "ran"
+        if self.state is not None:
+            self.state.flush()
         return outcome
 
     def _execute(self, stage: Stage, resume_allowed: bool) -> None:
@@ -211,7 +286,7 @@ class Session:
         resume = False
         try:
             resume = resume_allowed and json.loads((d / RUNNING).read_text()) == json.loads(json.dumps(key, default=str))
-        except (FileNotFoundError, ValueError):
+        except (OSError, ValueError):
             pass
         with contextlib.suppress(FileNotFoundError):
             (d / MANIFEST).unlink()  # from here on, nothing in d is trusted until the new manifest
@@ -222,7 +297,7 @@ class Session:
         d.mkdir(parents=True, exist_ok=True)
         write_json(d / RUNNING, key)
         started = time.time()
-        run = Run(self, stage, resume)
+        run = Run(self, stage, resume, run_key=hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest())
         counts = stage.function()(run) or {}
         for name in stage.artifacts:
             if not (d / name.rstrip("/")).exists():
@@ -239,8 +314,11 @@ class Session:
             "seconds": round(finished - started, 3),
             "resumed": resume,
         }
+        if run.partial_stats:
+            manifest["partial"] = run.partial_stats
         write_json(d / MANIFEST, manifest)
         (d / RUNNING).unlink()
+        shutil.rmtree(d / PARTIAL, ignore_errors=True)  # the committed chunks served their purpose
         note = f", {len(run.skipped)} skipped (see {d / SKIPPED})" if run.skipped else ""
         self.echo(f"[{stage.name}] done in {finished - started:.1f}s{note}")
 
@@ -248,11 +326,13 @@ class Session:
 class Run:
     """One execution of one stage: where to write, how to read upstream results, what was skipped."""
 
-    def __init__(self, session: Session, stage: Stage, resume: bool):
+    def __init__(self, session: Session, stage: Stage, resume: bool, run_key: str = ""):
         self.session, self.stage, self.resume = session, stage, resume
         self.cfg, self.data, self.work = session.cfg, session.data, session.work
         self.workers, self.dir = session.workers, session.dir(stage.name)
         self.skipped: list[tuple[str, str]] = []
+        self.run_key = run_key                       # digest of the fingerprint this run was started with
+        self.partial_stats: dict[str, dict] = {}     # map_resumable: chunks per map, and how many were kept
 
     def setting(self, dotted: str):
         if not self.stage.reads(dotted):
@@ -276,7 +356,7 @@ class Run:
         m = self.session.manifest(stage)
         if m is None or name not in m["artifacts"]:
             raise StageError(f"{path}: no manifest records it; run the {stage} stage again")
-        if fingerprint(path) != m["artifacts"][name]:
+        if not self.session.matches(m["artifacts"][name], path):
             raise StageError(f"{path} does not match its manifest (modified or truncated); refusing to "
                              f"load it. Rerun with --force {stage}.")
         return path
@@ -309,16 +389,106 @@ class Run:
         """fn over items in order, in `workers` processes, with a progress bar; results stream."""
         items = list(items) if total is None else items
         total = len(items) if total is None else total
-        bar = dict(total=total, desc=f"[{self.stage.name}] {desc}", disable=not self.session.progress,
-                   unit="img", dynamic_ncols=True, mininterval=0.5)
+        bar = self._bar(desc, total)
         if self.workers <= 1 or total < 2 * chunksize:
             yield from tqdm(map(fn, items), **bar)
             return
+        with self._pool() as pool:
+            yield from tqdm(pool.imap(fn, items, chunksize=chunksize), **bar)
+
+    def _bar(self, desc: str, total: int) -> dict:
+        return dict(total=total, desc=f"[{self.stage.name}] {desc}", disable=not self.session.progress,
+                    unit="img", dynamic_ncols=True, mininterval=0.5)
+
+    def _pool(self):
         if "tensorflow" in sys.modules:
             # TensorFlow's threads make fork unsafe and spawn costs seconds of imports; decoding and
             # OpenCV release the GIL, so threads keep the model fed (predict, evaluate).
-            pool = multiprocessing.pool.ThreadPool(self.workers)
+            return multiprocessing.pool.ThreadPool(self.workers)
+        return multiprocessing.get_context("fork").Pool(self.workers)
+
+    def partial_path(self, name: str, index: int) -> Path:
+        slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
+        return self.dir / PARTIAL / f"{slug}-{index:05d}.pickle"
+
+    def load_chunk(self, path: Path, keys: list[str]):
+        """The results committed in `path` by this stage with the same fingerprint and the same items
+        (their keys), else None: a chunk of another run, other items or a damaged file is ignored."""
+        if not self.resume:
+            return None
+        try:
+            with open(path, "rb") as f:
+                saved = pickle.load(f)  # written by this stage in this work folder (like its checkpoints)
+        except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError, IndexError, ValueError):
+            return None
+        if not isinstance(saved, dict) or saved.get("run") != self.run_key or saved.get("keys") != keys:
+            return None
+        return saved.get("results")
+
+    def save_chunk(self, path: Path, keys: list[str], results: list) -> None:
+        _save_chunk(path, self.run_key, keys, results)
+
+    def map_resumable(self, fn: Callable, items: Iterable, desc: str, key: Callable[[Any], str],
+                      chunk: int = 64, name: str | None = None) -> Iterator:
+        """fn over items, results in order, like map(); results are committed in chunks so that a stage
+        killed part way and rerun with the same fingerprint (Run.resume) keeps every finished chunk.
+
+        The items are cut into chunks of at most `chunk` (about 1/16 of them when they are few), a
+        function of their number only, so a resumed run cuts them the same way whatever --workers.
+        Each chunk runs whole in one worker, which writes its results atomically to
+        WORK/<stage>/.partial/<name>-<i>.pickle before handing them back: a SIGKILL loses at most the
+        chunk each worker was on. `key(item)` names an item (e.g. the photo's name, not its path); a
+        committed chunk is used only when this run's fingerprint and its items' keys are the ones it
+        was computed for. fn must be picklable and deterministic, its results picklable: the resumed
+        run's artifacts are then those of an uninterrupted run. The .partial folder is deleted once
+        the stage's manifest is written."""
+        items = list(items)
+        name = name or desc
+        size = max(1, min(chunk, -(-len(items) // 16)))
+        jobs, done = [], {}
+        for i, start in enumerate(range(0, len(items), size)):
+            part = items[start:start + size]
+            keys = [str(key(x)) for x in part]
+            path = self.partial_path(name, i)
+            results = self.load_chunk(path, keys)
+            if results is not None and len(results) == len(part):
+                done[i] = results
+            jobs.append((i, path, keys, part))
+        todo = [(fn, str(path), self.run_key, keys, part) for i, path, keys, part in jobs if i not in done]
+        self.partial_stats[name] = {"items": len(items), "chunk": size, "chunks": len(jobs),
+                                    "kept": len(done), "computed": len(todo)}
+        if done:
+            kept = sum(len(r) for r in done.values())
+            self.echo(f"{name}: resuming, {len(done)} of {len(jobs)} chunks ({kept} of {len(items)} items) "
+                      f"kept from the interrupted run")
+        if self.workers <= 1 or len(todo) < 2:
+            computed, pool = map(_chunk_job, todo), None
         else:
-            pool = multiprocessing.get_context("fork").Pool(self.workers)
-        with pool:
-            yield from tqdm(pool.imap(fn, items, chunksize=chunksize), **bar)
+            pool = self._pool()
+            computed = pool.imap(_chunk_job, todo, chunksize=1)
+        try:
+            with tqdm(**self._bar(desc, len(items))) as bar:
+                for i, _, _, part in jobs:
+                    results = done.pop(i, None)
+                    if results is None:
+                        results = next(computed)
+                        fault_point(f"{self.stage.name}.chunk")
+                    bar.update(len(part))
+                    yield from results
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+
+
+def _save_chunk(path, run_key: str, keys: list[str], results: list) -> None:
+    write_bytes(Path(path), pickle.dumps({"run": run_key, "keys": keys, "results": results},
+                                         protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _chunk_job(job) -> list:
+    """Worker of map_resumable: one chunk, committed before its results are handed back."""
+    fn, path, run_key, keys, part = job
+    results = [fn(x) for x in part]
+    _save_chunk(path, run_key, keys, results)
+    return results

@@ -18,20 +18,19 @@ TTA_SETTINGS = ("run.image_size", "run.seed", "augment.margin", "augment.crop_ma
                 "predict.gallery_tta", "new_whale.threshold")
 
 
-def _box_file(session) -> list[Path]:
-    """A box CSV named by boxes.import_csv is an input: a changed file reruns boxes."""
-    p = session.cfg["boxes"]["import_csv"]
-    return [Path(p)] if p else []
+def _box_file(value: str) -> Path | None:
+    """A box CSV named by boxes.import_csv is an input by its content: a changed file reruns boxes, the
+    same file at another path (a copied data folder) does not."""
+    return Path(value).expanduser() if value else None
 
 
-def _weights_file(session) -> list[Path]:
-    """A weights file named by model.weights is an input: a changed file retrains."""
-    weights = session.cfg["model"]["weights"]
-    return [] if weights.lower() == "none" or weights == "imagenet" else [Path(weights).expanduser()]
+def _weights_file(value: str) -> Path | None:
+    """A weights file named by model.weights is an input by its content: a changed file retrains."""
+    return None if value.lower() == "none" or value == "imagenet" else Path(value).expanduser()
 
 
-def _tuned_file(session) -> list[Path]:
-    return [session.work / TUNED] if (session.work / TUNED).exists() else []
+def _tuned_file(session) -> dict[str, Path]:
+    return {TUNED: session.work / TUNED} if (session.work / TUNED).exists() else {}
 
 
 DEDUP = Stage(
@@ -50,7 +49,7 @@ BOXES = Stage(
     "boxes", "whaleid.boxes:run",
     artifacts=("BB_TRAIN.csv", "BB_TEST.csv", "import_report.csv"),
     settings=DETECT_SETTINGS + ("boxes.import_csv",),
-    data=("train/", "test/"), upstream=("format",), extra_inputs=_box_file)
+    data=("train/", "test/"), upstream=("format",), files=(("boxes.import_csv", _box_file),))
 
 AUGMENT = Stage(
     "augment", "whaleid.augment:run",
@@ -69,7 +68,7 @@ TRAIN = Stage(
     "train", "whaleid.train:run",
     artifacts=("model.keras", "classes.json", "HISTORY.pickle", "history.csv", "MODEL_TIME.pickle"),
     settings=("run.seed", "run.image_size", "model.*", "train.*"),
-    upstream=("split", "augment"), extra_inputs=_weights_file)
+    upstream=("split", "augment"), files=(("model.weights", _weights_file),))
 
 EVALUATE = Stage(
     "evaluate", "whaleid.evaluate:run",
