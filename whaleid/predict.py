@@ -10,17 +10,20 @@ Artifacts: submission.csv    Image,Id: one row per sample_submission image, in i
 
 TTA, the gallery of retrieval heads and the threshold: scoring.py (shared with evaluate). The
 gallery holds all known ids, also those split held out of training: a new id needs photos, not a
-retrained model.
+retrained model. The test photos are scored in chunks of whole batches, each chunk's answers
+committed to predict/.partial/ (Run.save_chunk): a killed predict resumes after its last chunk, and
+every batch goes through the model at the same size, so a resumed run writes the same files.
 """
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from . import model as models, scoring, submission
-from .stage import Run, atomic_path
+from . import augment, model as models, scoring, submission
+from .stage import Run, atomic_path, fault_point
 from .tables import NEW_WHALE, read_test
 
 
@@ -29,6 +32,52 @@ def photo_jobs(test: pd.DataFrame, boxes: pd.DataFrame, folder: Path) -> list[tu
     usable = test[test.Image.isin(boxes.index)]
     return [(r.Image, str(folder / r.Image), tuple(int(v) for v in boxes.loc[r.Image, ["x0", "y0", "x1", "y1"]]))
             for r in usable.itertuples()]
+
+
+class FixedBatch:
+    """A model whose every call sees `rows` rows (a short batch padded with zeros): one traced shape,
+    and a photo's scores do not depend on which chunk ended where."""
+
+    def __init__(self, model, rows: int):
+        self.model, self.rows = model, rows
+
+    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
+        n = len(x)
+        if n < self.rows:
+            x = np.concatenate([x, np.zeros((self.rows - n,) + x.shape[1:], x.dtype)])
+        return np.asarray(self.model.predict_on_batch(x))[:n]
+
+
+def scored_chunks(run: Run, model, classes, jobs: list, thr: float, merge: str, k: int, known: dict):
+    """(image, labels or None, error, top score) per job, in order, chunk by chunk: a chunk committed by
+    an interrupted run with the same fingerprint is read back, the others are scored and committed."""
+    batch = run.setting("predict.batch_size")
+    fixed = FixedBatch(model, batch * (len(augment.TTA) if run.setting("predict.tta") else 1))
+    size = batch * max(1, min(8, -(-len(jobs) // (16 * batch))))  # whole batches, <= 8 of them
+    chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
+    kept = 0
+    for i, part in enumerate(chunks):
+        keys = [job[0] for job in part]
+        path = run.partial_path("tta", i)
+        scored = run.load_chunk(path, keys)
+        if scored is None:
+            scored = []
+            desc = "TTA + model" + (f" {i + 1}/{len(chunks)}" if len(chunks) > 1 else "")
+            for image, probs, error in scoring.class_scores(run, fixed, part, batch, desc):
+                if error:
+                    scored.append((image, None, error, 0.0))
+                else:
+                    labels = submission.answer(probs, classes, thr, merge, known.get(image), k)
+                    scored.append((image, labels, None, float(probs.mean(0).max())))
+            run.save_chunk(path, keys, scored)
+            fault_point("predict.chunk")
+        else:
+            kept += 1
+        yield from scored
+    run.partial_stats["tta"] = {"items": len(jobs), "chunk": size, "chunks": len(chunks), "kept": kept,
+                                "computed": len(chunks) - kept}
+    if kept:
+        run.echo(f"resumed: {kept} of {len(chunks)} chunks of test photos kept from the interrupted run")
 
 
 def run(run: Run) -> dict:
@@ -43,13 +92,12 @@ def run(run: Run) -> dict:
     thr, merge, k = scoring.threshold(run), run.setting("predict.merge"), run.setting("predict.top_k")
     jobs = photo_jobs(test, boxes, run.data / "test")
     answers, rows = {}, []
-    for image, probs, error in scoring.class_scores(run, model, jobs, run.setting("predict.batch_size"), "TTA + model"):
+    for image, labels, error, top in scored_chunks(run, model, classes, jobs, thr, merge, k, known):
         if error:
             run.skip(image, error)
             continue
-        labels = submission.answer(probs, classes, thr, merge, known.get(image), k)
         answers[image] = labels
-        rows.append((image, " ".join(labels), "known" if image in known else "model", float(probs.mean(0).max())))
+        rows.append((image, " ".join(labels), "known" if image in known else "model", top))
     # photos that could not be read still get a valid row: the most common answer shape
     train_ids = run.read_csv("format", "train.csv").Id.value_counts().index.tolist()
     fallback = ([NEW_WHALE] + [i for i in train_ids if i != NEW_WHALE])[:k]
