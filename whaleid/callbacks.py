@@ -73,6 +73,18 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
         return {"best": None if self.best is None else float(self.best), "wait": int(self.wait),
                 "best_epoch": int(self.best_epoch)}
 
+    def carry_over(self, last_fit: bool) -> None:
+        """Before another fit() of the same training (the next fine-tuning phase): keep counting from
+        here, and restore the best weights only when the last fit ends (the next phase starts from
+        the last epoch's weights, as a run resumed from the checkpoint would)."""
+        if hasattr(self, "best_epoch"):  # (a fit has run: its state goes on)
+            self.restored, self.restored_weights = self.state(), self.best_weights
+        self.restore_on_end = last_fit
+
+    def on_train_end(self, logs=None):
+        if getattr(self, "restore_on_end", True):
+            super().on_train_end(logs)
+
 
 class EpochCheckpoint(keras.callbacks.Callback):
     """After each epoch: save the checkpoint (model, optimizer, early stopping, history, time), stop

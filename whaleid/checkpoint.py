@@ -83,6 +83,14 @@ class Checkpoint:
         self.best_file = state.get("best_file")
         return state, best
 
+    def epochs_done(self) -> int | None:
+        """Epochs the checkpoint holds, read without restoring anything (None: no usable checkpoint)."""
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                return int(json.loads(str(z["state"]))["epochs_done"])
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            return None
+
     def remove(self) -> None:
         for p in [self.path, *self.folder.glob("best-*.npz")]:
             with contextlib.suppress(FileNotFoundError):

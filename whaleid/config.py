@@ -181,6 +181,8 @@ RANGES: dict[str, Range] = {
     "train.margin": between(0, 4, lo_open=True),     # squared distances of unit vectors lie in 0..4
     "train.hard_negatives": between(0, 1),
     "train.max_minutes": at_least(0),                # 0: no limit
+    "train.head_epochs": at_least(0),                # 0: no frozen-backbone phase
+    "train.head_learning_rate": at_least(0, open_=True),
     "predict.top_k": at_least(1),
     "predict.batch_size": at_least(1),
     "new_whale.threshold": between(0, 1.01),         # above every score: new_whale always first

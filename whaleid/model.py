@@ -194,6 +194,25 @@ def set_bn_momentum(net: keras.Model, momentum: float) -> int:
     return n
 
 
+def set_trainable(model: keras.Model, backbone: bool, freeze_bn: bool) -> None:
+    """Freeze or unfreeze the backbone; with freeze_bn its batch-norm layers stay frozen either way
+    (a frozen BatchNormalization runs in inference mode: the pretrained statistics are used and kept,
+    the Keras transfer-learning idiom for small data). Recompile after this."""
+    net = find_backbone(model)
+    net.trainable = backbone  # (recursive: resets every layer inside)
+    if freeze_bn:
+        for layer in _layers(net):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+
+
+def _layers(net: keras.Model):
+    for layer in net.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _layers(layer)
+
+
 def find_backbone(model: keras.Model) -> keras.Model:
     """The backbone sub-model of a model built by build_model."""
     nets = [layer for layer in model.layers if isinstance(layer, keras.Model) and layer.name != "online_augment"]

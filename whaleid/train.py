@@ -26,6 +26,7 @@ import contextlib
 import importlib.util
 import os
 import sys
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -70,9 +71,14 @@ def run(run: Run) -> dict:
         if not len(val):
             run.echo("no validation data: early stopping monitors training accuracy instead")
 
-        # build, then restore the last checkpoint when resuming
+        # build, then restore the last checkpoint when resuming (compiled for the phase it was saved in)
+        schedule = phases(run.setting, epochs)
         with strategy.scope():
-            net = compiled_model(run.setting, head, len(classes), plan.steps)
+            net = models.build_model(run.setting, len(classes), head)
+        done = checkpoint.epochs_done() if run.resume else None
+        current = phase_of(schedule, done - 1 if done else 0)
+        with strategy.scope():
+            compile_for(net, run.setting, head, len(classes), current, plan.steps)
         restored = checkpoint.load(net) if run.resume else None
         if restored is None:
             if run.resume:
@@ -84,7 +90,7 @@ def run(run: Run) -> dict:
             run.write_csv("history.csv", history_table(state["history"])[1])  # drop rows logged after it
             run.echo(f"resuming from the checkpoint of epoch {start}: continuing at epoch {start + 1} of {epochs}")
 
-        # fit
+        # fit, phase by phase (fine-tuning: the backbone frozen, then all of it)
         validation = None
         if head.retrieval_validation and len(val):
             gallery = train.drop_duplicates("Image")
@@ -92,15 +98,26 @@ def run(run: Run) -> dict:
         stopper = ResumableEarlyStopping(monitor, patience, state and state["early_stopping"], best_weights)
         progress = EpochCheckpoint(checkpoint, stopper, run.echo, epochs, plan.images, state, validation,
                                    run.setting("train.max_minutes"))
-        callbacks = [c for c in (validation, stopper, progress) if c is not None] + logs(run, state)
-        if start < epochs and not (state and state["stopped"]):
-            val_data = None
-            if len(val) and not head.retrieval_validation:
-                val_data = inputs.eval_dataset(list(val.path), list(val.y), size, plan.size)
-            net.fit(batches_from(start).dataset, epochs=epochs, initial_epoch=start, steps_per_epoch=plan.steps,
+        val_data = None
+        if len(val) and not head.retrieval_validation:
+            val_data = inputs.eval_dataset(list(val.path), list(val.y), size, plan.size)
+        todo = [p for p in schedule if p.end > start] if not (state and state["stopped"]) else []
+        for i, phase in enumerate(todo):
+            if phase != current:
+                with strategy.scope():
+                    compile_for(net, run.setting, head, len(classes), phase, plan.steps)
+                current = phase
+            first = max(start, phase.first)
+            if len(schedule) > 1:
+                run.echo(f"epochs {first + 1}-{phase.end}: {phase.name}, learning rate {phase.learning_rate:g}")
+            stopper.carry_over(last_fit=i == len(todo) - 1)
+            callbacks = [c for c in (validation, stopper, progress) if c is not None] + logs(run, state or i > 0)
+            net.fit(batches_from(first).dataset, epochs=phase.end, initial_epoch=first, steps_per_epoch=plan.steps,
                     validation_data=val_data, callbacks=callbacks, shuffle=False,
                     verbose=1 if run.session.progress and sys.stdout.isatty() else 0)
-        elif best_weights is not None:
+            if net.stop_training:
+                break
+        if not todo and best_weights is not None:
             net.set_weights(best_weights)  # finished before the kill: only the artifacts were missing
         save_model(net, run.path("model.keras"))
 
@@ -154,37 +171,67 @@ def read_inputs(run: Run) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     return train.reset_index(drop=True), val.reset_index(drop=True), classes
 
 
-def learning_rate(get, steps_per_epoch: int | None):
-    """train.learning_rate, constant, or with train.lr_schedule = cosine: decayed along a half cosine
-    to 0 over the whole run (epochs x steps per epoch), after one epoch of linear warm-up from 0.
-    The schedule is a function of the optimizer's step count, which the checkpoint saves: a resumed
-    run continues on the same curve."""
-    lr, schedule = get("train.learning_rate"), get("train.lr_schedule")
-    if schedule == "constant" or steps_per_epoch is None:
+class Phase(NamedTuple):
+    name: str
+    first: int            # first epoch (0-based)
+    end: int              # one past the last epoch
+    backbone_frozen: bool
+    learning_rate: float
+
+
+def phases(get, epochs: int) -> list[Phase]:
+    """train.head_epochs > 0 (fine-tuning pretrained weights): those epochs train the head alone on a
+    frozen backbone at train.head_learning_rate, then the whole network trains at train.learning_rate.
+    Otherwise one phase, the whole network."""
+    k = min(get("train.head_epochs"), epochs)
+    out = [Phase("head only (backbone frozen)", 0, k, True, get("train.head_learning_rate"))] if k else []
+    if k < epochs:
+        out.append(Phase("whole network", k, epochs, False, get("train.learning_rate")))
+    return out
+
+
+def phase_of(schedule: list[Phase], epoch: int) -> Phase:
+    return next((p for p in schedule if p.first <= epoch < p.end), schedule[-1])
+
+
+def learning_rate(get, phase: Phase, steps_per_epoch: int | None):
+    """The phase's learning rate, constant, or with train.lr_schedule = cosine: decayed along a half
+    cosine to 0 over the phase (its epochs x steps per epoch), after one epoch of linear warm-up from
+    0. The schedule is a function of the optimizer's step count, which the checkpoint saves: a
+    resumed run continues on the same curve."""
+    lr = phase.learning_rate
+    if get("train.lr_schedule") == "constant" or steps_per_epoch is None:
         return lr
-    epochs = get("train.epochs")
+    epochs = phase.end - phase.first
     warmup = steps_per_epoch if epochs > 1 else 0
     return keras.optimizers.schedules.CosineDecay(
         0.0 if warmup else lr, decay_steps=max(1, epochs * steps_per_epoch - warmup),
         warmup_target=lr if warmup else None, warmup_steps=warmup)
 
 
-def compiled_model(get, head, n_classes: int, steps_per_epoch: int | None = None):
-    """The model with Adam, the head's loss and metrics, and the jit setting; the optimizer is built
-    so its variables exist for a checkpoint to fill. `get(dotted_key)` reads a setting. Call it
-    inside the strategy's scope and the dtype policy."""
-    net = models.build_model(get, n_classes, head)
+def compile_for(net, get, head, n_classes: int, phase: Phase, steps_per_epoch: int | None = None) -> None:
+    """Freeze or unfreeze the backbone for the phase, then compile with a new Adam (the phase's
+    learning rate), the head's loss and metrics and the jit setting; the optimizer is built so its
+    variables exist for a checkpoint to fill. Call it inside the strategy's scope."""
+    models.set_trainable(net, not phase.backbone_frozen, get("model.freeze_bn"))
     decay = get("train.weight_decay")
-    optimizer = keras.optimizers.Adam(learning_rate(get, steps_per_epoch), weight_decay=decay or None)
+    optimizer = keras.optimizers.Adam(learning_rate(get, phase, steps_per_epoch), weight_decay=decay or None)
     net.compile(optimizer=optimizer, loss=head.loss(), metrics=head.metrics(n_classes),
                 jit_compile=bool(get("train.xla")))
     net.optimizer.build(net.trainable_variables)
+
+
+def compiled_model(get, head, n_classes: int, steps_per_epoch: int | None = None):
+    """The model compiled for its first training phase (benchmarks). Inside the strategy's scope."""
+    net = models.build_model(get, n_classes, head)
+    compile_for(net, get, head, n_classes, phases(get, get("train.epochs"))[0], steps_per_epoch)
     return net
 
 
-def logs(run: Run, state: dict | None) -> list:
-    """history.csv as it grows, and TensorBoard logs when tensorboard is installed."""
-    out = [keras.callbacks.CSVLogger(str(run.path("history.csv")), append=state is not None)]
+def logs(run: Run, append: bool) -> list:
+    """history.csv as it grows (appended to by a resumed run or a later phase), and TensorBoard logs
+    when tensorboard is installed."""
+    out = [keras.callbacks.CSVLogger(str(run.path("history.csv")), append=bool(append))]
     if importlib.util.find_spec("tensorboard") is not None:
         out.append(keras.callbacks.TensorBoard(log_dir=str(run.path(LOGS)), write_graph=False,
                                                profile_batch=0, update_freq="epoch"))
