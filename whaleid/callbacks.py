@@ -3,6 +3,7 @@
     RetrievalValidation     heads validated by retrieval: val_map5 / val_top1 after each epoch
     ResumableEarlyStopping  Keras' EarlyStopping whose state survives a kill
     EpochCheckpoint         after each epoch: checkpoint.npz, the time budget, one progress line
+    StepProgress            a progress bar inside each epoch (steps, img/s, ETA); off with --quiet
 """
 from __future__ import annotations
 
@@ -138,3 +139,45 @@ class EpochCheckpoint(keras.callbacks.Callback):
                       f"used; stopping with the best epoch's weights")
         elif self.model.stop_training:
             self.echo(f"early stopping: {stopper.monitor} has not improved for {stopper.patience} epochs")
+
+
+class StepProgress(keras.callbacks.Callback):
+    """A progress bar inside each epoch: steps done of `steps`, images per second, the epoch's ETA
+    (tqdm, on stderr; the epoch line of EpochCheckpoint stays the record). Off when not `enabled`
+    (--quiet). Use it with fit(verbose=0), in place of Keras' own bar."""
+
+    def __init__(self, steps: int, batch_size: int, epochs: int, enabled: bool = True):
+        super().__init__()
+        self.steps, self.batch_size, self.epochs, self.enabled = steps, batch_size, epochs, enabled
+        self.bar = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+        self.t0, self.done = time.perf_counter(), 0
+        self.bar = tqdm(total=self.steps, desc=f"[train] epoch {epoch + 1}/{self.epochs}", unit="step",
+                        leave=False, dynamic_ncols=True, mininterval=0.5)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.bar is None:
+            return
+        self.done += 1
+        rate = self.done * self.batch_size / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"{rate:.0f} img/s" + (f", loss {float(logs['loss']):.4f}" if logs and "loss" in logs else ""),
+                                 refresh=False)
+        self.bar.update(1)
+
+    def on_test_begin(self, logs=None):  # validation: the training steps are done
+        self.close()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.close()
+
+    def on_train_end(self, logs=None):
+        self.close()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
