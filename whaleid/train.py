@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import sys
 from typing import NamedTuple
 
 import keras
@@ -34,7 +33,7 @@ import pandas as pd
 from PIL import Image
 
 from . import devices, heads, inputs, model as models
-from .callbacks import EpochCheckpoint, ResumableEarlyStopping, RetrievalValidation
+from .callbacks import EpochCheckpoint, ResumableEarlyStopping, RetrievalValidation, StepProgress
 from .checkpoint import Checkpoint
 from .stage import Run, StageError
 
@@ -98,6 +97,7 @@ def run(run: Run) -> dict:
         stopper = ResumableEarlyStopping(monitor, patience, state and state["early_stopping"], best_weights)
         progress = EpochCheckpoint(checkpoint, stopper, run.echo, epochs, plan.images, state, validation,
                                    run.setting("train.max_minutes"))
+        bar = StepProgress(plan.steps, plan.size, epochs, enabled=run.session.progress)
         val_data = None
         if len(val) and not head.retrieval_validation:
             val_data = inputs.eval_dataset(list(val.path), list(val.y), size, plan.size)
@@ -111,10 +111,9 @@ def run(run: Run) -> dict:
             if len(schedule) > 1:
                 run.echo(f"epochs {first + 1}-{phase.end}: {phase.name}, learning rate {phase.learning_rate:g}")
             stopper.carry_over(last_fit=i == len(todo) - 1)
-            callbacks = [c for c in (validation, stopper, progress) if c is not None] + logs(run, state or i > 0)
+            callbacks = [c for c in (validation, stopper, progress, bar) if c is not None] + logs(run, state or i > 0)
             net.fit(batches_from(first).dataset, epochs=phase.end, initial_epoch=first, steps_per_epoch=plan.steps,
-                    validation_data=val_data, callbacks=callbacks, shuffle=False,
-                    verbose=1 if run.session.progress and sys.stdout.isatty() else 0)
+                    validation_data=val_data, callbacks=callbacks, shuffle=False, verbose=0)
             if net.stop_training:
                 break
         if not todo and best_weights is not None:
