@@ -167,6 +167,8 @@ class StepProgress(keras.callbacks.Callback):
         self.bar.set_postfix_str(f"{rate:.0f} img/s" + (f", loss {float(logs['loss']):.4f}" if logs and "loss" in logs else ""),
                                  refresh=False)
         self.bar.update(1)
+        if self.done >= self.steps:  # before the epoch's line, whatever the order of the callbacks
+            self.close()
 
     def on_test_begin(self, logs=None):  # validation: the training steps are done
         self.close()
