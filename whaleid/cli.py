@@ -21,18 +21,23 @@ from pathlib import Path
 
 import click
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter is not for users
+# TensorFlow's C++ start-up and log lines are not for users (whaleid --verbose shows them); set before
+# anything imports TensorFlow. Its load-time lines, which ignore this, are filtered by
+# files.quiet_native_startup where a stage module is imported.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from . import config, stage as stagelib
-from .stages import ALL as ALL_STAGES, BY_COMMAND
-from .stage import Session, StageError
-from .tables import TableError
+from . import config, stage as stagelib  # noqa: E402
+from .files import VERBOSE  # noqa: E402
+from .stages import ALL as ALL_STAGES, BY_COMMAND  # noqa: E402
+from .stage import Session, StageError  # noqa: E402
+from .tables import TableError  # noqa: E402
+from .workfolder import (fallback_rows, is_dir_or_error, open_work, test_photo_warning,  # noqa: E402
+                         unusable_test_photos, write_record)
 
 
 # ---------------------------------------------------------------- shared options and the session
 
 SETTINGS_RECORD = stagelib.SETTINGS_RECORD
-DEFAULT_CONFIG = Path("configs/default.toml")
 
 
 def common(fn):
@@ -42,16 +47,25 @@ def common(fn):
                   help="Data folder in the Kaggle layout (train.csv, sample_submission.csv, train/, test/). "
                        "Remembered in WORK after the first use.")
     @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                  help=f"TOML settings (default {DEFAULT_CONFIG}, or the one WORK was last run with).")
+                  help="TOML settings: a file, or a shipped config's name (cpu, default); default: the one WORK "
+                       "was last run with, else default.")
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                   help="Override a setting, e.g. --set train.epochs=5 (repeatable; remembered in WORK).")
+    @click.option("--unset", "unset", multiple=True, metavar="KEY",
+                  help="Forget a remembered --set value, e.g. --unset train.epochs (repeatable).")
+    @click.option("--reset-settings", "reset", is_flag=True,
+                  help="Forget every remembered --set value and the remembered config.")
     @click.option("--force", default=None, is_flag=False, flag_value="*", metavar="[STAGE]",
                   help="Rerun STAGE and everything downstream of it; alone, rerun every stage of the command.")
     @click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True,
                   help="Processes for per-image work.")
     @click.option("--quiet", is_flag=True, help="No progress bars.")
+    @click.option("--verbose", is_flag=True, help="Also show TensorFlow's start-up and log lines.")
     @functools.wraps(fn)
     def wrapper(**kw):
+        if kw.get("verbose"):
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+            os.environ[VERBOSE] = "1"
         try:
             return fn(**kw)
         except (StageError, config.ConfigError, TableError) as e:
@@ -59,36 +73,20 @@ def common(fn):
     return wrapper
 
 
-def open_session(work, data, config_file, overrides, workers, quiet, record=True, **_) -> Session:
-    """Settings and data folder for WORK: what is given now, else what WORK was last run with."""
-    work = Path(work)
-    rec_path = work / SETTINGS_RECORD
-    rec = json.loads(rec_path.read_text()) if rec_path.exists() else {}
-    if data is None and rec.get("data"):
-        data = Path(rec["data"])
-    if config_file is None:
-        config_file = Path(rec["config"]) if rec.get("config") else None  # None: the shipped defaults
-        sets = {**config.parse_overrides(rec.get("set", [])), **config.parse_overrides(overrides)}
-    else:
-        config_file = config.resolve(config_file)  # a file, or a shipped config's name: --config cpu
-        sets = config.parse_overrides(overrides)  # a malformed --set is a one-line error
-    set_list = [f"{k}={v}" for k, v in sets.items()]
-    cfg = config.load(config_file, tuple(set_list))
-    if data is not None and not Path(data).is_dir():
-        raise StageError(f"data folder {data} not found")
-    if record:
-        stagelib.write_json(rec_path, {"data": str(Path(data).resolve()) if data else None,
-                                       "config": str(Path(config_file).resolve()) if config_file else None,
-                                       "set": set_list})
-    return Session(cfg=cfg, work=work, data=Path(data).resolve() if data else None, stages=ALL_STAGES,
-                   workers=workers, progress=not quiet, echo=click.echo)
+def open_session(work, data, config_file, overrides, workers, quiet, unset=(), reset=False, **_):
+    """(session, the settings record to write if the command runs) for WORK; notes are printed."""
+    opened = open_work(work, data, config_file, overrides, workers, quiet, ALL_STAGES, unset, reset, click.echo)
+    for note in opened.notes:
+        click.echo(f"whaleid: {note}", err=True)
+    return opened.session, opened.record
 
 
-def run_command(command: str, kw: dict, extra_sets: tuple[str, ...] = ()) -> Session:
+def run_command(command: str, kw: dict, extra_sets: tuple[str, ...] = (), targets: list[str] | None = None) -> Session:
+    """Run the stages `command` needs (or `targets` and what they need) that are not up to date."""
     kw = dict(kw)
     kw["overrides"] = tuple(kw["overrides"]) + extra_sets
-    session = open_session(**kw)
-    needed = {s.name for s in BY_COMMAND[command]}
+    session, record = open_session(**kw)
+    needed = set(targets or [s.name for s in BY_COMMAND[command]])
     for st in reversed(session.stages):  # pipeline order: add what the needed stages read
         if st.name in needed:
             needed |= set(st.upstream)
@@ -97,43 +95,80 @@ def run_command(command: str, kw: dict, extra_sets: tuple[str, ...] = ()) -> Ses
     if kw["force"] == "*":
         force = {s.name for s in BY_COMMAND[command]}
     elif kw["force"]:
-        if kw["force"] not in {s.name for s in session.stages}:
+        owner = {s.name: c for c, ss in BY_COMMAND.items() for s in ss}
+        if kw["force"] not in owner:
             raise StageError(f"--force {kw['force']}: no such stage (stages: {', '.join(s.name for s in session.stages)})")
+        if kw["force"] not in needed:
+            raise StageError(f"--force {kw['force']}: {kw['force']} is not a stage of whaleid {command}, which runs "
+                             f"{', '.join(s.name for s in stages)}; to rerun it: whaleid {owner[kw['force']]} "
+                             f"--force {kw['force']}")
         force = {kw["force"]}
-    with stagelib.work_lock(session.work, command):
-        session.run(stages, force)
+    if session.data is None:  # before anything is written: a bare `whaleid train` creates no ./work
+        seen: dict = {}
+        for st in stages:
+            if st.data and (st.name in session.downstream(force) or not session.status(st, seen).done):
+                raise StageError(f"whaleid {command} needs the data folder (stage {st.name} reads it and is not up "
+                                 f"to date in {session.work}): pass --data DIR (train.csv, sample_submission.csv, "
+                                 f"train/, test/)")
+    write_record(session, record)
+    try:
+        with stagelib.work_lock(session.work, command):
+            session.run(stages, force)
+    finally:
+        session.close()
     return session
+
+
+def warn_test_photos(session: Session, strict: bool) -> None:
+    """A loud line when test photos are missing or unreadable; an error with --strict."""
+    missing, total, files = unusable_test_photos(session)
+    if missing:
+        text = test_photo_warning(missing, total, files)
+        if strict:
+            raise StageError(text.replace("WARNING: ", "").replace(" --strict makes this an error.", " (--strict)"))
+        click.secho(text, err=True, fg="yellow", bold=True)
+
+
+STRICT = click.option("--strict", is_flag=True, help="Missing or unreadable test photos are an error, not a warning.")
 
 
 # ---------------------------------------------------------------- commands
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="whaleid")
 def main():
-    """Identify individual whales (and other animals) from photos."""
+    """Identify individual whales (and other animals) from photos.
+
+    Every command runs each stage it needs that is not up to date, and only those (the cache is
+    in --work): `whaleid predict --data DATA` alone runs the whole pipeline, preprocess -> train ->
+    predict. Rerunning a command after a pre-empted VM continues where it stopped.
+    """
 
 
-@main.command()
+@main.command(short_help="Dedup, 3-channel format, tail boxes, offline augmentation, validation split.")
 @common
 @click.option("--boxes", "box_csv", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Import tail boxes from a CSV Image,x0,y0,x1,y1 instead of detecting them.")
-def preprocess(box_csv, **kw):
+@STRICT
+def preprocess(box_csv, strict, **kw):
     """Dedup, 3-channel format, tail boxes, offline augmentation, validation split."""
     extra = (f"boxes.import_csv={json.dumps(str(box_csv.resolve()))}",) if box_csv else ()
     session = run_command("preprocess", kw, extra)
+    warn_test_photos(session, strict)
     click.echo(f"preprocess: done; artifacts in {session.work}")
 
 
-@main.command()
+@main.command(short_help="Train the model (preprocessing first if needed); resumes after a kill.")
 @common
 def train(**kw):
-    """Train the classifier (or an embedding head) on the preprocessed images; resumes after a kill."""
+    """Train the classifier (or an embedding head) on the preprocessed images, running preprocess
+    first if needed; resumes after a kill."""
     session = run_command("train", kw)
     m = session.manifest("train") or {}
     click.echo("train: " + ", ".join(f"{k} {v}" for k, v in m.get("counts", {}).items()))
 
 
-@main.command()
+@main.command(short_help="Open-set MAP@5 on the validation split; --tune-threshold for predict.")
 @common
 @click.option("--tune-threshold", is_flag=True,
               help="Store the best new_whale threshold of the sweep in WORK; predict then uses it.")
@@ -145,7 +180,7 @@ def train(**kw):
               help="Also N-way one-shot accuracy (sets evaluate.one_shot; remembered in WORK).")
 def evaluate(tune_threshold, submission_file, solution_file, one_shot, **kw):
     """Open-set MAP@5 on the validation split (held-out ids play the new whales)."""
-    from . import evaluate as evaluation, submission
+    from . import submission
     if submission_file or solution_file:
         if not (submission_file and solution_file):
             raise click.UsageError("--submission and --solution go together")
@@ -173,21 +208,30 @@ def evaluate(tune_threshold, submission_file, solution_file, one_shot, **kw):
         acc = "n/a" if o["accuracy"] is None else f"{o['accuracy']:.4f}"
         unseen = "" if o["unseen_accuracy"] is None else f"; held-out ids {o['unseen_accuracy']:.4f} ({o['unseen_tasks']} tasks)"
         click.echo(f"  {o['n_way']}-way one-shot accuracy {acc} ({o['tasks']} tasks{unseen})")
+    if not m["new_whale_share"]:
+        message = ("the validation has no new whales (no new_whale rows and no held-out ids), so MAP@5 says nothing "
+                   "about the new_whale threshold; set split.unseen_ids, e.g. --set split.unseen_ids=0.2")
+        if tune_threshold:
+            raise click.ClickException(f"not tuning the threshold: {message}")
+        click.secho(f"WARNING: {message}", err=True, fg="yellow", bold=True)
     if tune_threshold:
+        from . import evaluate as evaluation
         thr = evaluation.tune(session.work)
         click.echo(f"  stored threshold {thr:.2f} in {session.work / 'tuned_threshold.json'}; predict will use it")
 
 
-@main.command()
+@main.command(short_help="WORK/submission.csv, running every stage it needs first (the whole pipeline).")
 @common
 @click.option("--check", "check_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Only validate this submission file against the data folder's sample_submission.csv.")
-def predict(check_file, **kw):
-    """TTA top-5 with the new_whale threshold -> WORK/submission.csv."""
+@STRICT
+def predict(check_file, strict, **kw):
+    """TTA top-5 with the new_whale threshold -> WORK/submission.csv. Runs every stage it needs that
+    is not up to date first: with --data alone, the whole pipeline (preprocess, train, predict)."""
     from . import submission
     from .tables import read_test
     if check_file:
-        session = open_session(**kw, record=False)
+        session, _ = open_session(**kw)
         if session.data is None:
             raise click.ClickException("--check needs --data (the folder with sample_submission.csv)")
         order, _ = read_test(session.data / "sample_submission.csv")
@@ -198,18 +242,30 @@ def predict(check_file, **kw):
             raise click.ClickException(str(e)) from None
         click.echo(f"{check_file}: valid ({len(order)} images, {k} distinct labels each)")
         return
+    if strict:  # an error before the submission is written
+        upstream = [s for s in BY_COMMAND["predict"][0].upstream]
+        warn_test_photos(run_command("predict", kw, targets=upstream), strict=True)
     session = run_command("predict", kw)
+    guessed, rows = fallback_rows(session)
+    if guessed:
+        click.secho(f"WARNING: {guessed} of {rows} rows of {session.work / 'submission.csv'} are guesses (new_whale "
+                    f"first): their test photos are missing or unreadable; see {session.dir('predict') / 'predictions.csv'} "
+                    f"(source fallback) and {session.dir('dedup') / 'skipped.csv'}. --strict makes this an error.",
+                    err=True, fg="yellow", bold=True)
     click.echo(f"submission: {session.work / 'submission.csv'}")
 
 
-@main.command()
+@main.command(short_help="Each stage: done, stale (and why) or missing, with its artifacts.")
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("work"), show_default=True)
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Check against this data folder (default: the one WORK was run with).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
-def status(work, config_file, overrides):
+def status(work, data, config_file, overrides):
     """Each stage: done / stale (why) / missing, with its artifacts."""
     try:
-        session = open_session(work, None, config_file, overrides, 1, True, record=False)
+        session, _ = open_session(work, data, config_file, overrides, os.cpu_count() or 1, True)
+        is_dir_or_error(work)
     except (StageError, config.ConfigError) as e:
         raise click.ClickException(str(e)) from None
     seen: dict = {}
@@ -226,9 +282,10 @@ def status(work, config_file, overrides):
         if s.manifest:
             for name in s.manifest["artifacts"]:
                 click.echo(f"{'':<20}{session.dir(st.name) / name}")
+    session.close()
 
 
-@main.command()
+@main.command(short_help="PNG sheets and plots of WORK's artifacts, and an index.html.")
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("work"), show_default=True)
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Data folder with the photos (default: the one WORK was run with).")
@@ -252,7 +309,7 @@ def report(work, data, out, sample, seed):
     click.echo(f"report: {index.resolve().as_uri()}")
 
 
-@main.command()
+@main.command(short_help="Write a synthetic data set in the Kaggle layout.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder to create.")
 @click.option("--ids", type=click.IntRange(min=2), default=50, show_default=True, help="Known individuals.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -274,7 +331,7 @@ def synth(out, ids, seed, photos, real_train_csv, size_scale, workers, quiet):
     click.echo(f"synth: wrote {out}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
 
 
-@main.command("import-folders")
+@main.command("import-folders", short_help="A catalogue of one folder per individual -> the Kaggle layout.")
 @click.option("--src", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
               help="Catalogue with one folder per individual: SRC/<id>/*.jpg|png (nested folders allowed).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
@@ -296,7 +353,13 @@ def import_folders(src, out, new_fraction, query_fraction, seed, quiet):
     click.echo(f"import-folders: wrote {out}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     if summary["skipped"]:
         click.echo(f"  {summary['skipped']} files were not readable photos: see {out / 'skipped.csv'}")
-    click.echo(f"  next: whaleid preprocess --data {out} --boxes {out / 'boxes.csv'} --work WORK")
+    click.echo("  next (no new_whale rows in train.csv: split.unseen_ids holds ids out to play the new whales):")
+    click.echo(f"    whaleid preprocess --data {out} --boxes {out / 'boxes.csv'} --work WORK --config cpu "
+               f"--set split.unseen_ids=0.2")
+    click.echo("    whaleid train --work WORK")
+    click.echo("    whaleid evaluate --work WORK --tune-threshold")
+    click.echo("    whaleid predict --work WORK")
+    click.echo(f"    whaleid evaluate --submission WORK/submission.csv --solution {out / 'solution.csv'}")
 
 
 if __name__ == "__main__":

@@ -197,6 +197,8 @@ def relabel(photos: pd.DataFrame, train: pd.DataFrame, groups: list[list[str]]):
 
 def run(run: Run) -> dict:
     train, notes = tables.read_train(run.data / "train.csv")
+    if (train.Id == NEW_WHALE).all():
+        raise tables.TableError(f"{run.data / 'train.csv'}: every row is {NEW_WHALE}: no known individual to train on")
     test, notes_test = tables.read_test(run.data / "sample_submission.csv")
     for note in notes + notes_test:
         run.echo(note)

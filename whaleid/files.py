@@ -160,6 +160,41 @@ def _alive(holder: dict) -> bool:
     return True
 
 
+# ---------------------------------------------------------------- TensorFlow's start-up lines
+
+VERBOSE = "WHALEID_VERBOSE"  # set (by --verbose) to see TensorFlow's native log lines
+NATIVE_LOG = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+                        r"|[IWEF]\d{4} [\d:.]+\s+\d+ \S+:\d+\] .*)$")  # glog/absl: I0000 00:00:17.. 31398 port.cc:153] ...
+
+
+@contextlib.contextmanager
+def quiet_native_startup() -> Iterator[None]:
+    """Hide the lines TensorFlow's C++ side writes to stderr while it loads (oneDNN notes, "could not
+    find cuda drivers", absl's pre-init warning), which TF_CPP_MIN_LOG_LEVEL does not reach: stderr
+    (file descriptor 2) goes to a temp file for the duration, and every other line is passed on
+    afterwards. Nothing is hidden with WHALEID_VERBOSE set (whaleid --verbose)."""
+    if os.environ.get(VERBOSE):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().decode(errors="replace").splitlines() if not NATIVE_LOG.match(line)]
+            if kept:
+                sys.stderr.write("\n".join(kept) + "\n")
+        if "absl.logging" in sys.modules:  # Python-side absl warnings (e.g. on loading a model)
+            sys.modules["absl.logging"].set_verbosity("error")
+
+
 _FAULT_HITS: dict[str, int] = {}
 
 

@@ -32,6 +32,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import images
+from .files import umask
 from .tables import NEW_WHALE
 
 EXTENSIONS = {".jpg": ".jpg", ".jpeg": ".jpg", ".png": ".png"}
@@ -126,6 +127,7 @@ def import_folders(src: Path, out: Path, new_fraction: float = 0.3, query_fracti
     known = sorted(train.Id.unique())
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would hide the data folder from a teammate
     try:
         (tmp / "train").mkdir()
         (tmp / "test").mkdir()

@@ -41,11 +41,34 @@ def assign(photos: pd.DataFrame, validation: float, unseen_ids: float, seed: int
     return subset
 
 
+REPAIR_UNSEEN = 0.2  # split.unseen_ids used when it is 0 and train.csv has no new_whale rows
+
+
+def unseen_fraction(photos: pd.DataFrame, unseen_ids: float) -> tuple[float, str | None]:
+    """(split.unseen_ids to use, a note): with unseen_ids 0 and no new_whale rows (a catalogue from
+    import-folders with configs/cpu.toml) the open-set validation would have no new whales, and
+    evaluate would tune a threshold that never predicts new_whale; hold out REPAIR_UNSEEN of the ids
+    (at least one) instead, and say so."""
+    if unseen_ids > 0 or (photos.Id == NEW_WHALE).any():
+        return unseen_ids, None
+    counts = photos.Id.value_counts()
+    multi = int((counts >= 2).sum())
+    if multi < 3:  # too few ids to hold one out and still validate the others
+        return unseen_ids, (f"train.csv has no new_whale rows and split.unseen_ids = 0: the validation has no new "
+                            f"whales ({multi} ids with 2+ photos are too few to hold any out)")
+    fraction = max(REPAIR_UNSEEN, 1.0 / multi)
+    return fraction, (f"train.csv has no new_whale rows and split.unseen_ids = 0, so the validation would have no "
+                      f"new whales: holding out {round(fraction * multi)} of {multi} ids instead (split.unseen_ids "
+                      f"{fraction:g}) to play them; set split.unseen_ids > 0 to choose the share")
+
+
 def run(run: Run) -> dict:
     files = run.read_csv("augment", "TRAINING_FILE_FINAL.csv")
     photos = files.drop_duplicates("Image")[["Image", "Id"]].sort_values("Image").reset_index(drop=True)
-    photos["subset"] = assign(photos, run.setting("split.validation"), run.setting("split.unseen_ids"),
-                              run.setting("run.seed"))
+    unseen, note = unseen_fraction(photos, run.setting("split.unseen_ids"))
+    if note:
+        run.echo(note)
+    photos["subset"] = assign(photos, run.setting("split.validation"), unseen, run.setting("run.seed"))
     run.write_csv("split.csv", photos)
     side = files.merge(photos[["Image", "subset"]], on="Image")
     train = side[side.subset == "train"][["File", "Image", "Id"]]

@@ -34,7 +34,8 @@ import pandas as pd
 
 from .config import get as get_setting
 from .files import (LOCK, STATE, HashState, StageError, atomic_path, clear_temp_files, digest_folder,  # noqa: F401
-                    fault_point, fingerprint, matches, sha256_file, versions, work_lock, write_bytes, write_json)
+                    fault_point, fingerprint, matches, quiet_native_startup, sha256_file, versions, work_lock,
+                    write_bytes, write_json)
 from .workers import PARTIAL, PhotoWork
 
 MANIFEST = "manifest.json"
@@ -66,7 +67,8 @@ class Stage:
         if callable(self.run):
             return self.run
         module, name = self.run.split(":")
-        return getattr(importlib.import_module(module), name)
+        with quiet_native_startup():  # a stage module may load TensorFlow
+            return getattr(importlib.import_module(module), name)
 
     def setting_keys(self, cfg: dict) -> list[str]:
         keys = []
@@ -146,10 +148,14 @@ class Session:
         """{setting key: the file its value names, or None} for the stage's file-naming settings."""
         return {key: to_path(get_setting(self.cfg, key)) for key, to_path in stage.files}
 
-    def input_paths(self, stage: Stage) -> dict[str, Path]:
-        """{input key: path} of the data files and other files a stage reads (not upstream stages)."""
+    def input_paths(self, stage: Stage, need_data: bool = True) -> dict[str, Path]:
+        """{input key: path} of the data files and other files a stage reads (not upstream stages).
+        Without a data folder (not given, not where WORK remembers it): an error, or with need_data
+        False, no data inputs (a status check then takes them as recorded)."""
         paths = {}
         for rel in stage.data:
+            if self.data is None and not need_data:
+                continue
             if self.data is None:
                 raise StageError(f"stage {stage.name} reads the data folder: pass --data DIR (a folder with "
                                  f"train.csv, sample_submission.csv, train/, test/)")
@@ -214,10 +220,7 @@ class Session:
             was = m["settings"].get(key, "<absent>")
             if was != value and not (value == FILE_SETTING and was == get_setting(self.cfg, key)):  # (*)
                 return Status("stale", f"setting {key} changed ({was!r} -> {value!r})", m)
-        try:
-            paths = self.input_paths(stage)
-        except StageError as e:
-            return Status("stale", str(e), m)
+        paths = self.input_paths(stage, need_data=False)
         recorded = m["inputs"]
         for key, path in paths.items():
             # (*) a manifest of an earlier whaleid keyed a named file by its path: file/<path>

@@ -2,11 +2,13 @@
 name the file, row and column, so a user can fix the CSV instead of reading a traceback."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
 
 NEW_WHALE = "new_whale"
+WHITESPACE = r"\s+"
 
 
 class TableError(ValueError):
@@ -34,7 +36,8 @@ def _read(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
         df[col] = df[col].str.strip()
         empty = df.index[df[col] == ""]
         if len(empty):
-            raise TableError(f"{path}: row {empty[0] + 2}: empty value in column '{col}'")
+            raise TableError(f"{path}: row {empty[0] + 2}: empty value in column '{col}'"
+                             + (" (every training photo needs an id, or new_whale)" if col == "Id" else ""))
     bad = df.index[df["Image"].str.contains(r"[/\\]|^\.\.?$", regex=True)]
     if len(bad):
         raise TableError(f"{path}: row {bad[0] + 2}: column 'Image' must be a file name, "
@@ -46,6 +49,14 @@ def read_train(path: Path) -> tuple[pd.DataFrame, list[str]]:
     """train.csv as (table, notes). Exact repeated rows are dropped with a note; one image listed with
     two different ids is an error (which one is right cannot be guessed)."""
     df = _read(path, ("Image", "Id"))
+    if df.empty:
+        raise TableError(f"{path}: no rows below the header: nothing to train on (expected one row Image,Id per "
+                         f"training photo)")
+    spaced = df.index[df["Id"].str.contains(r"\s", regex=True)]
+    if len(spaced):
+        bad = df.at[spaced[0], "Id"]
+        raise TableError(f"{path}: row {spaced[0] + 2}: Id {bad!r} contains whitespace; an id must be one word "
+                         f"(a submission separates ids by spaces): write it without, e.g. {re.sub(WHITESPACE, '_', bad)!r}")
     notes = []
     dup = df.duplicated(keep="first")
     if dup.any():
