@@ -38,7 +38,8 @@ from .stages import TUNED
 from .tables import NEW_WHALE
 
 # 0.00 .. 1.00, and 1.01: above every score (probabilities and similarities reach 1.0 in float32),
-# new_whale first everywhere, so the sweep always contains the all-new_whale baseline
+# new_whale first everywhere (then the model's first ids), which scores at least the all-new_whale
+# baseline (new_whale alone): the best threshold never does worse than that baseline
 SWEEP = np.round(np.append(np.arange(0.0, 1.0001, 0.01), 1.01), 2)
 
 
