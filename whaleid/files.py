@@ -34,19 +34,14 @@ class StageError(RuntimeError):
 
 # ---------------------------------------------------------------- atomic files
 
-_UMASK: int | None = None
-
-
 def umask() -> int:
-    """The process's umask (read once; Linux reports it in /proc without changing it)."""
-    global _UMASK
-    if _UMASK is None:
-        try:
-            _UMASK = int(re.search(r"^Umask:\s*([0-7]+)", Path("/proc/self/status").read_text(), re.M).group(1), 8)
-        except (OSError, AttributeError, ValueError):
-            _UMASK = os.umask(0o022)
-            os.umask(_UMASK)
-    return _UMASK
+    """The process's umask (Linux reports it in /proc without changing it; elsewhere it is set and put back)."""
+    try:
+        return int(re.search(r"^Umask:\s*([0-7]+)", Path("/proc/self/status").read_text(), re.M).group(1), 8)
+    except (OSError, AttributeError, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 @contextlib.contextmanager
