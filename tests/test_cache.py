@@ -248,3 +248,25 @@ def test_atomic_writes_follow_a_group_writable_umask(tmp_path):
     finally:
         os.umask(old_mask)
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o664
+
+
+def test_predict_killed_while_scoring_resumes_after_its_last_committed_chunk(trained, tmp_path):
+    """predict commits its test photos' answers in chunks of whole batches (predict/.partial/); killed
+    after the second chunk, the rerun scores only the rest and writes what an uninterrupted run writes."""
+    import signal
+    import sys
+    data, work = trained
+    small = ["--set", "predict.batch_size=2"]  # chunks of 2 photos: several chunks on the tiny set
+    clean = cp_r(work, tmp_path / "clean")
+    whaleid("predict", "--work", clean, *small)
+    killed = cp_r(work, tmp_path / "killed")
+    env = {**os.environ, "WHALEID_FAULT": "predict.chunk@2"}
+    proc = subprocess.run([sys.executable, "-m", "whaleid.cli", "predict", "--work", str(killed), *small, "--quiet"],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    assert len(list((killed / "predict" / ".partial").iterdir())) == 2
+    out = whaleid("predict", "--work", killed, *small)
+    m = json.loads((killed / "predict" / "manifest.json").read_text())
+    assert m["resumed"] and m["partial"]["tta"]["kept"] == 2 and "2 of" in out and "kept from the interrupted run" in out
+    for name in ("submission.csv", "predictions.csv"):
+        assert (killed / "predict" / name).read_bytes() == (clean / "predict" / name).read_bytes()
