@@ -94,6 +94,16 @@ def test_a_catalogue_without_new_whales_gets_held_out_ids_and_the_recipe_says_so
     assert "no new_whale rows and split.unseen_ids = 0" in out and "holding out" in out, out
     report = json.loads((work / "split" / "split_report.json").read_text())
     assert report["unseen_ids"] >= 1
+    # the data folder moves (with its boxes.csv) and the work folder with it: nothing reruns, and the
+    # remembered box file follows the data folder
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "data", moved / "data")
+    shutil.copytree(work, moved / "w")
+    out = whaleid("preprocess", "--work", moved / "w", "--data", moved / "data", "--quiet")
+    assert "boxes.import_csv follows the data folder" in out and "running" not in out, out
+    (moved / "data" / "boxes.csv").unlink()
+    code, out = cli("preprocess", "--work", moved / "w", "--quiet")
+    one_line_error(code, out, "boxes.csv", "not found", "--boxes FILE")
 
 
 # ---------------------------------------------------------------- 6. option mistakes

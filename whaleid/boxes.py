@@ -229,7 +229,12 @@ def run(run: Run) -> dict:
     imported, refused = pd.DataFrame(columns=COLUMNS), pd.DataFrame(columns=["Image", "row", "reason"])
     if run.setting("boxes.import_csv"):
         sizes = {r.Image: (int(r.width), int(r.height)) for t in tables.values() for r in t.itertuples()}
-        imported, refused = read_box_csv(run.setting("boxes.import_csv"), sizes)
+        try:
+            imported, refused = read_box_csv(run.setting("boxes.import_csv"), sizes)
+        except ValueError as e:  # a missing or unreadable file: a message, not a traceback
+            from .stage import StageError
+            raise StageError(f"{e} (boxes.import_csv: pass --boxes FILE, or --unset boxes.import_csv to "
+                             f"detect the boxes)") from None
         run.echo(f"imported {len(imported)} boxes from {run.setting('boxes.import_csv')}; {len(refused)} rows "
                  f"refused (replaced by detection, see {run.path('import_report.csv')})")
     run.write_csv("import_report.csv", refused)
