@@ -48,7 +48,7 @@ def test_every_numeric_setting_has_a_range():
     ("[train]\nepochs = 'three'\n", "train.epochs: expected an integer"),
     ("[train]\nepochs = 2.5\n", "train.epochs: expected an integer"),
     ("[dedup]\nverify = 1\n", "dedup.verify: expected true or false"),
-    ("[model]\nhead = 'arcface'\n", "model.head: 'arcface' is not one of softmax, siamese, triplet"),
+    ("[model]\nhead = 'cosface'\n", "model.head: 'cosface' is not one of softmax, siamese, triplet, arcface"),
     ("[train]\nmargin = -1\n", re.escape("setting train.margin = -1.0: must be > 0 and <= 4")),
     ("[train\n", "config file"),
 ])
@@ -154,11 +154,11 @@ def test_out_of_range_set_stops_preprocess_before_any_stage(tmp_path):
 
 def test_model_head_accepts_a_head_registered_later(monkeypatch):
     monkeypatch.setattr(heads, "REGISTRY", dict(heads.REGISTRY))  # register() below is undone after the test
-    with pytest.raises(ConfigError, match="'toy' is not one of softmax, siamese, triplet$"):
+    with pytest.raises(ConfigError, match="'toy' is not one of softmax, siamese, triplet, arcface$"):
         config.load(None, ("model.head=toy",))
     heads.register("toy", "tests.toy:Toy")
     assert config.load(None, ("model.head=toy",))["model"]["head"] == "toy"
-    with pytest.raises(ConfigError, match="'toy2' is not one of softmax, siamese, triplet, toy$"):
+    with pytest.raises(ConfigError, match="'toy2' is not one of softmax, siamese, triplet, arcface, toy$"):
         config.load(None, ("model.head=toy2",))
 
 
@@ -177,6 +177,7 @@ def test_shipped_config_names_resolve_from_any_folder(tmp_path, monkeypatch):
 
 def test_cli_config_by_name_from_another_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "w").mkdir()  # (status refuses a work folder that does not exist)
     code, out = cli("status", "--work", tmp_path / "w", "--config", "cpu", "--set", "train.margin=-1")
     assert code != 0 and "train.margin = -1.0" in out  # cpu.toml was found and loaded
     code, out = cli("status", "--work", tmp_path / "w", "--config", "cpu")

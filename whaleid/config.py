@@ -93,7 +93,7 @@ def defaults() -> dict[str, dict]:
 # ---------------------------------------------------------------- what each key allows
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.pooling": ("avg2x2", "global"),
+    "model.pooling": ("avg2x2", "global", "gem"),
     "model.pair_features": ("l1", "rich"),
     "train.strategy": ("auto", "mirrored", "multiworker", "tpu", "none"),
     "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
@@ -170,6 +170,10 @@ RANGES: dict[str, Range] = {
     "split.unseen_ids": between(0, 1, hi_open=True),
     "model.dropout": between(0, 1, hi_open=True),
     "model.embedding_size": at_least(2),
+    "model.subcenters": at_least(1),
+    "model.arcface_margin": between(0, 1.5),          # radians
+    "model.arcface_scale": at_least(0, open_=True),
+    "model.arcface_centre_weight": between(0, 1),
     "model.bn_momentum": Range(lo=0, hi=1, lo_open=True, hi_open=True, zero="the backbone's own"),
     "train.batch_size": at_least(1),
     "train.epochs": at_least(1),
@@ -186,6 +190,7 @@ RANGES: dict[str, Range] = {
     "predict.top_k": at_least(1),
     "predict.batch_size": at_least(1),
     "new_whale.threshold": between(0, 1.01),         # above every score: new_whale always first
+    "new_whale.share": between(0, 1, hi_open=True),   # 0: off (use the threshold)
     "evaluate.new_whale_share": between(0, 1, hi_open=True),
     "evaluate.one_shot": at_least(2, zero="off"),
 }

@@ -3,7 +3,7 @@
     backbone(name, image_size, weights)        a keras.applications network without its top (or "tiny")
     preprocess(name)                           that backbone's own preprocess_input, as a layer
     online_augment()                           random Keras preprocessing layers, active in training only
-    pool(features, pooling)                    2x2 average pooling + flatten (or global pooling)
+    pool(features, pooling)                    2x2 average pooling + flatten, global average, or GeM
     heads/                                     the heads: layers, loss, metrics, similarity (one file each)
     build_model(cfg, n_classes, head)          all of it
 
@@ -235,7 +235,35 @@ def pool(features, pooling: str):
         return L.Flatten(name="flatten")(x)
     if pooling == "global":
         return L.GlobalAveragePooling2D(name="global_avg")(features)
-    raise StageError(f"model.pooling = {pooling!r}: expected avg2x2 or global")
+    if pooling == "gem":
+        return GeM(name="gem")(features)
+    raise StageError(f"model.pooling = {pooling!r}: expected avg2x2, global or gem")
+
+
+@keras.saving.register_keras_serializable(package="whaleid")
+class GeM(keras.layers.Layer):
+    """Generalised mean pooling (Radenovic et al.): (mean over positions of x^p)^(1/p) per channel,
+    with p learned (starting at 3); p = 1 is average pooling, large p tends to max pooling. The
+    features are clipped at eps first (p-th powers need positive values; ReLU outputs are >= 0)."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6, **kwargs):
+        kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+        self.p_init, self.eps = float(p), float(eps)
+
+    def build(self, input_shape):
+        self.p = self.add_weight(shape=(), initializer=keras.initializers.Constant(self.p_init), name="p")
+
+    def call(self, x):
+        ops = keras.ops
+        x = ops.maximum(ops.cast(x, "float32"), self.eps)
+        return ops.power(ops.mean(ops.power(x, self.p), axis=(1, 2)), 1.0 / self.p)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "p": self.p_init, "eps": self.eps}
 
 
 # ---------------------------------------------------------------- the whole model

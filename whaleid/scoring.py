@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 
 from . import augment, heads, images, inputs
-from .retrieval import GalleryScorer
 from .stage import Run, StageError
 from .stages import TUNED
 from .tables import NEW_WHALE
@@ -114,21 +113,22 @@ def gallery_files(files: pd.DataFrame, photos, all_variants: bool) -> pd.DataFra
 
 
 def scorer(run: Run, net, gallery: pd.DataFrame):
-    """(model-like object with predict_on_batch -> a score per class, classes): the head's own classes
-    when it scores them (softmax), else a GalleryScorer over `gallery` (File, Id in augment/images)."""
+    """(model-like object with predict_on_batch -> a score per id, ids), as the model's head scores:
+    its own classes (softmax), or by retrieval over `gallery` (File, Id in augment/images)."""
     embedder = Embedder(net)
-    own = embedder.head.classifier(net, json.loads(run.upstream("train", "classes.json").read_text()))
-    if own is not None:
-        return own
-    if gallery.empty:
-        raise StageError("no photos of known ids to compare test photos with (the gallery is empty)")
-    folder = run.upstream("augment", "images")
-    vectors = embedder.encode_files([str(folder / f) for f in gallery.File], run.setting("run.image_size"),
-                                    run.setting("predict.batch_size"), run.session.progress,
-                                    f"[{run.stage.name}] embed gallery")
-    s = GalleryScorer(embedder.encode, embedder.similarity, vectors, gallery.Id)
-    run.echo(f"gallery: {len(gallery)} files of {gallery.Image.nunique()} photos, {len(s.classes)} ids")
-    return s, s.classes
+    classes = json.loads(run.upstream("train", "classes.json").read_text())
+
+    def embedded_gallery():
+        if gallery.empty:
+            raise StageError("no photos of known ids to compare test photos with (the gallery is empty)")
+        folder = run.upstream("augment", "images")
+        vectors = embedder.encode_files([str(folder / f) for f in gallery.File], run.setting("run.image_size"),
+                                        run.setting("predict.batch_size"), run.session.progress,
+                                        f"[{run.stage.name}] embed gallery")
+        run.echo(f"gallery: {len(gallery)} files of {gallery.Image.nunique()} photos, {gallery.Id.nunique()} ids")
+        return vectors, gallery.Id
+
+    return embedder.head.scorer(net, embedder.encode, classes, embedded_gallery)
 
 
 def model_digest(run: Run) -> str | None:

@@ -43,6 +43,7 @@ LOGS = "logs"
 def run(run: Run) -> dict:
     train, val, classes = read_inputs(run)
     head = heads.from_settings(run.setting)
+    head.prepare(np.bincount(train.y, minlength=len(classes)))
     seed, size = run.setting("run.seed"), run.setting("run.image_size")
     epochs, patience = run.setting("train.epochs"), run.setting("train.patience")
 

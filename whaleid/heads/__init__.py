@@ -11,6 +11,7 @@ REGISTRY: dict[str, str | type] = {
     "softmax": "whaleid.heads.softmax:Softmax",
     "siamese": "whaleid.heads.siamese:Siamese",
     "triplet": "whaleid.heads.triplet:Triplet",
+    "arcface": "whaleid.heads.arcface:ArcFace",
 }
 
 

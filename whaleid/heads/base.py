@@ -12,6 +12,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from ..retrieval import GalleryScorer
+
 TAG = "head"  # the HeadTag layer's name in every whaleid model
 
 
@@ -69,6 +71,10 @@ class Head:
         return cls(**{key.split(".", 1)[1]: get(key) for key in cls.SETTINGS})
 
     # ---------------------------------------------------------------- training
+    def prepare(self, class_counts) -> None:
+        """Told the number of training photos of each class before the model is built (a per-class
+        margin needs it); most heads need nothing."""
+
     def build(self, pooled, n_classes: int):
         """Pooled (and dropped-out) features -> the training output, tagged with this head."""
         return HeadTag(self.name, self.settings, name=TAG)(self.outputs(pooled, n_classes))
@@ -101,10 +107,13 @@ class Head:
             out[s:s + 256] = np.diagonal(self.similarity(net, A[s:s + 256], B[s:s + 256]))
         return out
 
-    def classifier(self, net: keras.Model, classes: list[str]):
-        """(model-like object whose predict_on_batch gives a score per class, classes) when the head
-        scores the training classes directly (softmax), else None: predict ranks by retrieval."""
-        return None
+    def scorer(self, net: keras.Model, encode, classes: list[str], gallery):
+        """(model-like object whose predict_on_batch(images) gives a score per id, the ids) for
+        predict and evaluate. Default: retrieval, each id's best gallery photo; `gallery()` embeds
+        the gallery with `encode` and returns (vectors, ids). `classes`: the ids trained on."""
+        vectors, ids = gallery()
+        s = GalleryScorer(encode, lambda q, g: self.similarity(net, q, g), vectors, ids)
+        return s, s.classes
 
 
 def labels_of(y_true):

@@ -37,8 +37,8 @@ class Softmax(Head):
     def pair_similarity(self, net, A, B):
         return np.einsum("ij,ij->i", np.asarray(A, np.float32), np.asarray(B, np.float32))
 
-    def classifier(self, net, classes):
-        return net, classes
+    def scorer(self, net, encode, classes, gallery):
+        return net, classes  # its own class probabilities; no gallery
 
 
 @keras.saving.register_keras_serializable(package="whaleid")
