@@ -58,7 +58,7 @@ def _augment(run):
             for v, img in enumerate((base, base[:, ::-1])):
                 name = f"{ident}_{k}_{v}.jpg"
                 Image.fromarray(np.ascontiguousarray(img)).save(out / name, quality=95)
-                rows.append((name, f"{ident}_{k}.jpg", ident, ("original", "flip")[v]))
+                rows.append((name, f"{ident}_{k}.jpg", ident, ("original", "flip-blur")[v]))
     run.write_csv("TRAINING_FILE_FINAL.csv", pd.DataFrame(rows, columns=["File", "Image", "Id", "variant"]))
     return {"files": len(rows)}
 

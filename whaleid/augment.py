@@ -54,6 +54,26 @@ OFFLINE = (("original", None, ()), ("flip-blur", "original", ("flip", "blur")),
 TTA = (("original", None, ()), ("flip", "original", ("flip",)),
        ("crop", "original", ("crop",)), ("crop-flip-blur", "crop", ("flip", "blur")))
 VARIANTS = tuple(name for name, _, _ in OFFLINE)
+FLIP = "_flip"  # train.flip_ids: a mirrored photo of <id> is a photo of <id>_flip
+
+
+def mirrored(recipe) -> tuple[bool, ...]:
+    """Per variant of the recipe: is it a mirror image of the photo (an odd number of flips)?"""
+    flips = {}
+    for name, start, operations in recipe:
+        flips[name] = (flips[start] if start else 0) + operations.count("flip")
+    return tuple(flips[name] % 2 == 1 for name, _, _ in recipe)
+
+
+MIRRORED = {name for (name, _, _), m in zip(OFFLINE, mirrored(OFFLINE)) if m}
+
+
+def flip_ids(files: pd.DataFrame, variant_of: dict[str, str]) -> pd.DataFrame:
+    """train.flip_ids: the files of mirrored offline variants become photos of <id>_flip."""
+    files = files.copy()
+    mirror = files.File.map(variant_of).isin(MIRRORED).to_numpy()
+    files.loc[mirror, "Id"] = files.Id[mirror] + FLIP
+    return files
 
 
 def variants(base: np.ndarray, rng: np.random.Generator, crop_max: int, sigma_max: float,

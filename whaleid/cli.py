@@ -198,6 +198,9 @@ def evaluate(tune_threshold, submission_file, solution_file, one_shot, **kw):
     click.echo(f"  MAP@5 {m['map5']:.4f}  top-1 {m['top1']:.4f}  at threshold {m['threshold']:.3f}")
     click.echo(f"  all-new_whale baseline MAP@5 {m['all_new_whale_map5']:.4f}")
     click.echo(f"  best threshold {m['best_threshold']:.2f}: MAP@5 {m['best_map5']:.4f}")
+    if "share_map5" in m:
+        click.echo(f"  threshold {m['share_threshold']:.3f} by share ({m['share']:.0%} new_whale first): "
+                   f"MAP@5 {m['share_map5']:.4f}")
     v = m.get("verification") or {}
     if v.get("auc") is not None:
         b = v["at_best_threshold"]

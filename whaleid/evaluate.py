@@ -54,8 +54,8 @@ def open_set(split: pd.DataFrame, share: float, seed: int) -> pd.DataFrame:
     return pd.concat([val, new])[["Image", "Id", "truth"]].reset_index(drop=True)
 
 
-def answers_at(probs: list[np.ndarray], classes: list[str], thr: float, merge: str, k: int) -> list[list[str]]:
-    return [submission.answer(p, classes, thr, merge, None, k) for p in probs]
+def answers_at(rankings: list[tuple[list[str], list[float]]], thr: float, k: int) -> list[list[str]]:
+    return [submission.insert_new_whale(labels, scores, thr, k) for labels, scores in rankings]
 
 
 def run(run: Run) -> dict:
@@ -67,7 +67,8 @@ def run(run: Run) -> dict:
     folder = run.upstream("augment", "images")
     net = models.load_model(run.upstream("train", "model.keras"))
     files = run.read_csv("augment", "TRAINING_FILE_FINAL.csv")
-    gallery = gallery_files(files, split.Image[split.subset == "train"], run.setting("predict.gallery_tta"))
+    gallery = gallery_files(files, split.Image[split.subset == "train"], run.setting("predict.gallery_tta"),
+                            run.setting("train.flip_ids"))
     model, classes = scoring.scorer(run, net, gallery)
     original = originals(files)
     jobs = [(r.Image, str(folder / original[r.Image]), None) for r in evalset.itertuples()]
@@ -81,18 +82,22 @@ def run(run: Run) -> dict:
         truths.append(truth_of[image])
         names.append(image)
     merge, k = run.setting("predict.merge"), run.setting("predict.top_k")
-    sweep = []
-    for thr in SWEEP:
-        sweep.append((float(thr), submission.map5(truths, answers_at(probs, classes, thr, merge, k))))
-    sweep = pd.DataFrame(sweep, columns=["threshold", "map5"])
+    rankings = [submission.ranked(p, classes, merge, k) for p in probs]  # merged once, thresholds after
+    sweep = pd.DataFrame([(float(thr), submission.map5(truths, answers_at(rankings, thr, k))) for thr in SWEEP],
+                         columns=["threshold", "map5"])
     best = sweep.loc[sweep.map5.idxmax()]
     configured = run.setting("new_whale.threshold")
-    preds = answers_at(probs, classes, configured, merge, k)
+    preds = answers_at(rankings, configured, k)
     at_configured = submission.scores(truths, preds)
-    at_best = submission.scores(truths, answers_at(probs, classes, float(best.threshold), merge, k))
+    at_best = submission.scores(truths, answers_at(rankings, float(best.threshold), k))
+    # new_whale.share's rule (predict), here with the share of new whales the validation set has
+    share = run.setting("new_whale.share") or run.setting("evaluate.new_whale_share")
+    by_share = submission.share_threshold([scores[0] for _, scores in rankings], share)
+    at_share = submission.scores(truths, answers_at(rankings, by_share, k))
     metrics = {"threshold": configured, **at_configured,
                "best_threshold": float(best.threshold), "best_map5": at_best["map5"],
-               "best_top1": at_best["top1"], "merge": merge, "tta": run.setting("predict.tta"),
+               "best_top1": at_best["top1"], "share": share, "share_threshold": by_share,
+               "share_map5": at_share["map5"], "merge": merge, "tta": run.setting("predict.tta"),
                "known_ids_in_eval": int(evalset[evalset.truth != NEW_WHALE].truth.nunique()),
                "head": head, "model": scoring.model_digest(run)}
     metrics["verification"] = verify(probs, truths, classes, configured, float(best.threshold), run.setting("run.seed"))
@@ -103,7 +108,7 @@ def run(run: Run) -> dict:
     run.write_csv("val_predictions.csv", pd.DataFrame({"Image": names, "truth": truths,
                                                        "answer": [" ".join(p) for p in preds]}))
     out = {"map5": metrics["map5"], "best_threshold": metrics["best_threshold"], "best_map5": metrics["best_map5"],
-           "images": len(truths), "auc": metrics["verification"]["auc"]}
+           "share_map5": metrics["share_map5"], "images": len(truths), "auc": metrics["verification"]["auc"]}
     if n_way:
         out[f"one_shot_{n_way}_way"] = metrics["one_shot"]["accuracy"]
     return out

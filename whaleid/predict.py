@@ -48,9 +48,11 @@ class FixedBatch:
         return np.asarray(self.model.predict_on_batch(x))[:n]
 
 
-def scored_chunks(run: Run, model, classes, jobs: list, thr: float, merge: str, k: int, known: dict):
-    """(image, labels or None, error, top score) per job, in order, chunk by chunk: a chunk committed by
-    an interrupted run with the same fingerprint is read back, the others are scored and committed."""
+def scored_chunks(run: Run, model, classes, jobs: list, merge: str, k: int):
+    """(image, (ranked ids, their scores) or None, error, top score) per job, in order, chunk by chunk:
+    a chunk committed by an interrupted run with the same fingerprint is read back, the others are
+    scored and committed. The new_whale threshold is applied afterwards (new_whale.share needs every
+    photo's best score)."""
     batch = run.setting("predict.batch_size")
     fixed = FixedBatch(model, batch * (len(augment.TTA) if run.setting("predict.tta") else 1))
     size = batch * max(1, min(8, -(-len(jobs) // (16 * batch))))  # whole batches, <= 8 of them
@@ -67,8 +69,8 @@ def scored_chunks(run: Run, model, classes, jobs: list, thr: float, merge: str, 
                 if error:
                     scored.append((image, None, error, 0.0))
                 else:
-                    labels = submission.answer(probs, classes, thr, merge, known.get(image), k)
-                    scored.append((image, labels, None, float(probs.mean(0).max())))
+                    scored.append((image, submission.ranked(probs, classes, merge, k), None,
+                                   float(probs.mean(0).max())))
             run.save_chunk(path, keys, scored)
             fault_point("predict.chunk")
         else:
@@ -87,17 +89,27 @@ def run(run: Run) -> dict:
     known = dict(run.read_csv("dedup", "known_answers.csv")[["Image", "Id"]].itertuples(index=False))
     net = models.load_model(run.upstream("train", "model.keras"))
     gallery = scoring.gallery_files(run.read_csv("augment", "TRAINING_FILE_FINAL.csv"), None,
-                                    run.setting("predict.gallery_tta"))
+                                    run.setting("predict.gallery_tta"), run.setting("train.flip_ids"))
     model, classes = scoring.scorer(run, net, gallery)
-    thr, merge, k = scoring.threshold(run), run.setting("predict.merge"), run.setting("predict.top_k")
+    merge, k = run.setting("predict.merge"), run.setting("predict.top_k")
     jobs = photo_jobs(test, boxes, run.data / "test")
-    answers, rows = {}, []
-    for image, labels, error, top in scored_chunks(run, model, classes, jobs, thr, merge, k, known):
+    scored = []
+    for image, ranking, error, top in scored_chunks(run, model, classes, jobs, merge, k):
         if error:
             run.skip(image, error)
-            continue
-        answers[image] = labels
-        rows.append((image, " ".join(labels), "known" if image in known else "model", top))
+        else:
+            scored.append((image, ranking, top))
+    share = run.setting("new_whale.share")
+    if share > 0:
+        thr = submission.share_threshold([scores[0] for _, (_, scores), _ in scored], share)
+        run.echo(f"new_whale.share = {share:g}: threshold {thr:.3f} puts new_whale first for that share of the "
+                 f"{len(scored)} scored test photos")
+    else:
+        thr = scoring.threshold(run)
+    answers, rows = {}, []
+    for image, (labels, scores), top in scored:
+        answers[image] = submission.known_first(submission.insert_new_whale(labels, scores, thr, k), known.get(image), k)
+        rows.append((image, " ".join(answers[image]), "known" if image in known else "model", top))
     # photos that could not be read still get a valid row: the most common answer shape
     train_ids = run.read_csv("format", "train.csv").Id.value_counts().index.tolist()
     fallback = ([NEW_WHALE] + [i for i in train_ids if i != NEW_WHALE])[:k]

@@ -101,15 +101,41 @@ class Embedder:
         return self.head.pair_similarity(self.net, A, B)
 
 
-def gallery_files(files: pd.DataFrame, photos, all_variants: bool) -> pd.DataFrame:
+def gallery_files(files: pd.DataFrame, photos, all_variants: bool, flips: bool = False) -> pd.DataFrame:
     """File, Image, Id of the gallery: augment's files (TRAINING_FILE_FINAL) of `photos` (None: every
-    photo of a known id); the original only (each photo's first file) unless all_variants."""
+    photo of a known id); the original only (each photo's first file) unless all_variants. With
+    flips (train.flip_ids), mirrored files are photos of <id>_flip, and the gallery holds the first
+    mirrored file of each photo too."""
     g = files[files.Id != NEW_WHALE]
     if photos is not None:
         g = g[g.Image.isin(set(photos))]
+    if flips:
+        g = augment.flip_ids(g, dict(zip(g.File, g.variant)))
     if not all_variants:
-        g = g.drop_duplicates("Image")
+        g = g.drop_duplicates(["Image", "Id"])
     return g[["File", "Image", "Id"]].reset_index(drop=True)
+
+
+class MirrorFold:
+    """A model trained with train.flip_ids scores <id> and <id>_flip. For a mirrored TTA version the
+    two swap roles (the mirror of a photo of <id> looks like <id>_flip's photos); then <id>_flip
+    leaves the ranking, or, when mirror images show the same animal (predict.mirror_is_same),
+    counts for <id> too (the better of the two)."""
+
+    def __init__(self, model, classes: list[str], mirrored_versions: tuple[bool, ...], same: bool):
+        self.model, self.same = model, same
+        self.mirrored = np.array(mirrored_versions)
+        index = {c: i for i, c in enumerate(classes)}
+        self.classes = [c for c in classes if not c.endswith(augment.FLIP)]
+        self.plain = np.array([index[c] for c in self.classes])
+        self.flip = np.array([index.get(c + augment.FLIP, index[c]) for c in self.classes])
+
+    def predict_on_batch(self, images):
+        scores = np.asarray(self.model.predict_on_batch(images), np.float32)
+        mirror = np.resize(self.mirrored, len(scores))[:, None]  # rows: each photo's versions in turn
+        plain, flip = scores[:, self.plain], scores[:, self.flip]
+        own, other = np.where(mirror, flip, plain), np.where(mirror, plain, flip)
+        return np.maximum(own, other) if self.same else own
 
 
 def scorer(run: Run, net, gallery: pd.DataFrame):
@@ -128,7 +154,12 @@ def scorer(run: Run, net, gallery: pd.DataFrame):
         run.echo(f"gallery: {len(gallery)} files of {gallery.Image.nunique()} photos, {gallery.Id.nunique()} ids")
         return vectors, gallery.Id
 
-    return embedder.head.scorer(net, embedder.encode, classes, embedded_gallery)
+    model, ids = embedder.head.scorer(net, embedder.encode, classes, embedded_gallery)
+    if run.setting("train.flip_ids"):
+        versions = augment.mirrored(augment.TTA) if run.setting("predict.tta") else (False,)
+        model = MirrorFold(model, list(ids), versions, run.setting("predict.mirror_is_same"))
+        return model, model.classes
+    return model, ids
 
 
 def model_digest(run: Run) -> str | None:

@@ -15,7 +15,8 @@ DETECT_SETTINGS = ("boxes.max_side", "boxes.detector", "boxes.grabcut_side", "bo
                    "boxes.min_fraction", "boxes.open_size")
 TTA_SETTINGS = ("run.image_size", "run.seed", "augment.margin", "augment.crop_max", "augment.blur_sigma_max",
                 "model.head", "predict.top_k", "predict.tta", "predict.merge", "predict.batch_size",
-                "predict.gallery_tta", "new_whale.threshold")
+                "predict.gallery_tta", "new_whale.threshold", "new_whale.share", "train.flip_ids",
+                "predict.mirror_is_same")
 
 
 def _box_file(value: str) -> Path | None:

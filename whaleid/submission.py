@@ -67,16 +67,35 @@ def known_first(labels: list[str], known: str | None, k: int) -> list[str]:
     return ([known] + [lab for lab in labels if lab != known])[:k]
 
 
-def answer(probs: np.ndarray, classes: list[str], threshold: float, merge: str, known: str | None,
-           k: int) -> list[str]:
-    """k (predict.top_k) distinct labels for one image from its TTA versions' probabilities
-    (versions, classes); merge: predict.merge; known: the id of a labelled duplicate, or None."""
+def ranked(probs: np.ndarray, classes: list[str], merge: str, k: int) -> tuple[list[str], list[float]]:
+    """The k best ids of one image by its TTA versions' scores (versions, classes), merged by
+    predict.merge, each with its mean score over the versions (what the threshold is compared with)."""
     probs = np.atleast_2d(probs)
     top = merge_vote(probs, classes, k) if merge == "vote" else merge_mean(probs, classes, k)
     index = {c: i for i, c in enumerate(classes)}
     mean = probs.mean(0)
-    labels = insert_new_whale(top, [float(mean[index[c]]) for c in top], threshold, k)
-    return known_first(labels, known, k)
+    return top, [float(mean[index[c]]) for c in top]
+
+
+def answer(probs: np.ndarray, classes: list[str], threshold: float, merge: str, known: str | None,
+           k: int) -> list[str]:
+    """k (predict.top_k) distinct labels for one image from its TTA versions' probabilities
+    (versions, classes); merge: predict.merge; known: the id of a labelled duplicate, or None."""
+    labels, scores = ranked(probs, classes, merge, k)
+    return known_first(insert_new_whale(labels, scores, threshold, k), known, k)
+
+
+def share_threshold(best_scores, share: float) -> float:
+    """The threshold that puts new_whale first for a share `share` of the photos: those whose best
+    id scores lowest (new_whale goes first when the best score is under the threshold). Halfway
+    between the last photo that gets it and the next, so rounding cannot move a photo across."""
+    s = np.sort(np.asarray(best_scores, np.float64))
+    j = int(round(share * len(s)))
+    if j <= 0 or not len(s):
+        return 0.0
+    if j >= len(s):
+        return 1.01
+    return float((s[j - 1] + s[j]) / 2)
 
 
 # ---------------------------------------------------------------- the metric

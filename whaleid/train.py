@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from . import devices, heads, inputs, model as models
+from . import augment, devices, heads, inputs, model as models
 from .callbacks import EpochCheckpoint, ResumableEarlyStopping, RetrievalValidation, StepProgress
 from .checkpoint import Checkpoint
 from .stage import Run, StageError
@@ -93,7 +93,7 @@ def run(run: Run) -> dict:
         # fit, phase by phase (fine-tuning: the backbone frozen, then all of it)
         validation = None
         if head.retrieval_validation and len(val):
-            gallery = train.drop_duplicates("Image")
+            gallery = train[~train.Id.str.endswith(augment.FLIP)].drop_duplicates("Image")
             validation = RetrievalValidation(gallery.path, gallery.Id, val.path, val.Id, size, plan.size)
         stopper = ResumableEarlyStopping(monitor, patience, state and state["early_stopping"], best_weights)
         progress = EpochCheckpoint(checkpoint, stopper, run.echo, epochs, plan.images, state, validation,
@@ -148,6 +148,10 @@ def read_inputs(run: Run) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     images = run.upstream("augment", "images")
     if train.empty:
         raise StageError("split/train_files.csv lists no training images: nothing to train on")
+    if run.setting("train.flip_ids"):
+        final = run.read_csv("augment", "TRAINING_FILE_FINAL.csv")
+        variant_of = dict(zip(final.File, final.variant))
+        train, val = augment.flip_ids(train, variant_of), augment.flip_ids(val, variant_of)
     classes = sorted(train.Id.unique())
     if len(classes) < 2:
         raise StageError(f"the training set has {len(classes)} id: a classifier needs at least 2")
