@@ -25,6 +25,11 @@ one (the control: the pipeline must be deterministic, or no comparison below mea
   train image     one train photo changed (a copy of the data folder): the stages that read train/.
   test image      one test photo changed: the stages that read test/.
   config          augment.margin edited in a copy of the TOML file.
+  kill STAGE in a chunk  dedup, boxes, augment: the command dies right after the stage committed its
+                  2nd chunk of per-photo results (fault point STAGE.chunk); the rerun must keep every
+                  committed chunk, compute only the rest, and end with the baseline's artifacts.
+  copy            the baseline's work and data folders copied with `cp -r` to other paths: nothing reruns.
+  touch           every photo of a copy of the data folder touched: nothing reruns.
 
 For the cases, the expected reruns are worked out from the stage declarations (whaleid.stages.ALL:
 data, settings, upstream) and the manifests before and after, by the rule the cache promises: a stage
@@ -584,6 +589,76 @@ class Suite:
                      fmt(observed), fmt(expected), not why and set(observed) == expected, why))
         self.cleanup(work, clean)
 
+    # -- kills inside the per-photo stages, and copies (issue 16)
+    def kill_chunk(self, stage: str, nth: int = 2) -> None:
+        """The command running `stage` dies (SIGKILL, fault point <stage>.chunk) right after the stage
+        committed its nth chunk of per-photo results; the rerun must keep every committed chunk
+        (manifest "partial": kept == the chunk files the kill left), compute only the others, and end
+        with the baseline's artifacts."""
+        work = self.root / f"chunk-{stage}"
+        shutil.rmtree(work, ignore_errors=True)
+        self.copy_work(work.name)
+        for s in downstream({stage}):
+            shutil.rmtree(work / s, ignore_errors=True)
+        if "predict" in downstream({stage}):
+            (work / "submission.csv").unlink(missing_ok=True)
+        os.environ["WHALEID_FAULT"] = f"{stage}.chunk@{nth}"
+        try:
+            res = self.r.run(COMMAND_OF[stage], work, self.data)
+        finally:
+            del os.environ["WHALEID_FAULT"]
+        time.sleep(1.0)  # the killed command's workers finish the chunk they are on and exit
+        committed = len(list((work / stage / ".partial").glob("*.pickle")))
+        after_kill = manifests(work)
+        expected = {s for s in ORDER if after_kill[s] is None}
+        results = self.r.chain(work, self.data)
+        observed = [s for r in results for s in r.ran]
+        err = self.check_chain(results)
+        diff = compare(work, self.ref)
+        problems = integrity(work)
+        parts = (manifest(work, stage) or {}).get("partial", {})
+        kept, computed, chunks = (sum(p[k] for p in parts.values()) for k in ("kept", "computed", "chunks"))
+        if res.code != -signal.SIGKILL:
+            problems.append(f"the fault point was not reached (exit {res.code})")
+        elif kept != committed or kept < nth or computed != chunks - kept:
+            problems.append(f"resume kept {kept} of {committed} committed chunks, computed {computed} of {chunks}")
+        detail = (f"killed after chunk {nth}; {committed} chunk file(s) left; rerun kept {kept}, computed "
+                  f"{computed} of {chunks}")
+        why = err or "; ".join(([f"artifacts differ: {', '.join(diff[:4])}"] if diff else []) + problems)
+        self.add(Row(f"kill {stage} in a chunk", detail, fmt(observed), fmt(expected),
+                     not why and set(observed) == expected, why))
+        self.cleanup(work)
+
+    def copied(self) -> None:
+        """The baseline's work and data folders copied with `cp -r` to other paths (new inodes, times and
+        absolute paths, as a bucket sync to a new VM): the whole chain must find every stage up to date."""
+        where = self.root / "copied"
+        where.mkdir()
+        for name, src in (("work", self.base), ("data", self.data)):
+            subprocess.run(["cp", "-r", str(src), str(where / name)], check=True)
+        results = self.r.chain(where / "work", where / "data")
+        observed = [s for r in results for s in r.ran]
+        err = self.check_chain(results)
+        diff = compare(where / "work", self.ref)
+        why = err or "; ".join(([f"artifacts differ: {', '.join(diff[:4])}"] if diff else []) + integrity(where / "work"))
+        self.add(Row("copy work + data (cp -r)", "both folders at new paths; every photo's mtime new",
+                     fmt(observed), "none", not why and not observed, why))
+        self.cleanup(where)
+
+    def touched(self) -> None:
+        """Every photo touched (a copy of the data folder): content unchanged, nothing may rerun."""
+        data = self.root / "data-touched"
+        shutil.copytree(self.data, data)
+        for p in list((data / "train").iterdir()) + list((data / "test").iterdir()):
+            os.utime(p)
+        work = self.copy_work("touched")
+        results = self.r.chain(work, data)
+        observed = [s for r in results for s in r.ran]
+        why = self.check_chain(results) or "; ".join(integrity(work))
+        self.add(Row("touch every photo", "mtimes changed, content not", fmt(observed), "none",
+                     not why and not observed, why))
+        self.cleanup(work, data)
+
     def cleanup(self, *paths: Path) -> None:
         if not self.args.keep and all(r.ok for r in self.rows):
             for p in paths:
@@ -605,9 +680,14 @@ class Suite:
             if stage == "train" and (want("train") or want("kills") or want("train-resume")) and self.args.epochs > 1:
                 self.say(f"kill train #{self.args.kills + 1} mid-epoch")
                 self.kill("train", self.args.kills, resume_case=True)
+        for stage in ("dedup", "boxes", "augment"):
+            if want(f"{stage}-chunk") or want("chunks"):
+                self.say(f"kill {stage} in a chunk")
+                self.kill_chunk(stage)
         for name, fn in (("corrupt", self.corrupt), ("delete", self.delete),
                          ("train-image", lambda: self.changed_input("train")),
-                         ("test-image", lambda: self.changed_input("test")), ("config", self.config_edit)):
+                         ("test-image", lambda: self.changed_input("test")), ("config", self.config_edit),
+                         ("copy", self.copied), ("touch", self.touched)):
             if want(name) or want("cases"):
                 self.say(name)
                 fn()
@@ -645,7 +725,8 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (work folders, commands.log)")
     ap.add_argument("--only", default="", help="comma-separated: control, kills, cases, a stage name "
                                                "(its kills), train-resume, corrupt, delete, train-image, "
-                                               "test-image, config")
+                                               "test-image, config, copy, touch, chunks (or dedup-chunk, "
+                                               "boxes-chunk, augment-chunk)")
     ap.add_argument("--epochs", type=int, default=4, help="train.epochs")
     ap.add_argument("--ids", type=int, default=10, help="individuals in the synthetic set (6 photos each)")
     ap.add_argument("--workers", type=int, default=2)
