@@ -1,5 +1,5 @@
 """Test-time versions (scoring.tta_versions / prepare, augment.TTA) and evaluate's open-set sample
-(evaluate.open_set), on constructed arrays and tables: no trained model.
+(evaluate.open_set), on constructed arrays and tables: no trained model."""
 import numpy as np
 import pandas as pd
 import pytest
