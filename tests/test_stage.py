@@ -195,9 +195,8 @@ def test_folder_digest_sees_changed_and_added_files(tmp_path):
 
 
 def test_folder_fingerprint_sees_a_same_size_change_and_a_deletion(tmp_path):
-    """Behaviour through the public fingerprint(), whatever it hashes (names/sizes/mtimes today,
-    contents once issue 16 lands): a photo edited in place to the same size and a deleted photo,
-    also one in a subfolder, must each change the folder's fingerprint."""
+    """Behaviour through the public fingerprint(), whatever it hashes: a photo edited in place to the
+    same size and a deleted photo, also one in a subfolder, must each change the folder's fingerprint."""
     (tmp_path / "sub").mkdir()
     for name in ("a.jpg", "b.jpg", "sub/c.jpg", "sub/d.jpg"):
         (tmp_path / name).write_bytes(b"1234")
@@ -212,9 +211,6 @@ def test_folder_fingerprint_sees_a_same_size_change_and_a_deletion(tmp_path):
     assert stagelib.fingerprint(tmp_path) == seen[-1]  # and it is stable while nothing changes
 
 
-@pytest.mark.xfail(reason="folder fingerprints use names, sizes and mtimes until content hashes land "
-                          "(issue 16); a same-size edit with the old mtime restored is not seen",
-                   strict=False)
 def test_folder_fingerprint_sees_a_same_size_edit_that_keeps_the_mtime(tmp_path):
     p = tmp_path / "a.jpg"
     p.write_bytes(b"1234")
