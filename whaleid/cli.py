@@ -27,7 +27,7 @@ import click
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from . import config, stage as stagelib  # noqa: E402
-from .files import VERBOSE  # noqa: E402
+from .files import VERBOSE, quiet_native_startup  # noqa: E402
 from .stages import ALL as ALL_STAGES, BY_COMMAND  # noqa: E402
 from .stage import Session, StageError  # noqa: E402
 from .tables import TableError  # noqa: E402
@@ -218,7 +218,8 @@ def evaluate(tune_threshold, submission_file, solution_file, one_shot, **kw):
             raise click.ClickException(f"not tuning the threshold: {message}")
         click.secho(f"WARNING: {message}", err=True, fg="yellow", bold=True)
     if tune_threshold:
-        from . import evaluate as evaluation
+        with quiet_native_startup():  # the stage was cached: TensorFlow loads here
+            from . import evaluate as evaluation
         thr = evaluation.tune(session.work)
         click.echo(f"  stored threshold {thr:.2f} in {session.work / 'tuned_threshold.json'}; predict will use it")
 
