@@ -10,15 +10,23 @@ one (the control: the pipeline must be deterministic, or no comparison below mea
 
   kill STAGE #k   a copy of the baseline work folder without STAGE and its downstream stages (as if the
                   run had got that far); the command that runs STAGE is started and its process group
-                  SIGKILLed (a pre-empted VM) at a random moment of STAGE's measured running time
-                  (the faster of baseline and control) after its "[STAGE] running" line: kill k of n
-                  uniformly in the k-th n-th of that window, so early and late moments are both hit (drawn
-                  again, at most twice, if the command finished first); then preprocess, train,
-                  evaluate, predict are rerun. Expected reruns: exactly the stages left without a
-                  manifest by the kill. The final artifacts must equal the baseline's.
-  kill train mid-epoch  one more train kill, within an epoch after a random epoch's progress line:
-                  training must resume from its checkpoint (the random moments above mostly fall in
-                  TensorFlow's start-up and the first epoch) and end with the same history.
+                  SIGKILLed (a pre-empted VM) at a random moment of STAGE's running time (its manifest's
+                  "seconds", the faster of baseline and control) after the stage's own marker
+                  WORK/STAGE/.running.json appears (the cache's file, not a log line: rewording the
+                  output moves no kill): kill k of n uniformly in the k-th n-th of that window, so early
+                  and late moments are both hit (drawn again, at most twice, if the command finished
+                  first); then preprocess, train, evaluate, predict are rerun. Expected reruns: exactly
+                  the stages left without a manifest by the kill. The final artifacts must equal the
+                  baseline's. Train's kills #2, #3, ... alternate instead between its fault points
+                  (WHALEID_FAULT, whaleid/files.py fault_point): "train.best_saved@e" (between the
+                  e-th best-N.npz and its checkpoint.npz) and "train.epoch_saved@e" (right after the
+                  e-th epoch's checkpoint), e drawn from the baseline's history.
+  kill train mid-epoch  one more train kill at fault point "train.batch@N": batch b of epoch e >= 2
+                  (steps per epoch from the baseline's split: train_files / train.batch_size): training
+                  must resume from its checkpoint and end with the same history.
+  A kill that did not land (the command finished first, or its fault point was never reached) is
+  scored NOT KILLED, never PASS; the table is followed by the kills per stage: aimed at it, landed
+  in it, landed elsewhere (between stages or in another stage), not killed.
   corrupt         boxes/BB_TRAIN.csv truncated: preprocess must refuse (naming the file and --force boxes)
                   and rerun nothing; `preprocess --force boxes` then the rest of the pipeline.
   delete          dedup/p2h.pickle deleted: dedup reruns.
@@ -46,7 +54,8 @@ model file's sha256 (evaluate/metrics.json) with that digest masked. So a resume
 with bit-identical weights, history, evaluation and predictions. Leftover temp files (.*.tmp) in a
 finished work folder are a failure too.
 
-Prints a table (case, detail, reruns observed (expected), result); exits 1 on any FAIL. Takes
+Prints a table (case, detail, reruns observed (expected), result: PASS, FAIL or NOT KILLED) and the
+kills per stage; exits 1 on any FAIL or when no kill landed in a stage that was to be killed. Takes
 ~15-25 minutes on 2 cores with the defaults. The temp folder is deleted unless --keep or a FAIL.
 """
 from __future__ import annotations
@@ -104,7 +113,6 @@ def load_declarations(code: Path) -> None:
     PREPROCESS = {s.name for s in BY_COMMAND["preprocess"]}
 NOT_COMPARED = {("train", "MODEL_TIME.pickle")}  # wall time
 RUNNING = re.compile(r"^\[(\w+)\] running \((.*)\)\s*$")
-DONE = re.compile(r"^\[(\w+)\] done in ")
 CMD_TIMEOUT = 1800
 
 
@@ -122,9 +130,10 @@ def child_env() -> dict:
 @dataclass
 class Result:
     args: list
-    code: int | None                      # None: killed by us
+    code: int | None                      # None: killed by us (a fault point's own kill: -SIGKILL)
     lines: list = field(default_factory=list)   # (seconds since start, line)
     stderr: str = ""
+    killed: bool = False                  # SIGKILLed: by us, or by itself at its fault point
 
     @property
     def ran(self) -> list[str]:
@@ -149,15 +158,21 @@ class Runner:
                 "--workers", str(self.workers), "--quiet"]
 
     def run(self, command: str, work: Path, data: Path, *extra, config: Path | None = None,
-            kill_after: tuple[str, float] | None = None) -> Result:
+            kill_after: tuple[str | Path, float] | None = None, fault: str | None = None) -> Result:
         """Run `whaleid command`; with kill_after=(anchor, seconds), SIGKILL its process group that many
-        seconds after the first output line matching the regex `anchor` (if it ends first, nothing)."""
+        seconds after `anchor` appears: a file (Path), or the first output line matching a regex (str);
+        if the command ends first, nothing. With `fault`, the command runs with WHALEID_FAULT=fault and
+        kills itself there."""
         args = whaleid_cmd() + [command, "--work", str(work)] + self.common(data, config) + list(extra)
-        self.log.write(f"\n$ {' '.join(args)}" + (f"   # kill {kill_after}" if kill_after else "") + "\n")
+        note = (f"   # kill {kill_after}" if kill_after else "") + (f"   # WHALEID_FAULT={fault}" if fault else "")
+        self.log.write(f"\n$ {' '.join(args)}{note}\n")
         self.log.flush()
         err = tempfile.TemporaryFile(mode="w+")
         t0 = time.monotonic()
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True, env=child_env(),
+        env = child_env()
+        if fault:
+            env["WHALEID_FAULT"] = fault
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True, env=env,
                                 cwd=self.root, start_new_session=True)
         res = Result(args, None)
         seen = threading.Event()
@@ -167,7 +182,7 @@ class Runner:
                 line = line.rstrip("\n")
                 res.lines.append((time.monotonic() - t0, line))
                 self.log.write(line + "\n")
-                if kill_after and re.match(kill_after[0], line):
+                if kill_after and isinstance(kill_after[0], str) and re.match(kill_after[0], line):
                     seen.set()
             seen.set()  # the process ended without the line: nothing to kill
 
@@ -175,7 +190,12 @@ class Runner:
         reader.start()
         killed = False
         if kill_after:
-            seen.wait(CMD_TIMEOUT)
+            if isinstance(kill_after[0], Path):  # the marker file: polled, the command may end first
+                give_up = time.monotonic() + CMD_TIMEOUT
+                while not kill_after[0].exists() and proc.poll() is None and time.monotonic() < give_up:
+                    time.sleep(0.002)
+            else:
+                seen.wait(CMD_TIMEOUT)
             deadline = time.monotonic() + kill_after[1]
             while time.monotonic() < deadline and proc.poll() is None:
                 time.sleep(min(0.005, max(0.0, deadline - time.monotonic())))
@@ -194,7 +214,8 @@ class Runner:
         res.stderr = err.read()
         err.close()
         res.code = None if killed else proc.returncode
-        self.log.write(f"# exit {res.code}\n")
+        res.killed = killed or proc.returncode == -signal.SIGKILL
+        self.log.write(f"# exit {res.code}{' (killed)' if res.killed else ''}\n")
         self.log.flush()
         return res
 
@@ -202,17 +223,10 @@ class Runner:
         return [self.run(c, work, data, config=config) for c in commands]
 
 
-def stage_times(results: list[Result]) -> dict[str, float]:
-    """Seconds from each stage's "[stage] running" line to its "[stage] done" line."""
-    out = {}
-    for res in results:
-        start = {}
-        for ts, line in res.lines:
-            if m := RUNNING.match(line):
-                start[m.group(1)] = ts
-            elif (m := DONE.match(line)) and m.group(1) in start:
-                out[m.group(1)] = ts - start[m.group(1)]
-    return out
+def stage_times(work: Path) -> dict[str, float]:
+    """Each stage's running time as its manifest records it ("seconds": from its .running.json marker
+    to its manifest), read from the files, not from log lines."""
+    return {s: float(m["seconds"]) for s in ORDER if (m := manifest(work, s)) and "seconds" in m}
 
 
 def with_suppress(fn):
@@ -355,6 +369,18 @@ class Row:
     expected: str
     ok: bool
     why: str = ""
+    stage: str = ""             # kill rows: the stage the kill aimed at
+    landed: str | None = None   # kill rows: where it landed (a stage, "between stages"); None: not killed
+
+    @property
+    def result(self) -> str:
+        """FAIL when a check failed; NOT KILLED when a kill row's kill never landed (whatever its checks
+        say: nothing was tested); else PASS."""
+        if not self.ok:
+            return "FAIL"
+        if self.stage and self.landed is None:
+            return "NOT KILLED"
+        return "PASS"
 
 
 class Suite:
@@ -375,7 +401,7 @@ class Suite:
 
     def add(self, row: Row) -> None:
         self.rows.append(row)
-        self.say(f"  -> {row.case}: {'PASS' if row.ok else 'FAIL'}  reruns {row.observed} (expected "
+        self.say(f"  -> {row.case}: {row.result}  reruns {row.observed} (expected "
                  f"{row.expected}); {row.detail}" + (f"; {row.why}" if row.why else ""))
 
     def copy_work(self, name: str, src: Path | None = None) -> Path:
@@ -401,13 +427,13 @@ class Suite:
         results = self.r.chain(self.base, self.data)
         if err := self.check_chain(results):
             sys.exit(f"the uninterrupted baseline run failed: {err}")
-        self.durations = stage_times(results)
-        epoch_lines = [ts for r in results for ts, l in r.lines if re.match(r"\[train\] epoch \d+/", l)]
-        gaps = sorted(b - a for a, b in zip(epoch_lines, epoch_lines[1:]))
-        self.epoch_seconds = gaps[len(gaps) // 2] if gaps else 1.0
+        self.durations = stage_times(self.base)
+        self.train_plan()
         self.ref = snapshot(self.base)
-        self.say(f"baseline in {time.monotonic() - t:.0f}s; stage times (running -> done line): "
-                 + ", ".join(f"{s} {self.durations.get(s, 0):.2f}s" for s in ORDER))
+        self.say(f"baseline in {time.monotonic() - t:.0f}s; stage times (manifests): "
+                 + ", ".join(f"{s} {self.durations.get(s, 0):.2f}s" for s in ORDER)
+                 + f"; train: {self.train_epochs} epochs of {self.train_steps} batches, "
+                   f"{self.train_bests} new best(s)")
         problems = integrity(self.base)
         if problems:
             sys.exit(f"the baseline work folder is inconsistent: {problems}")
@@ -419,7 +445,7 @@ class Suite:
         err = self.check_chain(results)
         diff = compare(work, self.ref)
         observed = {s for r in results for s in r.ran}
-        for stage, d in stage_times(results).items():  # the kill windows: the faster of the two runs
+        for stage, d in stage_times(work).items():  # the kill windows: the faster of the two runs
             self.durations[stage] = min(d, self.durations.get(stage, d))
         self.add(Row("control (no fault)", "second run from scratch", fmt(observed), fmt(ORDER),
                      not err and not diff and observed == set(ORDER),
@@ -427,11 +453,53 @@ class Suite:
         self.cleanup(work)
 
     # -- SIGKILL at random moments
-    def kill(self, stage: str, k: int, resume_case: bool = False) -> None:
-        """Kill `stage` at a random moment (see the module doc) and check the rerun. resume_case: the
-        moment is instead drawn within one epoch after a random epoch's progress line, so training
-        must resume from a checkpoint."""
+    def train_plan(self) -> None:
+        """What train's fault points can aim at, from the baseline's files: epochs run, batches per
+        epoch (split's train_files / train.batch_size) and how often a new best was saved."""
+        train = (manifest(self.base, "train") or {}).get("counts", {})
+        split = (manifest(self.base, "split") or {}).get("counts", {})
+        self.train_epochs = int(train.get("epochs", self.args.epochs))
+        import tomllib
+        batch = tomllib.loads(self.config.read_text()).get("train", {}).get("batch_size", 32)
+        self.train_steps = max(1, -(-int(split.get("train_files", batch)) // int(batch)))
+        monitor = next((k[5:] for k in train if k.startswith("best_") and k != "best_epoch"), None)
+        self.train_bests = 1
+        try:
+            import csv
+            with open(self.base / "train" / "history.csv") as f:
+                values = [float(r[monitor]) for r in csv.DictReader(f)] if monitor else []
+            sign = -1.0 if monitor and "loss" in monitor else 1.0
+            best, bests = None, 0
+            for v in values:
+                if best is None or sign * v > sign * best:
+                    best, bests = v, bests + 1
+            self.train_bests = max(1, bests)
+        except (OSError, KeyError, ValueError):
+            pass
+
+    def kill_moment(self, stage: str, k: int, resume_case: bool, work: Path):
+        """(kill_after, fault, description) of kill k of `stage`: train's fault points for its kills
+        after the first and the mid-epoch case, else a random moment after the stage's marker."""
+        if stage == "train" and resume_case:  # batch b of epoch e >= 2: a checkpoint exists to resume from
+            e = self.rng.randint(min(2, self.train_epochs), self.train_epochs)
+            b = self.rng.randint(1, max(1, self.train_steps - 1))
+            return None, f"train.batch@{(e - 1) * self.train_steps + b}", \
+                f"fault point train.batch: batch {b}/{self.train_steps} of epoch {e}"
+        if stage == "train" and k > 0:
+            if k % 2 == 1:
+                e = self.rng.randint(1, self.train_bests)
+                return None, f"train.best_saved@{e}", f"fault point train.best_saved: new best #{e} written, " \
+                                                       f"its checkpoint not yet"
+            e = self.rng.randint(1, self.train_epochs)
+            return None, f"train.epoch_saved@{e}", f"fault point train.epoch_saved: after epoch {e}'s checkpoint"
         d = self.durations.get(stage, 0.0)
+        n = max(1, self.args.kills)  # stratified: kill k of n falls in the k-th n-th of the window
+        at = self.rng.uniform(k * d / n, (k + 1) * d / n)
+        return (work / stage / ".running.json", at), None, f"+{at:.2f}s of {d:.2f}s after its .running.json"
+
+    def kill(self, stage: str, k: int, resume_case: bool = False) -> None:
+        """Kill `stage` (see the module doc) and check the rerun. resume_case: at a batch of an epoch
+        after the first, so training must resume from a checkpoint."""
         for draw in range(1, 4):  # a command that finished before its kill moment: draw again (twice)
             work = self.root / f"kill-{stage}-{k}"
             shutil.rmtree(work, ignore_errors=True)
@@ -440,28 +508,25 @@ class Suite:
                 shutil.rmtree(work / s, ignore_errors=True)
             if "predict" in downstream({stage}):
                 (work / "submission.csv").unlink(missing_ok=True)
-            if resume_case:
-                epoch = self.rng.randint(1, max(1, self.args.epochs - 1))
-                anchor, d = rf"\[train\] epoch {epoch}/", self.epoch_seconds
-                at = self.rng.uniform(0.0, d)
-                when = f"+{at:.2f}s after epoch {epoch}'s line (an epoch takes {d:.2f}s)"
-            else:
-                n = max(1, self.args.kills)  # stratified: kill k of n falls in the k-th n-th of the window
-                anchor, at = rf"\[{stage}\] running ", self.rng.uniform(k * d / n, (k + 1) * d / n)
-                when = f"+{at:.2f}s of {d:.2f}s"
-            res = self.r.run(COMMAND_OF[stage], work, self.data, kill_after=(anchor, at))
-            if res.code is None:
+            kill_after, fault, when = self.kill_moment(stage, k, resume_case, work)
+            res = self.r.run(COMMAND_OF[stage], work, self.data, kill_after=kill_after, fault=fault)
+            if res.killed or fault:  # a fault point is where it is: drawing again would not move it
                 break
+        time.sleep(0.5)  # workers of a self-killed command finish the item they are on and exit
         after_kill = manifests(work)
         running = [s for s in ORDER if after_kill[s] is None and (work / s / ".running.json").exists()]
-        if res.code is not None:
-            where = f"not killed: finished first (exit {res.code})"
+        landed = None
+        if not res.killed:
+            where = (f"NOT KILLED: finished first (exit {res.code})" if not fault
+                     else f"NOT KILLED: fault point {fault} never reached (exit {res.code})")
         elif running:
+            landed = running[0]
             where = f"killed in {running[0]}"
             epochs = [int(m.group(1)) for _, l in res.lines if (m := re.match(r"\[train\] epoch (\d+)/", l))]
-            if running[0] == "train":
+            if running[0] == "train" and not fault:
                 where += f" after epoch {max(epochs)}" if epochs else " before epoch 1"
         else:
+            landed = "between stages"
             where = "killed between stages"
         expected = {s for s in ORDER if after_kill[s] is None}
         results = self.r.chain(work, self.data)
@@ -476,16 +541,17 @@ class Suite:
             if frm is not None:
                 notes.append(f"{s} resumed after epoch {frm}")
                 resumed_epoch = frm
-            elif m.get("resumed") and s == "augment":
-                notes.append("augment resumed")
-        if resume_case and resumed_epoch is None and not err:
+            elif m.get("resumed"):
+                notes.append(f"{s} resumed")
+        if resume_case and landed and resumed_epoch is None and not err:
             problems.append("training did not resume from its checkpoint")
         detail = (f"{when}{f' (draw {draw})' if draw > 1 else ''}, {where}"
                   + (f" ({'; '.join(notes)})" if notes else ""))
         why = err or "; ".join(([f"artifacts differ: {', '.join(diff[:4])}"] if diff else []) + problems
                                + ([f"{fmt(set(observed))} ran more than once"] if len(observed) != len(set(observed)) else []))
         name = f"kill {stage} #{k + 1}" + (" mid-epoch" if resume_case else "")
-        self.add(Row(name, detail, fmt(observed), fmt(expected), not why and set(observed) == expected, why))
+        self.add(Row(name, detail, fmt(observed), fmt(expected), not why and set(observed) == expected, why,
+                     stage=stage, landed=landed))
         self.cleanup(work)
 
     # -- tampering with the cache and the inputs
@@ -626,7 +692,8 @@ class Suite:
                   f"{computed} of {chunks}")
         why = err or "; ".join(([f"artifacts differ: {', '.join(diff[:4])}"] if diff else []) + problems)
         self.add(Row(f"kill {stage} in a chunk", detail, fmt(observed), fmt(expected),
-                     not why and set(observed) == expected, why))
+                     not why and set(observed) == expected, why,
+                     stage=stage, landed=stage if res.code == -signal.SIGKILL else None))
         self.cleanup(work)
 
     def copied(self) -> None:
@@ -693,15 +760,38 @@ class Suite:
                 fn()
         self.table(time.monotonic() - t)
         failed = [r for r in self.rows if not r.ok]
+        unkilled = self.kills_per_stage()
         if self.args.keep or failed:
             self.say(f"work folders kept in {self.root} (commands and their output: {self.root / 'commands.log'})")
         else:
             shutil.rmtree(self.root, ignore_errors=True)
-        return 1 if failed else 0
+        return 1 if failed or unkilled else 0
+
+    def kills_per_stage(self) -> list[str]:
+        """Print, per stage, the kills aimed at it, landed in it, landed elsewhere and not landed; return
+        the stages that were to be killed and got no kill at all (a hole in what this run tested)."""
+        rows = [r for r in self.rows if r.stage]
+        if not rows:
+            return []
+        print()
+        print("kills per stage: aimed at it | landed in it | landed elsewhere | NOT KILLED")
+        holes = []
+        for stage in ORDER:
+            aimed = [r for r in rows if r.stage == stage]
+            if not aimed:
+                continue
+            inside = sum(r.landed == stage for r in aimed)
+            missed = sum(r.landed is None for r in aimed)
+            print(f"  {stage:<9} {len(aimed):>3} | {inside:>3} | {len(aimed) - inside - missed:>3} | {missed:>3}")
+            if inside == 0:
+                holes.append(stage)
+        if holes:
+            print(f"no kill landed in: {', '.join(holes)}")
+        return holes
 
     def table(self, seconds: float) -> None:
         heads = ("case", "detail", "reruns observed (expected)", "result")
-        rows = [(r.case, r.detail, f"{r.observed} ({r.expected})", "PASS" if r.ok else "FAIL") for r in self.rows]
+        rows = [(r.case, r.detail, f"{r.observed} ({r.expected})", r.result) for r in self.rows]
         widths = [max(len(h), *(len(x[i]) for x in rows)) for i, h in enumerate(heads)] if rows else [len(h) for h in heads]
         line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
         print()
@@ -714,8 +804,10 @@ class Suite:
         for r in self.rows:
             if not r.ok:
                 print(f"FAIL {r.case}: {r.why}")
-        n_fail = sum(not r.ok for r in self.rows)
-        print(f"{len(self.rows) - n_fail} passed, {n_fail} failed")
+        n_fail = sum(r.result == "FAIL" for r in self.rows)
+        n_missed = sum(r.result == "NOT KILLED" for r in self.rows)
+        print(f"{len(self.rows) - n_fail - n_missed} passed, {n_fail} failed, {n_missed} not killed "
+              f"(a kill that did not land tests nothing: never counted as passed)")
 
 
 def main() -> int:
