@@ -1,8 +1,9 @@
-"""Omniglot one-shot benchmark for the siamese head (Koch et al. 2015: 92% 20-way one-shot, 30 alphabets, GPU).
+"""Omniglot one-shot benchmark (Koch et al. 2015: 92% 20-way one-shot with a siamese net, 30 alphabets, GPU).
 
     python scripts/bench_omniglot.py [--train small1] [--minutes 12] [--runs DIR] [--make-runs DIR] ...
 
-Trains whaleid's train stage (model.head = siamese, weights none, CPU) on the characters of the
+Trains whaleid's train stage (--head, siamese by default; the pretrained EfficientNet-Lite0 unless
+--weights none; CPU) on the characters of the
 background sets named by --train (each character an "individual", its 20 drawers its photos; drawers
 17-20 validate), then scores N-way one-shot runs in the format of the original Omniglot one-shot
 runs (runNN/training/classNN.png, runNN/test/itemNN.png, runNN/class_labels.txt with lines
@@ -15,7 +16,8 @@ items. --make-runs DIR writes those runs there (the original format) before scor
 Note: images_background_small2's Greek and Latin are the same files as small1's; an alphabet found
 in a training set (same name and same files) is trained once and never evaluated.
 
-Defaults (printed): the tiny backbone at 105 px, batches of 16 characters x 4 drawers, online
+Defaults (printed): EfficientNet-Lite0 (ImageNet) at 105 px fine-tuned (--head-epochs frozen, then
+all of it), batches of 16 characters x 4 drawers, online
 augmentation, half of the negative pairs the batch's hardest (the runs are within one alphabet, where
 random negatives from other alphabets are too easy: 48% vs 40% 20-way on a quiet 2-core machine).
 
@@ -227,7 +229,10 @@ def main(argv=None):
     ap.add_argument("--minutes", type=float, default=12.0, help="CPU training budget (train.max_minutes)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "whaleid-bench-omniglot")
     ap.add_argument("--image-size", type=int, default=105)
-    ap.add_argument("--backbone", default="tiny")
+    ap.add_argument("--head", default="siamese", help="any whaleid head (siamese, triplet, arcface, ...)")
+    ap.add_argument("--backbone", default="EfficientNetLite0", help="tiny: from scratch, the earlier default")
+    ap.add_argument("--weights", default="imagenet", help="imagenet | none | a weights file")
+    ap.add_argument("--head-epochs", type=int, default=2, help="pretrained: epochs with the backbone frozen")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="any other whaleid setting, e.g. --set train.learning_rate=0.0005")
@@ -247,15 +252,19 @@ def main(argv=None):
     if not args.runs and not eval_alpha:
         raise SystemExit(f"every alphabet of {args.eval} is trained on: keep some out with --holdout A,B or score "
                          f"--runs DIR")
+    pretrained = args.weights != "none"
     overrides = [
-        "model.head=siamese", f"model.backbone={args.backbone}", "model.weights=none", "model.pooling=avg2x2",
-        "model.dropout=0.0", "model.embedding_size=256", "model.bn_momentum=0.9",
+        f"model.head={args.head}", f"model.backbone={args.backbone}", f"model.weights={args.weights}",
+        "model.pooling=global" if pretrained else "model.pooling=avg2x2",
+        "model.dropout=0.0", "model.embedding_size=256", f"model.bn_momentum={0.0 if pretrained else 0.9}",
+        f"model.freeze_bn={str(pretrained).lower()}", f"train.head_epochs={args.head_epochs if pretrained else 0}",
         f"run.image_size={args.image_size}", f"run.seed={args.seed}",
         "train.batch_size=64", "train.photos_per_id=4", "train.epochs=1000", "train.patience=15",
-        "train.learning_rate=0.001", "train.hard_negatives=0.5", "train.online_augment=true", "train.strategy=none", "train.precision=float32",
+        f"train.learning_rate={0.0002 if pretrained else 0.001}", "train.hard_negatives=0.5", "train.online_augment=true", "train.strategy=none", "train.precision=float32",
         f"train.max_minutes={args.minutes}", "predict.batch_size=128", *args.overrides]
     cfg = config.load(None, tuple(overrides))
-    shown = {k: config.get(cfg, k) for k in ("model.head", "model.backbone", "model.pair_features", "model.embedding_size",
+    shown = {k: config.get(cfg, k) for k in ("model.head", "model.backbone", "model.weights", "train.head_epochs",
+                                              "model.pair_features", "model.embedding_size",
                                               "run.image_size", "train.batch_size", "train.photos_per_id",
                                               "train.learning_rate", "train.hard_negatives", "train.online_augment",
                                               "train.patience", "train.max_minutes")}
