@@ -7,7 +7,7 @@
     fit from pipeline images/s of model.fit reading the pipeline, as the stage trains
     ratio             pipeline / train step (target >= 3x)
 
-    .venv/bin/python scripts/bench_input.py                      # synthetic 96 px set, configs/cpu.toml
+    .venv/bin/python scripts/bench_input.py                      # synthetic 96 px set, configs/scratch.toml
     .venv/bin/python scripts/bench_input.py --work WORK          # a preprocessed work folder's images
     .venv/bin/python scripts/bench_input.py --set train.online_augment=true --set run.image_size=128
 """
@@ -60,7 +60,7 @@ def work_set(work: Path) -> tuple[list[str], list[int]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, help="a work folder preprocessed by whaleid (split/, augment/images/)")
-    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "cpu.toml")
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "scratch.toml")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--images", type=int, default=640, help="synthetic set size (without --work)")
     ap.add_argument("--ids", type=int, default=40, help="synthetic classes (without --work)")

@@ -4,7 +4,7 @@
                                       [--code worktree|head]
 
 Everything goes through the real command line (`python -m whaleid.cli ...` in subprocesses, on a
-frozen copy of the code, see --code) on a small synthetic set with configs/cpu.toml and a few epochs.
+frozen copy of the code, see --code) on a small synthetic set with configs/scratch.toml and a few epochs.
 First an uninterrupted run (the baseline: every stage's running time and final artifacts) and a second
 one (the control: the pipeline must be deterministic, or no comparison below means anything). Then:
 
@@ -391,7 +391,7 @@ class Suite:
         self.rows: list[Row] = []
         self.data = self.root / "data"
         self.config = self.root / "cpu.toml"
-        shutil.copy(CODE / "configs" / "cpu.toml", self.config)
+        shutil.copy(CODE / "configs" / "scratch.toml", self.config)
         self.r = Runner(self.root, self.config, args.epochs, args.workers)
         self.base = self.root / "base"
         self.durations: dict[str, float] = {}

@@ -151,7 +151,7 @@ def test_arcface_flip_ids_and_share_threshold_end_to_end(tiny_set, tmp_path):
     sets = ["model.backbone=tiny", "run.image_size=48", "train.epochs=8", "train.batch_size=16",
             "train.learning_rate=0.003", "model.head=arcface", "model.embedding_size=16", "model.arcface_scale=10",
             "train.flip_ids=true", "new_whale.share=0.3", "model.arcface_centre_weight=0.5"]
-    args = ["--config", str(ROOT / "configs/cpu.toml"), "--quiet"] + [a for s in sets for a in ("--set", s)]
+    args = ["--config", str(ROOT / "configs/scratch.toml"), "--quiet"] + [a for s in sets for a in ("--set", s)]
     whaleid("train", "--data", tiny_set, "--work", work, *args)
     assert any(c.endswith("_flip") for c in json.loads((work / "train/classes.json").read_text()))
     out = whaleid("evaluate", "--work", work)

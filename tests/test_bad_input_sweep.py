@@ -20,7 +20,7 @@ from whaleid.stage import fingerprint
 
 from conftest import ROOT, cli as whaleid
 
-TINY = ["--config", str(ROOT / "configs/cpu.toml"), "--set", "model.backbone=tiny", "--set", "run.image_size=32",
+TINY = ["--config", str(ROOT / "configs/scratch.toml"), "--set", "model.backbone=tiny", "--set", "run.image_size=32",
         "--set", "train.epochs=1", "--quiet", "--workers", "2"]
 
 # photo kinds: file name -> (how to write it, the reason it is skipped, or None when it must be used)

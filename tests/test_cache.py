@@ -20,7 +20,7 @@ from whaleid.stages import ALL
 
 from conftest import ROOT, cli, whaleid
 
-TINY = ["--config", str(ROOT / "configs/cpu.toml"), "--set", "model.backbone=tiny", "--set", "run.image_size=48",
+TINY = ["--config", str(ROOT / "configs/scratch.toml"), "--set", "model.backbone=tiny", "--set", "run.image_size=48",
         "--set", "train.epochs=2", "--set", "train.batch_size=16", "--quiet"]
 ORDER = [s.name for s in ALL]
 PREDICT_NEEDS = [s for s in ORDER if s != "evaluate"]

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from conftest import ROOT, whaleid
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
-FAST = ["--config", str(ROOT / "configs/cpu.toml"), "--set", "model.backbone=tiny", "--set", "run.image_size=48",
+FAST = ["--config", str(ROOT / "configs/scratch.toml"), "--set", "model.backbone=tiny", "--set", "run.image_size=48",
         "--set", "train.epochs=3", "--set", "train.patience=3", "--set", "train.batch_size=16", "--quiet"]
 STAGES = ["dedup", "format", "boxes", "augment", "split", "train", "predict"]
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import ROOT, cli as whaleid
 
-CPU = str(ROOT / "configs/cpu.toml")
+CPU = str(ROOT / "configs/scratch.toml")
 
 
 def test_preprocess_then_status_then_cached(tiny_set, tmp_path):

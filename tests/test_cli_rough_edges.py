@@ -15,7 +15,7 @@ from whaleid import files
 
 from conftest import ROOT, cli, whaleid
 
-CPU = str(ROOT / "configs/cpu.toml")
+CPU = str(ROOT / "configs/scratch.toml")
 
 
 def one_line_error(code: int, out: str, *needles: str) -> str:
@@ -90,7 +90,7 @@ def test_a_catalogue_without_new_whales_gets_held_out_ids_and_the_recipe_says_so
     assert (tmp_path / "data").stat().st_mode & 0o777 == 0o777 & ~files.umask()
     work = tmp_path / "w"
     out = whaleid("preprocess", "--data", tmp_path / "data", "--boxes", tmp_path / "data" / "boxes.csv",
-                  "--work", work, "--config", "cpu", "--quiet")
+                  "--work", work, "--config", "scratch", "--quiet")
     assert "no new_whale rows and split.unseen_ids = 0" in out and "holding out" in out, out
     report = json.loads((work / "split" / "split_report.json").read_text())
     assert report["unseen_ids"] >= 1
@@ -145,23 +145,23 @@ def test_missing_folders_are_named_and_nothing_is_created(tmp_path, monkeypatch)
     one_line_error(*cli("status", "--work", "typo"), "no such work folder: typo")
     one_line_error(*cli("report", "--work", "nonexistent", "--out", tmp_path / "r"), "nonexistent not found")
     one_line_error(*cli("train"), "needs the data folder", "pass --data")
-    one_line_error(*cli("predict", "--config", "cpu"), "pass --data")
+    one_line_error(*cli("predict", "--config", "scratch"), "pass --data")
     assert sorted(os.listdir(tmp_path)) == []
 
 
 def test_remembered_settings_can_be_unset_and_reset(tiny_set, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # `--config cpu` names the shipped config from any folder
     work = tmp_path / "w"
-    whaleid("preprocess", "--data", tiny_set, "--work", work, "--config", "cpu", "--quiet",
+    whaleid("preprocess", "--data", tiny_set, "--work", work, "--config", "scratch", "--quiet",
             "--set", "augment.margin=0.2", "--set", "split.validation=0.25")
     record = lambda: json.loads((work / "whaleid.json").read_text())  # noqa: E731
-    assert record()["config"] == "cpu" and record()["set"] == ["augment.margin=0.2", "split.validation=0.25"]
+    assert record()["config"] == "scratch" and record()["set"] == ["augment.margin=0.2", "split.validation=0.25"]
     out = whaleid("preprocess", "--work", work, "--quiet", "--unset", "augment.margin")
     assert "augment.margin unset" in out and "[augment] running (setting augment.margin changed" in out, out
-    assert record()["set"] == ["split.validation=0.25"] and record()["config"] == "cpu"
+    assert record()["set"] == ["split.validation=0.25"] and record()["config"] == "scratch"
     out = whaleid("preprocess", "--work", work, "--quiet", "--reset-settings")
     assert "forgot the remembered config" in out and record() == {"data": str(tiny_set.resolve()), "config": None, "set": []}
-    out = whaleid("preprocess", "--work", work, "--quiet", "--config", "cpu")
+    out = whaleid("preprocess", "--work", work, "--quiet", "--config", "scratch")
     assert "[dedup] up to date" in out
 
 

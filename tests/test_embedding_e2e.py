@@ -22,7 +22,7 @@ from whaleid import submission
 from conftest import ROOT, whaleid
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
-TINY = ["--config", str(ROOT / "configs/cpu.toml"), "--set", "model.backbone=tiny", "--set", "run.image_size=48",
+TINY = ["--config", str(ROOT / "configs/scratch.toml"), "--set", "model.backbone=tiny", "--set", "run.image_size=48",
         "--set", "train.epochs=15", "--set", "train.patience=15", "--set", "train.batch_size=16",
         "--set", "train.learning_rate=0.003", "--set", "model.head=triplet", "--quiet"]
 IDS, PHOTOS = 8, 10

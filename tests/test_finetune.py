@@ -17,7 +17,7 @@ def pretrained(tmp_path_factory):
     """A weights file for the tiny backbone (random but fixed, non-trivial batch-norm statistics)."""
     from whaleid import model as models
     path = tmp_path_factory.mktemp("weights") / "tiny.weights.h5"
-    net = models.build_model(config.load(ROOT / "configs" / "cpu.toml", tuple(BASE)), 4)
+    net = models.build_model(config.load(ROOT / "configs" / "scratch.toml", tuple(BASE)), 4)
     backbone = models.find_backbone(net)
     rng = np.random.default_rng(0)
     for layer in backbone.layers:
@@ -36,7 +36,7 @@ def backbone_weights(work) -> dict[str, list[np.ndarray]]:
 
 def file_weights(path) -> dict[str, list[np.ndarray]]:
     from whaleid import model as models
-    net = models.build_model(config.load(ROOT / "configs" / "cpu.toml", tuple(BASE) + (f"model.weights={path}",)), 4)
+    net = models.build_model(config.load(ROOT / "configs" / "scratch.toml", tuple(BASE) + (f"model.weights={path}",)), 4)
     return {layer.name: layer.get_weights() for layer in models.find_backbone(net).layers if layer.weights}
 
 

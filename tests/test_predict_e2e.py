@@ -12,7 +12,7 @@ from whaleid.cli import main
 
 from conftest import ROOT, whaleid
 
-TINY = ["--config", str(ROOT / "configs/cpu.toml"), "--set", "model.backbone=tiny", "--set", "run.image_size=48",
+TINY = ["--config", str(ROOT / "configs/scratch.toml"), "--set", "model.backbone=tiny", "--set", "run.image_size=48",
         "--set", "train.epochs=15", "--set", "train.patience=15", "--set", "train.batch_size=16",
         "--set", "train.learning_rate=0.003", "--quiet"]
 

@@ -18,7 +18,7 @@ from whaleid.cli import main
 from conftest import whaleid
 from whaleid.stage import fingerprint
 
-CPU = Path(__file__).parents[1] / "configs/cpu.toml"
+CPU = Path(__file__).parents[1] / "configs/scratch.toml"
 TINY = ["--config", str(CPU), "--set", "model.backbone=tiny", "--set", "run.image_size=48",
         "--set", "train.epochs=2", "--quiet"]
 

@@ -18,7 +18,7 @@ from whaleid.stage import PARTIAL, Session, Stage
 
 from conftest import ROOT, whaleid
 
-CPU = str(ROOT / "configs/cpu.toml")
+CPU = str(ROOT / "configs/scratch.toml")
 
 
 # ---------------------------------------------------------------- the mechanism, on a toy stage

@@ -82,7 +82,7 @@ SPLIT = Stage("split", _split, artifacts=("train_files.csv", "val_files.csv"), s
 
 def session(work, overrides=(), echo=lambda m: None):
     from whaleid.stages import TRAIN
-    cfg = config.load(ROOT / "configs" / "cpu.toml", tuple(BASE) + tuple(overrides))
+    cfg = config.load(ROOT / "configs" / "scratch.toml", tuple(BASE) + tuple(overrides))
     return Session(cfg=cfg, work=Path(work), data=None, stages=[AUGMENT, SPLIT, TRAIN], progress=False,
                    echo=echo)
 
@@ -346,7 +346,7 @@ def test_missing_weights_file_and_impossible_head_batches_are_clear_errors(tmp_p
 def test_local_weights_file_loads_into_the_backbone(tmp_path):
     import keras
     from whaleid import model as models
-    cfg = lambda *o: config.load(ROOT / "configs" / "cpu.toml", tuple(BASE) + ("model.backbone=MobileNetV3Small",) + o)
+    cfg = lambda *o: config.load(ROOT / "configs" / "scratch.toml", tuple(BASE) + ("model.backbone=MobileNetV3Small",) + o)
     x = np.concatenate([images("w_red", 0), images("w_blue", 1)]).astype("float32")
     keras.utils.set_random_seed(1)
     source = models.build_model(cfg(), 4)
@@ -376,14 +376,14 @@ def test_local_weights_file_loads_into_the_backbone(tmp_path):
     # the train stage accepts a weights file (here the tiny backbone's, to train fast), and the
     # file's content is part of the stage's fingerprint
     tiny = tmp_path / "tiny.weights.h5"
-    models.find_backbone(models.build_model(config.load(ROOT / "configs" / "cpu.toml", tuple(BASE)), 4)).save_weights(tiny)
+    models.find_backbone(models.build_model(config.load(ROOT / "configs" / "scratch.toml", tuple(BASE)), 4)).save_weights(tiny)
     work = tmp_path / "w"
     over = [f"model.weights={tiny}", "train.epochs=1"]
     assert run_train(work, over)["train"] == "ran"
     assert manifest(work)["inputs"]["file/model.weights"]
     with pytest.raises(StageError, match="does not fit backbone"):
         run_train(tmp_path / "w2", [f"model.weights={path}", "train.epochs=1"])  # MobileNetV3Small's file
-    models.find_backbone(models.build_model(config.load(ROOT / "configs" / "cpu.toml", tuple(BASE)), 4)).save_weights(tiny)
+    models.find_backbone(models.build_model(config.load(ROOT / "configs" / "scratch.toml", tuple(BASE)), 4)).save_weights(tiny)
     st = session(work, over).status(session(work).stage("train"))
     assert st.state == "stale" and "changed" in st.reason
 
@@ -413,7 +413,7 @@ def test_precision_auto_is_float32_on_cpu_and_mixed_keeps_a_float32_softmax():
     assert strategy.num_replicas_in_sync == 1 and devices.choose_precision("auto", strategy) == "float32"
     assert devices.choose_precision("mixed_float16", strategy) == "mixed_float16"
     with devices.dtype_policy("mixed_float16"):
-        net = models.build_model(config.load(ROOT / "configs" / "cpu.toml", tuple(BASE)), 4)
+        net = models.build_model(config.load(ROOT / "configs" / "scratch.toml", tuple(BASE)), 4)
     assert keras.config.dtype_policy().name == "float32", "the policy is restored after the stage"
     assert net.get_layer("logits").compute_dtype == "float16"
     out = net(images("w_red", 0).astype("float32"))
