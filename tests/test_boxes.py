@@ -23,7 +23,7 @@ def _sea_with_tail(w=800, h=500, box=(200, 150, 600, 330), grey=False, colour=(3
 
 def test_dark_tail_on_blue_sea_is_found():
     rgb = _sea_with_tail()
-    *box, method = boxes.detect_box(rgb)
+    *box, method = boxes.detect_box(rgb, detector="grabcut")
     assert method == "grabcut" and boxes.iou(box, (200, 150, 600, 330)) > 0.8
     *box, method = boxes.detect_box(rgb, detector="dark")
     assert method == "dark" and boxes.iou(box, (200, 150, 600, 330)) > 0.8
@@ -33,7 +33,7 @@ def test_dark_tail_on_blue_sea_is_found():
 
 def test_white_underside_is_found_by_grabcut_not_by_darkness():
     rgb = _sea_with_tail(colour=(235, 235, 230))  # a fluke showing its white underside
-    *box, method = boxes.detect_box(rgb)
+    *box, method = boxes.detect_box(rgb, detector="grabcut")
     assert method == "grabcut" and boxes.iou(box, (200, 150, 600, 330)) > 0.8
     *box, method = boxes.detect_box(rgb, detector="dark")
     assert boxes.iou(box, (200, 150, 600, 330)) < 0.5
@@ -42,10 +42,10 @@ def test_white_underside_is_found_by_grabcut_not_by_darkness():
 def test_grabcut_box_does_not_depend_on_opencvs_global_random_state():
     rgb = _sea_with_tail(colour=(200, 190, 150))
     rgb[::7, ::5] = 255  # speckle so k-means has choices to make
-    first = boxes.detect_box(rgb)
+    first = boxes.detect_box(rgb, detector="grabcut")
     cv2.setRNGSeed(12345)
     cv2.randu(np.zeros((10, 10)), 0, 1)
-    assert boxes.detect_box(rgb) == first
+    assert boxes.detect_box(rgb, detector="grabcut") == first
 
 
 def test_greyscale_photo_gets_grabcut_or_the_grey_method():
@@ -73,7 +73,7 @@ def test_blank_image_falls_back_to_the_whole_image():
 def test_box_scaled_back_from_the_downscaled_copy(tmp_path):
     p = tmp_path / "big.jpg"
     Image.fromarray(_sea_with_tail(3000, 1200, (900, 300, 2100, 900))).save(p, quality=92)
-    *box, method = boxes.detect_box_file(p, max_side=400)
+    *box, method = boxes.detect_box_file(p, max_side=400, detector="grabcut")
     assert boxes.iou(box, (900, 300, 2100, 900)) > 0.85
 
 

@@ -34,7 +34,7 @@ from . import images
 from .stage import Run
 from .stages import DETECT_SETTINGS
 
-METHODS = ("grabcut", "dark", "hsv-low-sat", "hsv-high-sat", "grey", "imported", "full-image")
+METHODS = ("cnn+grabcut", "cnn", "grabcut", "dark", "hsv-low-sat", "hsv-high-sat", "grey", "imported", "full-image")
 COLUMNS = ["Image", "x0", "y0", "x1", "y1", "method"]
 
 
@@ -104,7 +104,7 @@ def grabcut_extent(rgb: np.ndarray, side: int = 160, inset: float = 0.02, max_it
             min(w, int(np.ceil(box[2] * sx))), min(h, int(np.ceil(box[3] * sy))))
 
 
-def detect_box(rgb: np.ndarray, *, grey: bool | None = None, detector: str = "grabcut", min_fraction: float = 0.10,
+def detect_box(rgb: np.ndarray, *, grey: bool | None = None, detector: str = "cnn", min_fraction: float = 0.10,
                open_size: int = 5, grabcut_side: int = 160, grabcut_max_iter: int = 10) -> tuple[int, int, int, int, str]:
     """Tail box (x0, y0, x1, y1, method) in the pixel coords of `rgb` (x1, y1 exclusive).
 
@@ -116,6 +116,15 @@ def detect_box(rgb: np.ndarray, *, grey: bool | None = None, detector: str = "gr
     if grey is None:
         grey = images.channels_equal(rgb)
     box, method = None, "full-image"
+    if detector == "cnn":
+        from . import box_head
+        found = box_head.detect(rgb)
+        if found is None:          # nothing anywhere looks like a tail: the whole photo, not a guess
+            return 0, 0, w, h, "full-image"
+        *box, method = found
+        if (box[2] - box[0]) * (box[3] - box[1]) < min_fraction * w * h:
+            return 0, 0, w, h, "full-image"
+        return (*box, method)
     if detector == "grabcut":
         box = grabcut_extent(rgb, grabcut_side, max_iterations=grabcut_max_iter)
         method = "grabcut"
@@ -150,16 +159,21 @@ def detect_box(rgb: np.ndarray, *, grey: bool | None = None, detector: str = "gr
     return x0, y0, x1, y1, method
 
 
-def detect_box_file(path, *, max_side: int = 512, detector: str = "grabcut", min_fraction: float = 0.10,
-                    open_size: int = 5, grabcut_side: int = 160, grabcut_max_iter: int = 10):
-    """Decode at reduced size, detect, scale the box back to the file's full size."""
+def decode_for_detection(path, max_side: int = 512) -> tuple[np.ndarray, tuple[int, int], bool]:
+    """(RGB pixels at most max_side on the longer side, the file's (width, height), greyscale file?)."""
     w, h = images.image_size(path)
     img = images.open_image(path, draft_size=(max_side, max_side))
     grey = images.is_grey(img)
     img = images.to_rgb(img)
     if max(img.size) > max_side:
         img.thumbnail((max_side, max_side), images.Image.Resampling.BILINEAR)
-    rgb = np.asarray(img)
+    return np.asarray(img), (w, h), grey
+
+
+def detect_box_file(path, *, max_side: int = 512, detector: str = "cnn", min_fraction: float = 0.10,
+                    open_size: int = 5, grabcut_side: int = 160, grabcut_max_iter: int = 10):
+    """Decode at reduced size, detect, scale the box back to the file's full size."""
+    rgb, (w, h), grey = decode_for_detection(path, max_side)
     x0, y0, x1, y1, method = detect_box(rgb, grey=grey, detector=detector, min_fraction=min_fraction,
                                           open_size=open_size, grabcut_side=grabcut_side,
                                           grabcut_max_iter=grabcut_max_iter)

@@ -98,7 +98,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.strategy": ("auto", "mirrored", "multiworker", "tpu", "none"),
     "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
     "predict.merge": ("vote", "mean"),
-    "boxes.detector": ("grabcut", "dark", "hsv"),
+    "boxes.detector": ("cnn", "grabcut", "dark", "hsv"),
     "train.lr_schedule": ("constant", "cosine"),
 }
 # model.head: the names in whaleid.heads' registry, asked when a value is checked (see choices()),
