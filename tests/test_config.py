@@ -27,11 +27,12 @@ def test_defaults_are_exactly_default_toml():
     assert config.defaults()["train"]["epochs"] == 120  # a copy each call
 
 
-def test_cpu_config_is_small_and_valid():
-    cfg = config.load(ROOT / "configs/cpu.toml")
+@pytest.mark.parametrize("name, weights", [("cpu", "imagenet"), ("scratch", "none")])
+def test_cpu_configs_are_small_and_valid(name, weights):
+    cfg = config.load(ROOT / f"configs/{name}.toml")
     assert cfg["run"]["image_size"] <= 128 and cfg["model"]["backbone"] != "InceptionResNetV2"
-    assert cfg["model"]["weights"] == "none"
-    for section, values in _toml("cpu.toml").items():
+    assert cfg["model"]["weights"] == weights  # cpu: the pip package's ImageNet weights, no download
+    for section, values in _toml(f"{name}.toml").items():
         for key, value in values.items():
             assert cfg[section][key] == value
 
