@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 from typing import NamedTuple
 
 import keras
@@ -98,7 +99,7 @@ def run(run: Run) -> dict:
         stopper = ResumableEarlyStopping(monitor, patience, state and state["early_stopping"], best_weights)
         progress = EpochCheckpoint(checkpoint, stopper, run.echo, epochs, plan.images, state, validation,
                                    run.setting("train.max_minutes"))
-        bar = StepProgress(plan.steps, plan.size, epochs, enabled=run.session.progress)
+        bar = StepProgress(plan.steps, plan.size, epochs, enabled=run.session.progress and sys.stderr.isatty())
         val_data = None
         if len(val) and not head.retrieval_validation:
             val_data = inputs.eval_dataset(list(val.path), list(val.y), size, plan.size)
