@@ -15,7 +15,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from whaleid import box_head  # noqa: E402
+from whaleid import box_head, box_train  # noqa: E402
 
 
 def main():
@@ -24,15 +24,15 @@ def main():
     ap.add_argument("--labels", type=Path, default=ROOT.parent / "shared/data/whales/labels.csv")
     ap.add_argument("--out", type=Path, default=ROOT / "whaleid/box_head_weights.py")
     args = ap.parse_args()
-    photos = box_head.load_labelled(args.images, args.labels)
-    stats = box_head.training_statistics([p.rgb for p in photos], [p.rel for p in photos])
-    w, b = box_head.solve(box_head.combine(stats))
+    photos = box_train.load_labelled(args.images, args.labels)
+    stats = box_train.photo_statistics(photos)
+    w, b, parts = box_train.solve(box_train.combine(stats))
     digest = hashlib.sha256(args.labels.read_bytes()).hexdigest()[:16]
     lines = [f'"""Weights of the tail-box classifier of box_head.py, written by scripts/fit_box_head.py: ridge',
              f'(alpha {box_head.RIDGE_ALPHA} per cell) on {len(photos)} real photos, their mirror images and '
              f'{box_head.AUGMENT_COPIES} augmented',
              f'copies each ({args.labels.name} sha256 {digest}...); {len(w)} weights over box_head.design()."""',
-             f"B = {b!r}", "W = ("]
+             f"DESIGN = {tuple(parts)!r}", f"B = {b!r}", "W = ("]
     values = [f"{v:.7g}," for v in w.astype(float)]
     for i in range(0, len(values), 8):
         lines.append("    " + " ".join(values[i:i + 8]))

@@ -1,31 +1,35 @@
-"""The learned tail box (boxes.detector = "cnn"): a linear "inside the tail box?" classifier per cell of
-a frozen, ImageNet-pretrained EfficientNet-Lite0 feature map, refined by GrabCut seeded from it.
+"""The learned tail box (boxes.detector = "cnn"): a linear "inside the tail box?" score for every cell
+of a frozen, ImageNet-pretrained EfficientNet-Lite0 feature map, the box that agrees best with the
+scores, sharpened by GrabCut seeded from them.
 
-    photo -> squash-resize to 256 x 128 -> Lite0 up to block 10 (stride 16: a 16 x 8 map of 112
-    channels) -> per cell [its 112 features, the photo's mean 112] . w + b -> p = sigmoid, the
-    probability that the cell lies inside the reference box -> the box that maximises sum(p - 0.5)
-    over its (bilinearly upsampled) cells -> GrabCut on a 128 px copy, started from p (p >= 0.5
-    probable tail, p < GRABCUT_SURE_BACKGROUND sure background, else probable background) -> the
-    final box is the mean of the two boxes when they agree (IoU >= AGREE), else the classifier's box.
-    Nothing above 0.5 anywhere: the whole photo.
+    photo (decoded at <= 512 px) -> squashed to 256 x 128 -> Lite0 up to block 10 (stride 16: a
+    16 x 8 map of 112 channels) -> per cell, design(): its features, the photo's mean, the maximum
+    over its row and over its column (448 numbers) -> p = clip(w . design + b, 0, 1), the share of
+    the cell inside the reference box -> the box maximising sum(p - 0.5) over the cells of p
+    upsampled 4 times -> GrabCut (2 iterations) on a 96 px copy started from p (p >= 0.5 probable tail, p < 0.3
+    sure background, else probable background) -> the final box is the mean of the two boxes when
+    they agree (IoU >= 0.5, method "cnn+grabcut"), else the classifier's box ("cnn"). No cell above
+    0.5: nothing looks like a tail and the caller keeps the whole photo ("full-image").
 
-What is fitted: w (224 numbers) and b, by L2-regularised logistic regression (box_head_weights.py,
-written by scripts/fit_box_head.py) on the cells of the 29 real photos of ../shared/data/whales and
-their mirror images, each cell's target the fraction of it inside the published detector's box.
-Everything else (the network, its layer, the input size, the 0.5 and the GrabCut settings) is fixed
-in this file. scripts/bench_boxes.py and tests/test_box_head.py measure it by leave-one-out: the
-scored photo and its mirror image are left out of the fit.
+What is fitted: w (448 numbers) and b, by ridge regression on standardised features (penalty
+RIDGE_ALPHA per cell) of every cell of the labelled real photos (../shared/data/whales: 29), their
+mirror images and AUGMENT_COPIES augmented copies of each (zoomed out into the photo's own sea,
+cropped closer, relit, greyscale, mirrored): box_head_weights.py, written by scripts/fit_box_head.py.
+Everything else (network, layer, input size, design, 0.5, the GrabCut seeds) is fixed here. The fit
+is a sum of per-photo statistics, so leave-one-out is a subtraction: scripts/bench_boxes.py and
+tests/test_box_head.py score each photo with a classifier fitted without it (and without its copies).
 
-Why it generalises where a colour model does not: the features are the pretrained network's (it has
-seen whales, sea and sky), so the classifier learns "tail-like texture and shape" from 29 photos
-with 224 weights, not thresholds of this set's colours; GrabCut only sharpens the edges of a box the
-classifier already placed, and the classifier's box is kept when the two disagree.
+Why it should hold on photos nobody tuned on: the features are the pretrained network's (it has seen
+whales, sea, haze and sky), so 449 numbers learn "tail-like texture, and where it is", not this set's
+colours; the augmented copies teach it that a fluke may fill a small part of the photo (the original
+photos are mostly cropped to the fluke, and without them a zoomed-out fluke gets the whole scene);
+GrabCut only sharpens edges of a box the classifier already placed and is ignored when they disagree.
 
-The network runs once per photo at batch 1 (6 CPU-ms a photo on one core, 256 x 128), in whatever
-process or thread detects the photo: it is built on first use and cached per process. A forked pool
-worker (the stage cache forks only when the parent has not imported TensorFlow) imports TensorFlow
-afresh and uses one thread, so workers do not compete for the cores; in-process (threads, or
---workers 1) TensorFlow's threading is left as it is.
+The network runs per photo at batch 1 (about 6 CPU-ms on one core), in whatever process or thread
+detects the photo: it is built on first use and cached per process. A forked pool worker (the stage
+cache forks only while the parent has not imported TensorFlow: workers.PhotoWork._pool) imports
+TensorFlow afresh and runs it on one thread, so workers do not compete for cores; in the main process
+(threads, or --workers 1) TensorFlow's threading is left as it is.
 """
 from __future__ import annotations
 
@@ -33,20 +37,19 @@ import functools
 import multiprocessing
 import os
 import threading
-from pathlib import Path
 from typing import NamedTuple
 
 import cv2
 import numpy as np
 
-INPUT_W, INPUT_H = 256, 128      # the network's input: the photo squashed to this size
-LAYER = "block10_add"           # stride 16, 112 channels: a 16 x 8 map
+INPUT_W, INPUT_H = 256, 128     # the network's input: the photo squashed to this size
+LAYER = "block10_add"            # stride 16, 112 channels: a 16 x 8 map
 UPSAMPLE = 4                     # the box is found on the map upsampled this many times
-GRABCUT_SIDE = 128               # GrabCut's copy of the photo (longer side, px)
+GRABCUT_SIDE = 96                # GrabCut's copy of the photo (longer side, px)
 GRABCUT_SURE_BACKGROUND = 0.3    # p below this: sure background for GrabCut
-GRABCUT_ITERATIONS = 4
-RIDGE_ALPHA = 0.1                 # ridge penalty per training cell (standardised features)
-AUGMENT_COPIES = 8                # augmented copies of each training photo
+GRABCUT_ITERATIONS = 2
+RIDGE_ALPHA = 0.1                # ridge penalty per training cell (standardised features)
+AUGMENT_COPIES = 8               # augmented copies of each training photo
 AGREE = 0.5                      # GrabCut's box is used only when its IoU with the classifier's box is at least this
 
 _lock = threading.Lock()
@@ -101,69 +104,30 @@ def feature_maps(rgbs: list[np.ndarray], batch: int = 16) -> np.ndarray:
 
 # ---------------------------------------------------------------- the classifier
 
-def design(maps: np.ndarray) -> np.ndarray:
-    """Per cell (..., h, w, 4 x 112): its own features; the photo's mean (what the whole scene looks
-    like); the maximum over its row and over its column (is there tail-like texture anywhere level
-    with it, or above or below it: a cell of sea between the lobes is inside the box, one beside the
-    tips is not)."""
+class Weights(NamedTuple):
+    w: np.ndarray            # one per design() column
+    b: float
+    parts: tuple = None      # design() parts (None: DESIGN)
+
+DESIGN = ("cell", "mean", "rowmax", "colmax")
+
+
+def design(maps: np.ndarray, parts=DESIGN) -> np.ndarray:
+    """Per cell (..., h, w, len(parts) x 112): "cell" its own features; "mean" the photo's mean (what
+    the whole scene looks like); "rowmax", "colmax" the maximum over its row and over its column (is
+    there tail-like texture level with it, or above or below it: a cell of sea between the lobes is
+    inside the box, one beside the tips is not)."""
     shape = maps.shape
-    return np.concatenate([maps,
-                           np.broadcast_to(maps.mean(axis=(-3, -2), keepdims=True), shape),
-                           np.broadcast_to(maps.max(axis=-2, keepdims=True), shape),
-                           np.broadcast_to(maps.max(axis=-3, keepdims=True), shape)], axis=-1)
-
-
-def cell_targets(box, h: int, w: int) -> np.ndarray:
-    """Fraction of each cell of an h x w grid over the unit square covered by `box` (relative x0,y0,x1,y1)."""
-    xe, ye = np.linspace(0, 1, w + 1), np.linspace(0, 1, h + 1)
-    fx = np.clip(np.minimum(xe[1:], box[2]) - np.maximum(xe[:-1], box[0]), 0, None) * w
-    fy = np.clip(np.minimum(ye[1:], box[3]) - np.maximum(ye[:-1], box[1]), 0, None) * h
-    return fy[:, None] * fx[None, :]
-
-
-def mirror_map(maps: np.ndarray) -> np.ndarray:
-    return maps[..., ::-1, :]
-
-
-def mirror_box(box):
-    return (1 - box[2], box[1], 1 - box[0], box[3])
-
-
-def statistics(maps: np.ndarray, rel_boxes) -> dict:
-    """Sufficient statistics of a ridge fit of cell_targets on design(maps): counts and sums that add up
-    over photos (so that leaving a photo out is a subtraction, not a refit over all the others)."""
-    n, h, w, _ = maps.shape
-    X = design(maps).reshape(n * h * w, -1).astype(np.float64)
-    y = np.concatenate([cell_targets(b, h, w).ravel() for b in rel_boxes])
-    return {"n": len(y), "x": X.sum(0), "xx": X.T @ X, "y": y.sum(), "xy": X.T @ y}
-
-
-def combine(parts, sign=None) -> dict:
-    sign = sign or [1] * len(parts)
-    return {k: sum(s * p[k] for s, p in zip(sign, parts)) for k in parts[0]}
-
-
-def solve(st: dict, alpha: float = RIDGE_ALPHA) -> tuple[np.ndarray, float]:
-    """Ridge regression on standardised features, penalty alpha per cell (alpha * number of cells),
-    intercept free; returns (w, b) on the raw features."""
-    n = st["n"]
-    mu, ym = st["x"] / n, st["y"] / n
-    cov = st["xx"] / n - np.outer(mu, mu)
-    sd = np.sqrt(np.clip(np.diag(cov), 0, None)) + 1e-6
-    cxy = st["xy"] / n - mu * ym
-    coef = np.linalg.solve(cov / np.outer(sd, sd) + alpha * np.eye(len(sd)), cxy / sd)
-    wv = coef / sd
-    return wv.astype(np.float32), float(ym - mu @ wv)
-
-
-def fit(maps: np.ndarray, rel_boxes, alpha: float = RIDGE_ALPHA) -> tuple[np.ndarray, float]:
-    return solve(statistics(maps, rel_boxes), alpha)
+    make = {"cell": lambda: maps,
+            "mean": lambda: maps.mean(axis=(-3, -2), keepdims=True),
+            "rowmax": lambda: maps.max(axis=-2, keepdims=True),
+            "colmax": lambda: maps.max(axis=-3, keepdims=True)}
+    return np.concatenate([np.broadcast_to(make[p](), shape) for p in parts], axis=-1)
 
 
 def probability(map_: np.ndarray, weights) -> np.ndarray:
     """(h, w) probability that each cell lies inside the tail box."""
-    wv, b = weights
-    return np.clip(design(map_) @ wv + b, 0.0, 1.0)
+    return np.clip(design(map_, weights.parts or DESIGN) @ weights.w + weights.b, 0.0, 1.0)
 
 
 def best_box(p: np.ndarray, up: int = UPSAMPLE, threshold: float = 0.5):
@@ -187,10 +151,28 @@ def best_box(p: np.ndarray, up: int = UPSAMPLE, threshold: float = 0.5):
 
 # ---------------------------------------------------------------- GrabCut, seeded by the classifier
 
+def main_extent(mask: np.ndarray, close: int = 0) -> tuple[int, int, int, int] | None:
+    """Extent of the components that make up the tail: the largest, plus every component at least
+    a tenth of its size (the two lobes of a fluke can come apart). None when the mask is empty."""
+    m = mask.astype(np.uint8)
+    if close:
+        m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, np.ones((close, close), np.uint8))
+    n, _, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    if n <= 1:
+        return None
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep = np.nonzero(areas >= 0.1 * areas.max())[0] + 1
+    x0 = stats[keep, cv2.CC_STAT_LEFT].min()
+    y0 = stats[keep, cv2.CC_STAT_TOP].min()
+    x1 = (stats[keep, cv2.CC_STAT_LEFT] + stats[keep, cv2.CC_STAT_WIDTH]).max()
+    y1 = (stats[keep, cv2.CC_STAT_TOP] + stats[keep, cv2.CC_STAT_HEIGHT]).max()
+    return int(x0), int(y0), int(x1), int(y1)
+
+
+
 def grabcut_refine(rgb: np.ndarray, p: np.ndarray, side: int = GRABCUT_SIDE,
                    sure_background: float = GRABCUT_SURE_BACKGROUND, iterations: int = GRABCUT_ITERATIONS):
     """Relative box of GrabCut's foreground on a `side` px copy, its mask started from p; None if empty."""
-    from .boxes import main_extent
     h, w = rgb.shape[:2]
     s = min(1.0, side / max(h, w))
     small = cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
@@ -216,7 +198,8 @@ def grabcut_refine(rgb: np.ndarray, p: np.ndarray, side: int = GRABCUT_SIDE,
     return box[0] / ww, box[1] / hh, box[2] / ww, box[3] / hh
 
 
-def rel_iou(a, b) -> float:
+def iou(a, b) -> float:
+    """Intersection over union of two boxes (x0, y0, x1, y1), in any one unit."""
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = ix * iy
@@ -231,15 +214,15 @@ def box_from_map(rgb: np.ndarray, p: np.ndarray, grabcut: bool = True):
         return None, "full-image"
     if grabcut:
         cut = grabcut_refine(rgb, p)
-        if cut is not None and rel_iou(cut, head) >= AGREE:
+        if cut is not None and iou(cut, head) >= AGREE:
             return tuple((np.array(head) + np.array(cut)) / 2), "cnn+grabcut"
     return head, "cnn"
 
 
 @functools.lru_cache(maxsize=1)
-def shipped_weights():
+def shipped_weights() -> Weights:
     from . import box_head_weights as bw
-    return np.asarray(bw.W, np.float32), float(bw.B)
+    return Weights(np.asarray(bw.W, np.float32), float(bw.B), tuple(bw.DESIGN))
 
 
 def detect(rgb: np.ndarray, weights=None, grabcut: bool = True):
@@ -252,113 +235,3 @@ def detect(rgb: np.ndarray, weights=None, grabcut: bool = True):
     h, w = rgb.shape[:2]
     return (max(0, int(np.floor(box[0] * w))), max(0, int(np.floor(box[1] * h))),
             min(w, int(np.ceil(box[2] * w))), min(h, int(np.ceil(box[3] * h))), method)
-
-
-# ---------------------------------------------------------------- training photos
-
-def sea_strip(rgb: np.ndarray, box) -> np.ndarray | None:
-    """The photo's own sea or sky: the rows above or below its box (the taller), None if under 8% of it."""
-    h = rgb.shape[0]
-    y0, y1 = int(box[1] * h), int(np.ceil(box[3] * h))
-    above, below = rgb[:y0], rgb[y1:]
-    strip = above if len(above) > len(below) else below
-    return strip if len(strip) >= max(4, 0.08 * h) else None
-
-
-def augment(rgb: np.ndarray, box, rng: np.random.Generator, zoom_out: bool):
-    """A training copy of a photo and its relative box: zoomed out into a canvas of the photo's own sea
-    (a fluke that fills less of the photo than in the training set) or cropped closer (one that fills
-    more, or is cut by the edge), mirrored half the time, lit differently, greyscale a quarter of the time."""
-    h, w = rgb.shape[:2]
-    x0, y0, x1, y1 = box[0] * w, box[1] * h, box[2] * w, box[3] * h
-    strip = sea_strip(rgb, box) if zoom_out else None
-    if strip is not None:
-        s = rng.uniform(0.4, 0.8)
-        cw, ch = int(w / rng.uniform(s, 1.0)), int(h / rng.uniform(s, 1.0))
-        cw, ch = max(cw, w), max(ch, h)
-        canvas = cv2.resize(strip, (cw, ch), interpolation=cv2.INTER_LINEAR).astype(np.float32)
-        canvas += rng.normal(0, 4, canvas.shape).astype(np.float32)
-        ox, oy = int(rng.integers(0, cw - w + 1)), int(rng.integers(0, ch - h + 1))
-        alpha = np.zeros((h, w), np.float32)
-        edge = max(2, int(0.04 * min(h, w)))
-        alpha[edge:h - edge, edge:w - edge] = 1
-        alpha = cv2.GaussianBlur(alpha, (0, 0), edge / 2)[..., None]
-        region = canvas[oy:oy + h, ox:ox + w]
-        canvas[oy:oy + h, ox:ox + w] = alpha * rgb + (1 - alpha) * region
-        out, (x0, y0, x1, y1), (w, h) = canvas, (x0 + ox, y0 + oy, x1 + ox, y1 + oy), (cw, ch)
-    else:
-        bw, bh = x1 - x0, y1 - y0
-        cx0, cy0 = rng.uniform(0, x0 + 0.15 * bw), rng.uniform(0, y0 + 0.15 * bh)
-        cx1, cy1 = rng.uniform(x1 - 0.15 * bw, w), rng.uniform(y1 - 0.15 * bh, h)
-        cx0, cy0, cx1, cy1 = int(cx0), int(cy0), max(int(cx0) + 8, int(np.ceil(cx1))), max(int(cy0) + 8, int(np.ceil(cy1)))
-        out = rgb[cy0:cy1, cx0:cx1].astype(np.float32)
-        x0, y0, x1, y1 = max(0, x0 - cx0), max(0, y0 - cy0), min(cx1 - cx0, x1 - cx0), min(cy1 - cy0, y1 - cy0)
-        h, w = out.shape[:2]
-    out = out * rng.uniform(0.75, 1.25) + rng.uniform(-25, 25)
-    if rng.random() < 0.25:
-        out = np.repeat(out.mean(-1, keepdims=True), 3, -1)
-    out = np.clip(out, 0, 255).astype(np.uint8)
-    rel = (x0 / w, y0 / h, x1 / w, y1 / h)
-    if rng.random() < 0.5:
-        out, rel = np.ascontiguousarray(out[:, ::-1]), mirror_box(rel)
-    return out, rel
-
-
-def training_statistics(rgbs: list[np.ndarray], rel_boxes, copies: int = AUGMENT_COPIES, seed: int = 0) -> list[dict]:
-    """Per photo: the statistics of it, its mirror image and `copies` augmented copies (alternately
-    zoomed out and cropped), from its own pixels only (so a photo left out takes all of them along)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for rgb, box in zip(rgbs, rel_boxes):
-        views = [(rgb, tuple(box))] + [augment(rgb, box, rng, zoom_out=k % 2 == 0) for k in range(copies)]
-        maps = feature_maps([v for v, _ in views])
-        boxes_ = [b for _, b in views]
-        maps = np.concatenate([maps[:1], mirror_map(maps[:1]), maps[1:]])
-        boxes_ = [boxes_[0], mirror_box(boxes_[0])] + boxes_[1:]
-        out.append(statistics(maps, boxes_))
-    return out
-
-
-# ---------------------------------------------------------------- honest measurement
-
-class Labelled(NamedTuple):
-    name: str
-    rgb: np.ndarray          # decoded as the boxes stage decodes it (boxes.decode_for_detection)
-    size: tuple[int, int]    # the file's width, height
-    box: tuple               # the reference box, pixels of the file
-    rel: tuple               # the same, relative to the photo's size
-    grey: bool
-
-
-def load_labelled(images_dir, labels_csv, max_side: int = 512) -> list[Labelled]:
-    """The photos of a labels file (Image, x0, y0, x1, y1 in the file's pixels; rows with a blank box
-    are skipped), decoded as the boxes stage decodes them."""
-    import pandas as pd
-
-    from .boxes import decode_for_detection
-    labels = pd.read_csv(labels_csv).dropna(subset=["x0", "y0", "x1", "y1"])
-    out = []
-    for r in labels.itertuples():
-        rgb, (w, h), grey = decode_for_detection(Path(images_dir) / r.Image, max_side)
-        box = (float(r.x0), float(r.y0), float(r.x1), float(r.y1))
-        out.append(Labelled(r.Image, rgb, (w, h), box, (box[0] / w, box[1] / h, box[2] / w, box[3] / h), grey))
-    return out
-
-
-def leave_one_out(rgbs: list[np.ndarray], rel_boxes, alpha: float = RIDGE_ALPHA, grabcut: bool = True,
-                  copies: int = AUGMENT_COPIES, folds: int | None = None, stats: list[dict] | None = None):
-    """Cross-validated (relative box or None, method) per photo: the classifier scoring photo i is fitted
-    on the other photos (and their mirror images and augmented copies) only. folds=None: leave-one-out;
-    else k contiguous folds."""
-    stats = stats or training_statistics(rgbs, rel_boxes, copies)
-    total = combine(stats)
-    maps = feature_maps(rgbs)
-    n = len(rgbs)
-    groups = np.arange(n) if folds is None else np.arange(n) * folds // n
-    out = [None] * n
-    for g in np.unique(groups):
-        held = np.nonzero(groups == g)[0]
-        weights = solve(combine([total] + [stats[i] for i in held], [1] + [-1] * len(held)), alpha)
-        for i in held:
-            out[i] = box_from_map(rgbs[i], probability(maps[i], weights), grabcut)
-    return out

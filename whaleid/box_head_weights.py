@@ -1,6 +1,7 @@
 """Weights of the tail-box classifier of box_head.py, written by scripts/fit_box_head.py: ridge
 (alpha 0.1 per cell) on 29 real photos, their mirror images and 8 augmented
 copies each (labels.csv sha256 3d600c2b877436a6...); 448 weights over box_head.design()."""
+DESIGN = ('cell', 'mean', 'rowmax', 'colmax')
 B = -0.15738856253686873
 W = (
     -0.0003834665, -0.001277338, -0.004301036, -0.0008598798, -0.0008201753, 0.0003645644, -0.001229699, -0.002425832,
