@@ -77,11 +77,13 @@ def test_box_scaled_back_from_the_downscaled_copy(tmp_path):
     assert boxes.iou(box, (900, 300, 2100, 900)) > 0.85
 
 
-def test_real_photos_against_reference_boxes(shared_data):
+def test_grabcut_on_the_real_photos_it_was_tuned_on(shared_data):
+    # an in-sample figure (GrabCut's settings were chosen on these photos; 0.727 on 10 it had not seen,
+    # issue 15); the default detector's cross-validated figure is tests/test_box_head.py's
     labels = pd.read_csv(shared_data / "whales/labels.csv").dropna(subset=["x0"])
     ious = []
     for r in labels.itertuples():
-        *box, method = boxes.detect_box_file(shared_data / "whales/images" / r.Image)
+        *box, method = boxes.detect_box_file(shared_data / "whales/images" / r.Image, detector="grabcut")
         ious.append(boxes.iou(box, (r.x0, r.y0, r.x1, r.y1)))
         print(f"{r.Image} {r.mode} {method:<11} IoU {ious[-1]:.3f}")
     print(f"mean IoU over {len(ious)} real photos: {np.mean(ious):.3f}")

@@ -59,20 +59,29 @@ _net = None
 # ---------------------------------------------------------------- the network
 
 def _build():
-    import tensorflow as tf
-    if multiprocessing.parent_process() is not None:
-        # a pool worker: one thread each (the pool is the parallelism); must precede TF's first op
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(1)
-            tf.config.threading.set_inter_op_parallelism_threads(1)
-        except RuntimeError:
-            pass
-    import keras
+    import contextlib
+    import sys
 
-    from . import efficientnet_lite
-    full = efficientnet_lite.build(None, "imagenet", include_top=False)
-    model = keras.Model(full.input, full.get_layer(LAYER).output, name="box_features")
-    fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    from .files import quiet_native_startup
+    fresh = "tensorflow" not in sys.modules
+    # a first import here is a pool worker's (or a --workers 1 run's): hide TensorFlow's start-up lines
+    # as the CLI does; with TensorFlow already loaded (threads share this process) stderr is left alone
+    with quiet_native_startup() if fresh else contextlib.nullcontext():
+        import tensorflow as tf
+        if multiprocessing.parent_process() is not None:
+            # a pool worker: one thread each (the pool is the parallelism); must precede TF's first op
+            try:
+                tf.config.threading.set_intra_op_parallelism_threads(1)
+                tf.config.threading.set_inter_op_parallelism_threads(1)
+            except RuntimeError:
+                pass
+        import keras
+
+        from . import efficientnet_lite
+        full = efficientnet_lite.build(None, "imagenet", include_top=False)
+        model = keras.Model(full.input, full.get_layer(LAYER).output, name="box_features")
+        fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        fn(np.zeros((1, INPUT_H, INPUT_W, 3), np.float32))   # traced once, inside the quiet block
     return fn, os.getpid()
 
 
