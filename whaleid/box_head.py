@@ -2,7 +2,7 @@
 of a frozen, ImageNet-pretrained EfficientNet-Lite0 feature map, the box that agrees best with the
 scores, sharpened by GrabCut seeded from them.
 
-    photo (decoded at <= 512 px) -> squashed to 256 x 128 -> Lite0 up to block 10 (stride 16: a
+    photo (decoded at <= 256 px) -> squashed to 256 x 128 -> Lite0 up to block 10 (stride 16: a
     16 x 8 map of 112 channels) -> per cell, design(): its features, the photo's mean, the maximum
     over its row and over its column (448 numbers) -> p = clip(w . design + b, 0, 1), the share of
     the cell inside the reference box -> the box maximising sum(p - 0.5) over the cells of p
@@ -42,7 +42,8 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-INPUT_W, INPUT_H = 256, 128     # the network's input: the photo squashed to this size
+DECODE_SIDE = 256                # photos are decoded at most this size (longer side) for this detector
+INPUT_W, INPUT_H = 256, 128      # the network's input: the photo squashed to this size
 LAYER = "block10_add"            # stride 16, 112 channels: a 16 x 8 map
 UPSAMPLE = 4                     # the box is found on the map upsampled this many times
 GRABCUT_SIDE = 96                # GrabCut's copy of the photo (longer side, px)

@@ -147,12 +147,14 @@ class Labelled(NamedTuple):
 
 def load_labelled(images_dir, labels_csv, max_side: int = 512) -> list[Labelled]:
     """The photos of a labels file (Image, x0, y0, x1, y1 in the file's pixels, as
-    ../shared/data/whales/labels.csv; rows with a blank box are skipped), decoded as the stage does."""
+    ../shared/data/whales/labels.csv; rows with a blank box are skipped), decoded as the stage decodes
+    them for the cnn detector with boxes.max_side = max_side."""
     import pandas as pd
     labels = pd.read_csv(labels_csv).dropna(subset=["x0", "y0", "x1", "y1"])
     out = []
     for r in labels.itertuples():
-        rgb, (w, h), grey = boxes.decode_for_detection(Path(images_dir) / r.Image, max_side)
+        rgb, (w, h), grey = boxes.decode_for_detection(Path(images_dir) / r.Image,
+                                                       boxes.detection_side("cnn", max_side))
         box = (float(r.x0), float(r.y0), float(r.x1), float(r.y1))
         out.append(Labelled(r.Image, rgb, (w, h), grey, box, (box[0] / w, box[1] / h, box[2] / w, box[3] / h)))
     return out

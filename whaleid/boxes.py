@@ -165,10 +165,16 @@ def decode_for_detection(path, max_side: int = 512) -> tuple[np.ndarray, tuple[i
     return np.asarray(img), (w, h), grey
 
 
+def detection_side(detector: str, max_side: int) -> int:
+    """The longer side a photo is decoded at for `detector`: boxes.max_side, and for "cnn" at most
+    box_head.DECODE_SIDE (its network sees 256 x 128, its GrabCut 96 px: more pixels only cost decoding)."""
+    return min(max_side, box_head.DECODE_SIDE) if detector == "cnn" else max_side
+
+
 def detect_box_file(path, *, max_side: int = 512, detector: str = "cnn", min_fraction: float = 0.10,
                     open_size: int = 5, grabcut_side: int = 160, grabcut_max_iter: int = 10):
     """Decode at reduced size, detect, scale the box back to the file's full size."""
-    rgb, (w, h), grey = decode_for_detection(path, max_side)
+    rgb, (w, h), grey = decode_for_detection(path, detection_side(detector, max_side))
     *box, method = detect_box(rgb, grey=grey, detector=detector, min_fraction=min_fraction, open_size=open_size,
                               grabcut_side=grabcut_side, grabcut_max_iter=grabcut_max_iter)
     return (*scale_box(box, rgb.shape, (w, h)), method)
