@@ -6,16 +6,18 @@ scores, sharpened by GrabCut seeded from them.
     16 x 8 map of 112 channels) -> per cell, design(): its features, the photo's mean, the maximum
     over its row and over its column (448 numbers) -> p = clip(w . design + b, 0, 1), the share of
     the cell inside the reference box -> the box maximising sum(p - 0.5) over the cells of p
-    upsampled 4 times -> GrabCut (2 iterations) on a 96 px copy started from p (p >= 0.5 probable tail, p < 0.3
-    sure background, else probable background) -> the final box is the mean of the two boxes when
-    they agree (IoU >= 0.5, method "cnn+grabcut"), else the classifier's box ("cnn"). No cell above
-    0.5: nothing looks like a tail and the caller keeps the whole photo ("full-image").
+    upsampled 4 times -> GrabCut (2 iterations) on a 96 px copy started from p (p >= 0.5 probable
+    tail, p < 0.3 sure background, else probable background) -> the final box is the mean of the
+    two boxes when they agree (IoU >= 0.5, method "cnn+grabcut"), else the classifier's box ("cnn").
+    No cell above 0.5: nothing looks like a tail and the caller keeps the whole photo ("full-image").
 
 What is fitted: w (448 numbers) and b, by ridge regression on standardised features (penalty
 RIDGE_ALPHA per cell) of every cell of the labelled real photos (../shared/data/whales: 29), their
 mirror images and AUGMENT_COPIES augmented copies of each (zoomed out into the photo's own sea,
 cropped closer, relit, greyscale, mirrored): box_head_weights.py, written by scripts/fit_box_head.py.
-Everything else (network, layer, input size, design, 0.5, the GrabCut seeds) is fixed here. The fit
+Everything else (network, layer, input size, design, 0.5, the GrabCut seeds) is fixed here; those
+choices were made looking at the leave-one-out figure, so scripts/bench_boxes.py --nested also makes
+the main ones (design, alpha, augmentation) inside each fold, without the photo scored. The fit
 is a sum of per-photo statistics, so leave-one-out is a subtraction: scripts/bench_boxes.py and
 tests/test_box_head.py score each photo with a classifier fitted without it (and without its copies).
 
