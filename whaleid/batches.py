@@ -30,6 +30,24 @@ def layout(batch_size: int, per_id: int) -> tuple[int, int]:
     return batch_size // per_id, per_id
 
 
+def replica_layout(batch_size: int, per_id: int, replicas: int = 1, per_replica: bool = False) -> tuple[int, int]:
+    """(ids per global batch P, photos per id K) when a batch is cut into `replicas` equal contiguous
+    slices (tf.distribute gives replica r rows [r*B/R, (r+1)*B/R)): P is a multiple of the replica
+    count, so every replica gets whole ids, K photos each (every photo has its positives on its
+    replica). per_replica (train.batch_per_replica): batch_size is one replica's batch, so P is its
+    P times the replicas; otherwise P is batch_size's P rounded down to a multiple of the replicas."""
+    p, k = layout(batch_size, per_id)
+    if replicas <= 1:
+        return p, k
+    if per_replica:
+        return p * replicas, k
+    if p < replicas:
+        raise ValueError(f"train.batch_size = {batch_size} holds {p} ids of train.photos_per_id = {per_id} photos, "
+                         f"fewer than the {replicas} replicas (each needs whole ids): use a batch of at least "
+                         f"{replicas * per_id * 2}, or train.batch_per_replica = true")
+    return p - p % replicas, k
+
+
 def _chunks_per_id(counts: np.ndarray, per_id: int) -> np.ndarray:
     return np.maximum(1, -(-counts // per_id))
 

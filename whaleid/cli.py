@@ -26,7 +26,7 @@ import click
 # files.quiet_native_startup where a stage module is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from . import config, stage as stagelib  # noqa: E402
+from . import cluster, config, stage as stagelib  # noqa: E402
 from .files import VERBOSE, quiet_native_startup  # noqa: E402
 from .stages import ALL as ALL_STAGES, BY_COMMAND  # noqa: E402
 from .stage import Session, StageError  # noqa: E402
@@ -112,8 +112,8 @@ def run_command(command: str, kw: dict, extra_sets: tuple[str, ...] = (), target
                                  f"train/, test/)")
     write_record(session, record)
     try:
-        with stagelib.work_lock(session.work, command):
-            session.run(stages, force)
+        # (a multi-worker training: only the chief takes the lock and writes; cluster.py)
+        cluster.run_stages(session, stages, force, command, stagelib.work_lock)
     finally:
         session.close()
     return session

@@ -187,6 +187,9 @@ RANGES: dict[str, Range] = {
     "train.max_minutes": at_least(0),                # 0: no limit
     "train.head_epochs": at_least(0),                # 0: no frozen-backbone phase
     "train.head_learning_rate": at_least(0, open_=True),
+    "train.validate_every": at_least(1),
+    "train.checkpoint_every": at_least(1),
+    "train.checkpoint_minutes": at_least(0),         # 0: by epochs only
     "predict.top_k": at_least(1),
     "predict.batch_size": at_least(1),
     "new_whale.threshold": between(0, 1.01),         # above every score: new_whale always first

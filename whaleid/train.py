@@ -34,7 +34,8 @@ import pandas as pd
 from PIL import Image
 
 from . import augment, devices, heads, inputs, model as models
-from .callbacks import EpochCheckpoint, ResumableEarlyStopping, RetrievalValidation, StepProgress
+from .callbacks import (ClassifierValidation, EpochCheckpoint, ResumableEarlyStopping, RetrievalValidation,
+                        StepProgress)
 from .checkpoint import Checkpoint
 from .stage import Run, StageError
 
@@ -48,61 +49,84 @@ def run(run: Run) -> dict:
     seed, size = run.setting("run.seed"), run.setting("run.image_size")
     epochs, patience = run.setting("train.epochs"), run.setting("train.patience")
 
+    # where: the strategy first (a multi-worker strategy must come before anything starts TF's runtime)
     strategy = devices.make_strategy(run.setting("train.strategy"), run.echo)
+    workers = devices.Workers(strategy)
     precision = devices.choose_precision(run.setting("train.precision"), strategy)
+    devices.check_supported(run.setting, strategy, precision)
     deterministic = not devices.accelerated(strategy)
     devices.seed_everything(seed, deterministic)
+    replicas = strategy.num_replicas_in_sync
+    shard = inputs.Shard(workers.index * workers.local_replicas, workers.local_replicas, replicas) if workers.several else None
     monitor = head.monitor if len(val) else "accuracy"
-    checkpoint = Checkpoint(run.dir)
+    checkpoint = Checkpoint(run.dir, writes=workers.chief)
     with devices.dtype_policy(precision):
         # inputs: the whole run's batches; epoch e's order depends on (seed, e) only
         def batches_from(first_epoch):
             return inputs.training_batches(head, list(train.path), list(train.y), list(train.Image), size,
                                            run.setting("train.batch_size"), run.setting("train.photos_per_id"),
-                                           seed, first_epoch, epochs)
+                                           seed, first_epoch, epochs, replicas, run.setting("train.batch_per_replica"),
+                                           shard)
+
+        def dataset(first_epoch):
+            if shard is None:  # one worker: Keras cuts each global batch into the replicas' slices
+                return batches_from(first_epoch).dataset
+            return strategy.distribute_datasets_from_function(lambda _: batches_from(first_epoch).dataset)
         try:
             plan = batches_from(0)
-        except ValueError as e:  # a batch too small for the head's layout
+        except ValueError as e:  # a batch too small for the head's layout or the replicas
             raise StageError(str(e)) from None
-        run.echo(f"{len(classes)} classes, {len(train)} training images, {len(val)} validation images; "
-                 f"{run.setting('model.backbone')} ({run.setting('model.weights')} weights) at {size} px, "
-                 f"{head.name} head, {plan.layout}, up to {epochs} epochs; {devices.strategy_name(strategy)} with "
-                 f"{strategy.num_replicas_in_sync} replica(s), {precision}, xla {'on' if run.setting('train.xla') else 'off'}, "
-                 f"op determinism {'on' if deterministic else 'off'}")
-        if not len(val):
-            run.echo("no validation data: early stopping monitors training accuracy instead")
+        where = f"{devices.strategy_name(strategy)} with {replicas} replica(s)"
+        if workers.several:
+            where += f" on {workers.count} workers ({workers.role})"
 
-        # build, then restore the last checkpoint when resuming (compiled for the phase it was saved in)
+        # build, then restore the last checkpoint when resuming (compiled for the phase it was saved in);
+        # several workers: the chief restores and every worker takes its values
         schedule = phases(run.setting, epochs)
         with strategy.scope():
             net = models.build_model(run.setting, len(classes), head)
-        done = checkpoint.epochs_done() if run.resume else None
+        done = workers.from_chief(checkpoint.epochs_done() if run.resume and workers.chief else None)
         current = phase_of(schedule, done - 1 if done else 0)
         with strategy.scope():
             compile_for(net, run.setting, head, len(classes), current, plan.steps)
-        restored = checkpoint.load(net) if run.resume else None
-        if restored is None:
+        xla, why_not = devices.xla_state(net, run.setting("train.xla"))
+        run.echo(f"{len(classes)} classes, {len(train)} training images, {len(val)} validation images; "
+                 f"{run.setting('model.backbone')} ({run.setting('model.weights')} weights) at {size} px, "
+                 f"{head.name} head, {plan.layout}, up to {epochs} epochs; {where}, {precision}, "
+                 f"xla {'on' if xla else 'off'}, op determinism {'on' if deterministic else 'off'}")
+        if why_not:
+            run.echo(why_not)
+        if not len(val):
+            run.echo("no validation data: early stopping monitors training accuracy instead")
+        restored = checkpoint.load(net) if run.resume and workers.chief else None
+        if restored is None and workers.chief:
             if run.resume:
                 run.echo("resuming, but no usable checkpoint was left: starting at epoch 1")
             checkpoint.remove()
         state, best_weights = restored if restored else (None, None)
+        if workers.several:
+            state = workers.from_chief(state)
+            workers.sync_from_chief(list(net.variables) + list(net.optimizer.variables))
         start = state["epochs_done"] if state else 0
         if state:
             run.write_csv("history.csv", history_table(state["history"])[1])  # drop rows logged after it
             run.echo(f"resuming from the checkpoint of epoch {start}: continuing at epoch {start + 1} of {epochs}")
 
         # fit, phase by phase (fine-tuning: the backbone frozen, then all of it)
+        every = run.setting("train.validate_every")
         validation = None
-        if head.retrieval_validation and len(val):
+        if len(val) and head.retrieval_validation:
             gallery = train[~train.Id.str.endswith(augment.FLIP)].drop_duplicates("Image")
-            validation = RetrievalValidation(gallery.path, gallery.Id, val.path, val.Id, size, plan.size)
+            validation = RetrievalValidation(gallery.path, gallery.Id, val.path, val.Id, size, eval_batch(plan, replicas),
+                                             every=every, epochs=epochs, workers=workers)
+        elif len(val):
+            validation = ClassifierValidation(val.path, val.y, size, eval_batch(plan, replicas), head, len(classes),
+                                              every=every, epochs=epochs, workers=workers)
         stopper = ResumableEarlyStopping(monitor, patience, state and state["early_stopping"], best_weights)
         progress = EpochCheckpoint(checkpoint, stopper, run.echo, epochs, plan.images, state, validation,
-                                   run.setting("train.max_minutes"))
-        bar = StepProgress(plan.steps, plan.size, epochs, enabled=run.session.progress and sys.stderr.isatty())
-        val_data = None
-        if len(val) and not head.retrieval_validation:
-            val_data = inputs.eval_dataset(list(val.path), list(val.y), size, plan.size)
+                                   run.setting("train.max_minutes"), run.setting("train.checkpoint_every"),
+                                   run.setting("train.checkpoint_minutes"), workers)
+        bar = StepProgress(plan.steps, plan.size, epochs, enabled=run.session.progress and workers.chief)
         todo = [p for p in schedule if p.end > start] if not (state and state["stopped"]) else []
         for i, phase in enumerate(todo):
             if phase != current:
@@ -113,14 +137,16 @@ def run(run: Run) -> dict:
             if len(schedule) > 1:
                 run.echo(f"epochs {first + 1}-{phase.end}: {phase.name}, learning rate {phase.learning_rate:g}")
             stopper.carry_over(last_fit=i == len(todo) - 1)
-            callbacks = [c for c in (validation, stopper, progress, bar) if c is not None] + logs(run, state or i > 0)
-            net.fit(batches_from(first).dataset, epochs=phase.end, initial_epoch=first, steps_per_epoch=plan.steps,
-                    validation_data=val_data, callbacks=callbacks, shuffle=False, verbose=0)
+            callbacks = [c for c in (validation, stopper, progress, bar) if c is not None]
+            callbacks += logs(run, state or i > 0, tensorboard=workers.chief)
+            net.fit(dataset(first), epochs=phase.end, initial_epoch=first, steps_per_epoch=plan.steps,
+                    callbacks=callbacks, shuffle=False, verbose=0)
             if net.stop_training:
                 break
         if not todo and best_weights is not None:
             net.set_weights(best_weights)  # finished before the kill: only the artifacts were missing
-        save_model(net, run.path("model.keras"))
+        if workers.chief:
+            save_model(inference_model(net, run.setting, head, len(classes)), run.path("model.keras"))
 
     # save
     history, table = history_table(progress.rows)
@@ -133,13 +159,20 @@ def run(run: Run) -> dict:
     best = history[monitor][best_epoch - 1]
     run.echo(f"best {monitor} {best:.4f} at epoch {best_epoch} of {len(progress.rows)}; model in {run.path('model.keras')}")
     counts = {"epochs": len(progress.rows), "best_epoch": best_epoch, f"best_{monitor}": round(best, 4),
-              "classes": len(classes), "replicas": strategy.num_replicas_in_sync}
+              "classes": len(classes), "replicas": replicas, "precision": precision, "xla": xla}
+    if workers.several:
+        counts["workers"] = workers.count
     rates = progress.rates[1:] or progress.rates  # the first epoch of a process includes tracing
     if rates:
         counts["images_per_second"] = round(float(np.median(rates)), 1)
     if state:
         counts["resumed_from_epoch"] = start
     return counts
+
+
+def eval_batch(plan, replicas: int) -> int:
+    """Validation's batch (one device): a replica's share of the training batch."""
+    return max(1, plan.size // replicas)
 
 
 def read_inputs(run: Run) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
@@ -217,10 +250,14 @@ def learning_rate(get, phase: Phase, steps_per_epoch: int | None):
 def compile_for(net, get, head, n_classes: int, phase: Phase, steps_per_epoch: int | None = None) -> None:
     """Freeze or unfreeze the backbone for the phase, then compile with a new Adam (the phase's
     learning rate), the head's loss and metrics and the jit setting; the optimizer is built so its
-    variables exist for a checkpoint to fill. Call it inside the strategy's scope."""
+    variables exist for a checkpoint to fill. Under mixed_float16 the optimizer is wrapped in a loss
+    scale optimizer whose overflow check all replicas agree on (devices.py). Call it inside the
+    strategy's scope."""
     models.set_trainable(net, not phase.backbone_frozen, get("model.freeze_bn"))
     decay = get("train.weight_decay")
     optimizer = keras.optimizers.Adam(learning_rate(get, phase, steps_per_epoch), weight_decay=decay or None)
+    if net.dtype_policy.name == "mixed_float16":
+        optimizer = devices.loss_scale_optimizer(optimizer)  # (Keras' own, with the overflow check agreed)
     net.compile(optimizer=optimizer, loss=head.loss(), metrics=head.metrics(n_classes),
                 jit_compile=bool(get("train.xla")))
     net.optimizer.build(net.trainable_variables)
@@ -233,11 +270,13 @@ def compiled_model(get, head, n_classes: int, steps_per_epoch: int | None = None
     return net
 
 
-def logs(run: Run, append: bool) -> list:
+def logs(run: Run, append: bool, tensorboard: bool = True) -> list:
     """history.csv as it grows (appended to by a resumed run or a later phase), and TensorBoard logs
     when tensorboard is installed."""
     out = [keras.callbacks.CSVLogger(str(run.path("history.csv")), append=bool(append))]
-    if importlib.util.find_spec("tensorboard") is not None:
+    if not tensorboard:
+        pass
+    elif importlib.util.find_spec("tensorboard") is not None:
         out.append(keras.callbacks.TensorBoard(log_dir=str(run.path(LOGS)), write_graph=False,
                                                profile_batch=0, update_freq="epoch"))
     else:
@@ -250,6 +289,20 @@ def history_table(rows: list[dict]) -> tuple[dict, pd.DataFrame]:
     table = pd.DataFrame([{"epoch": r["epoch"], **{k: r.get(k) for k in keys}} for r in rows],
                          columns=["epoch", *keys])
     return {k: [r.get(k) for r in rows] for k in keys}, table
+
+
+def inference_model(net, get, head, n_classes: int):
+    """The trained model without its optimizer, computing in float32: a model trained in mixed
+    precision is rebuilt under the float32 policy with the same weights (its variables are float32
+    already), so evaluate and predict on a CPU-only machine do not run float16 arithmetic, which is
+    slow there, and give the same numbers on any device."""
+    if net.dtype_policy.name == "float32":
+        return keras.Model(net.inputs, net.outputs, name=net.name)
+    without_download = lambda key: "none" if key == "model.weights" else get(key)  # noqa: E731
+    with devices.dtype_policy("float32"):
+        f32 = models.build_model(without_download, n_classes, head)
+    f32.set_weights(net.get_weights())
+    return f32
 
 
 def save_model(model, path) -> None:

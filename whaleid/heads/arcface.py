@@ -111,6 +111,9 @@ class ArcFace(Head):
     def similarity(self, net, Q, G):
         return np.clip(0.5 * (1.0 + np.asarray(Q, np.float32) @ np.asarray(G, np.float32).T), 0.0, 1.0)
 
+    def similarity_ops(self, net, Q, G):
+        return ops.clip(0.5 * (1.0 + ops.matmul(ops.cast(Q, "float32"), ops.transpose(ops.cast(G, "float32")))), 0.0, 1.0)
+
     def pair_similarity(self, net, A, B):
         dot = np.einsum("ij,ij->i", np.asarray(A, np.float32), np.asarray(B, np.float32))
         return np.clip(0.5 * (1.0 + dot), 0.0, 1.0)

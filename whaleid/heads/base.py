@@ -99,6 +99,11 @@ class Head:
         """(nq, ng) similarities in [0, 1]; one new_whale threshold and sweep serve every head."""
         raise NotImplementedError
 
+    def similarity_ops(self, net: keras.Model, Q, G):
+        """`similarity` in keras ops, computed where Q and G live (training's validation scores on the
+        device); None: the head has only the NumPy version (the caller falls back to it)."""
+        return None
+
     def pair_similarity(self, net: keras.Model, A: np.ndarray, B: np.ndarray) -> np.ndarray:
         """(n,) similarities of aligned rows A[i], B[i]. Default: the diagonal, in row blocks."""
         A, B = np.asarray(A, np.float32), np.asarray(B, np.float32)
@@ -122,10 +127,63 @@ def labels_of(y_true):
     return ops.cast(ops.round(y[:, 0]), "int32"), y
 
 
-def same_and_other(labels):
-    """(same id and not the photo itself, other id) masks of a batch."""
-    n = ops.shape(labels)[0]
-    same = ops.equal(labels[:, None], labels[None, :])
-    r = ops.arange(n)
-    eye = ops.equal(r[:, None], r[None, :])
+def same_and_other(labels, all_labels=None, offset=0):
+    """(same id and not the photo itself, other id) masks of a batch: (n, n), or with all_labels (the
+    global batch, in which these n photos are rows offset .. offset+n-1) (n, N)."""
+    all_labels = labels if all_labels is None else all_labels
+    same = ops.equal(labels[:, None], all_labels[None, :])
+    rows = ops.arange(ops.shape(labels)[0]) + ops.cast(offset, "int32")
+    eye = ops.equal(rows[:, None], ops.arange(ops.shape(all_labels)[0])[None, :])
     return ops.logical_and(same, ops.logical_not(eye)), ops.logical_not(same)
+
+
+# ---------------------------------------------------------------- in-batch losses on several replicas
+#
+# tf.distribute gives each replica a contiguous slice of the global batch, and Keras reduces a loss per
+# replica: the mean of its rows' values, divided by the replica count (so that the gradients' sum over
+# replicas is the mean over the global batch); a loss that returns one scalar is neither averaged nor
+# divided (keras/src/losses/loss.py: reduce_values returns a () value unchanged), so its gradients and
+# logged value come out replicas x too large. The in-batch losses (siamese, triplet) therefore (1) see
+# the whole global batch: each replica compares its own photos with every photo of the batch
+# (all_gather, whose gradient returns to each replica its rows' share), so mining and the positives and
+# negatives are the ones one device would use; and (2) return one value per row (`as_rows`) scaled so
+# that Keras' reduction gives sum(terms) / count over the global batch. Value and gradients then equal
+# those of one device on the same global batch (tests/test_replicas.py).
+
+def replica_context():
+    """tf.distribute's replica context when there are several replicas, else None."""
+    import tensorflow as tf
+    ctx = tf.distribute.get_replica_context()
+    return ctx if ctx is not None and ctx.num_replicas_in_sync > 1 else None
+
+
+def whole_batch(*tensors):
+    """(the global batch of each tensor (every replica's rows, in replica order), the index of this
+    replica's first row in it). One replica (or outside tf.distribute): the tensors themselves, 0."""
+    ctx = replica_context()
+    if ctx is None:
+        return list(tensors), 0
+    import tensorflow as tf
+    sizes = ctx.all_gather(tf.shape(tensors[0])[:1], axis=0)
+    offset = tf.reduce_sum(sizes[:ctx.replica_id_in_sync_group])
+    return list(ctx.all_gather(list(tensors), axis=0)), offset
+
+
+def global_sum(x):
+    """x summed over the replicas (no gradient: counts)."""
+    x = ops.stop_gradient(ops.cast(x, "float32"))
+    ctx = replica_context()
+    if ctx is None:
+        return x
+    import tensorflow as tf
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, x)
+
+
+def as_rows(row_sums, count):
+    """Per-row values whose Keras reduction (their mean over this replica's rows, divided by the
+    replica count; summed over replicas by the gradient all-reduce and by the logged loss) is
+    sum(row_sums over the global batch) / (count summed over the replicas)."""
+    ctx = replica_context()
+    replicas = 1.0 if ctx is None else float(ctx.num_replicas_in_sync)
+    rows = ops.cast(ops.shape(row_sums)[0], "float32")
+    return ops.cast(row_sums, "float32") * (rows * replicas / ops.maximum(global_sum(count), 1.0))

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from .base import Head, labels_of, same_and_other
+from .base import Head, as_rows, labels_of, same_and_other, whole_batch
 
 FEATURES = {"l1": ("absdiff",), "rich": ("sum", "product", "absdiff", "sqdiff")}
 LARGE = 1e9
@@ -31,7 +31,8 @@ def pair_features(a, b, features: str, xp):
 
 @keras.saving.register_keras_serializable(package="whaleid")
 class PairHead(keras.layers.Layer):
-    """(B, d) embeddings -> (B, B) logits that photos i and j show the same id."""
+    """(B, d) embeddings -> (B, B) logits that photos i and j show the same id. On one of several
+    replicas: (b, B), this replica's b photos against every photo of the global batch (base.py)."""
 
     def __init__(self, features: str = "l1", **kwargs):
         kwargs["dtype"] = "float32"
@@ -46,7 +47,8 @@ class PairHead(keras.layers.Layer):
 
     def call(self, x):
         x = ops.cast(x, "float32")
-        return ops.squeeze(self.score(pair_features(x[:, None, :], x[None, :, :], self.features, ops)), axis=-1)
+        (everyone,), _ = whole_batch(x)
+        return ops.squeeze(self.score(pair_features(x[:, None, :], everyone[None, :, :], self.features, ops)), axis=-1)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], input_shape[0])
@@ -67,12 +69,17 @@ def _kth_true(mask, u):
     return ops.cast(ops.argmax(ops.cast(hit, "int32"), axis=1), "int32"), count > 0
 
 
-def pair_partners(labels, u_pos, u_neg, logits=None, u_hard=None, hard_fraction: float = 0.0):
+def pair_partners(labels, u_pos, u_neg, logits=None, u_hard=None, hard_fraction: float = 0.0,
+                  all_labels=None, offset=0):
     """For each photo of the batch: (positive index, has one, negative index, has one). The positive is
     a uniformly drawn other photo of its id; the negative a uniformly drawn photo of another id, or,
-    when u_hard < hard_fraction, the other-id photo with the highest logit (the hardest)."""
+    when u_hard < hard_fraction, the other-id photo with the highest logit (the hardest). With
+    all_labels: partners drawn from the global batch (indices into it; these photos are its rows
+    offset ..), logits (n, N)."""
     labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
-    pos_mask, neg_mask = same_and_other(labels)
+    if all_labels is not None:
+        all_labels = ops.cast(ops.reshape(all_labels, (-1,)), "int32")
+    pos_mask, neg_mask = same_and_other(labels, all_labels, offset)
     pos, has_pos = _kth_true(pos_mask, u_pos)
     neg, has_neg = _kth_true(neg_mask, u_neg)
     if hard_fraction > 0 and logits is not None:
@@ -86,16 +93,21 @@ def _pick(matrix, index):
 
 
 def _pair_terms(y_true, logits, hard_fraction):
+    """Per photo of this replica: (positive's logit, has one, negative's logit, has one); partners
+    from the global batch (logits: (n, N) from PairHead)."""
     labels, y = labels_of(y_true)
     logits = ops.cast(logits, "float32")
-    pos, has_pos, neg, has_neg = pair_partners(labels, y[:, 1], y[:, 2], logits, y[:, 3], hard_fraction)
+    (all_labels,), offset = whole_batch(labels)
+    pos, has_pos, neg, has_neg = pair_partners(labels, y[:, 1], y[:, 2], logits, y[:, 3], hard_fraction,
+                                               all_labels, offset)
     return _pick(logits, pos), ops.cast(has_pos, "float32"), _pick(logits, neg), ops.cast(has_neg, "float32")
 
 
 @keras.saving.register_keras_serializable(package="whaleid")
 class PairLoss(keras.losses.Loss):
     """Binary cross-entropy on balanced pairs of the batch: each photo with its positive (label 1) and
-    its negative (label 0), from the logits matrix PairHead gives."""
+    its negative (label 0), from the logits matrix PairHead gives; the mean over the global batch's
+    pairs (one value per photo, see base.as_rows)."""
 
     def __init__(self, hard_negatives: float = 0.0, name: str = "loss", **kwargs):
         super().__init__(name=name, **kwargs)
@@ -103,18 +115,21 @@ class PairLoss(keras.losses.Loss):
 
     def call(self, y_true, y_pred):
         lp, wp, ln, wn = _pair_terms(y_true, y_pred, self.hard_negatives)
-        total = ops.sum(wp * ops.softplus(-lp)) + ops.sum(wn * ops.softplus(ln))
-        return total / ops.maximum(ops.sum(wp) + ops.sum(wn), 1.0)
+        return as_rows(wp * ops.softplus(-lp) + wn * ops.softplus(ln), ops.sum(wp) + ops.sum(wn))
 
     def get_config(self):
         return {**super().get_config(), "hard_negatives": self.hard_negatives}
 
 
+def pair_accuracy_rows(y_true, y_pred):
+    """pair_accuracy as one value per photo (base.as_rows), for the Keras metric on several replicas."""
+    lp, wp, ln, wn = _pair_terms(y_true, y_pred, 0.0)
+    return as_rows(wp * ops.cast(lp > 0, "float32") + wn * ops.cast(ln < 0, "float32"), ops.sum(wp) + ops.sum(wn))
+
+
 def pair_accuracy(y_true, y_pred):
     """Share of the batch's random (not hard) positive and negative pairs on the right side of 0.5."""
-    lp, wp, ln, wn = _pair_terms(y_true, y_pred, 0.0)
-    right = ops.sum(wp * ops.cast(lp > 0, "float32")) + ops.sum(wn * ops.cast(ln < 0, "float32"))
-    return right / ops.maximum(ops.sum(wp) + ops.sum(wn), 1.0)
+    return ops.mean(pair_accuracy_rows(y_true, y_pred))
 
 
 # ---------------------------------------------------------------- the pair head in NumPy
@@ -173,10 +188,28 @@ class Siamese(Head):
         return PairLoss(self.hard_negatives)
 
     def metrics(self, n_classes):
-        return [keras.metrics.MeanMetricWrapper(pair_accuracy, name="accuracy")]
+        return [keras.metrics.MeanMetricWrapper(pair_accuracy_rows, name="accuracy")]
 
     def similarity(self, net, Q, G):
         return sigmoid(pair_logits(Q, G, PairWeights.of(net)))
+
+    def similarity_ops(self, net, Q, G):
+        """sigmoid of the pair head's logits, in keras ops ((nq, ng, d) for |q - g|: callers chunk Q)."""
+        pair = PairWeights.of(net)
+        Q, G = ops.cast(Q, "float32"), ops.cast(G, "float32")
+        out = ops.zeros((ops.shape(Q)[0], ops.shape(G)[0]), "float32") + pair.bias
+        for name, w in pair.per_feature():
+            w = ops.convert_to_tensor(w)
+            if name == "sum":
+                out = out + ops.matmul(Q, w)[:, None] + ops.matmul(G, w)[None, :]
+            elif name == "product":
+                out = out + ops.matmul(Q * w, ops.transpose(G))
+            elif name == "sqdiff":
+                out = out + (ops.matmul(Q * Q, w)[:, None] + ops.matmul(G * G, w)[None, :]
+                             - 2.0 * ops.matmul(Q * w, ops.transpose(G)))
+            else:
+                out = out + ops.matmul(ops.abs(Q[:, None, :] - G[None, :, :]), w)
+        return ops.sigmoid(out)
 
     def pair_similarity(self, net, A, B):
         pair = PairWeights.of(net)
