@@ -69,6 +69,8 @@ def make_strategy(name: str, echo=print):
 
 
 def strategy_name(strategy) -> str:
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "MultiWorkerMirroredStrategy"  # (its class is named CollectiveAllReduceStrategy)
     name = type(strategy).__name__
     return "default strategy" if name.startswith("_Default") else name
 
@@ -227,17 +229,25 @@ class Workers:
     def broadcast(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """The chief's arrays on every worker: an all-reduce (sum) to which only the chief's first
         replica contributes its values, every other replica zeros (x + 0 = x exactly)."""
-        strategy, local = self.strategy, self.local_replicas
-        wire = [_wire_dtype(a.dtype) for a in arrays]
-        send = [np.asarray(a).astype(w) for a, w in zip(arrays, wire)]
+        strategy, local, chief = self.strategy, self.local_replicas, self.chief
+        send = [tf.constant(np.asarray(a).astype(_wire_dtype(np.asarray(a).dtype))) for a in arrays]
 
-        def value_fn(ctx):
-            first = self.chief and ctx.replica_id_in_sync_group % local == 0
-            return [tf.constant(a if first else np.zeros_like(a)) for a in send]
+        def step(*vals):
+            ctx = tf.distribute.get_replica_context()
+            keep = tf.logical_and(tf.constant(chief), tf.equal(ctx.replica_id_in_sync_group % local, 0))
+            vals = [tf.where(keep, v, tf.zeros_like(v)) for v in vals]
+            out = list(vals)
+            for dtype in sorted({v.dtype for v in vals}, key=str):  # (a list is packed: one dtype per all-reduce)
+                group = [i for i, v in enumerate(vals) if v.dtype == dtype]
+                for i, r in zip(group, ctx.all_reduce(tf.distribute.ReduceOp.SUM, [vals[i] for i in group])):
+                    out[i] = r
+            return out
 
-        values = strategy.experimental_distribute_values_from_function(value_fn)
-        out = _all_reduce_sum(strategy, values)
-        return [np.asarray(strategy.experimental_local_results(o)[0]).astype(a.dtype) for o, a in zip(out, arrays)]
+        if getattr(self, "_broadcast", None) is None:  # one tf.function per Workers (retraced per structure only)
+            self._broadcast = tf.function(lambda *t: strategy.run(step, args=t), reduce_retracing=True)
+        out = self._broadcast(*send)
+        return [np.asarray(strategy.experimental_local_results(o)[0]).astype(np.asarray(a).dtype)
+                for o, a in zip(out, arrays)]
 
 
 def _has_chief() -> bool:
@@ -252,12 +262,6 @@ def _wire_dtype(dtype) -> np.dtype:
     if dtype.kind == "f":
         return np.dtype(np.float64) if dtype.itemsize > 4 else np.dtype(np.float32)
     return np.dtype(np.int64)  # bool, uint8, int32, uint32 (seed states), int64
-
-
-def _all_reduce_sum(strategy, values):
-    def step(vals):
-        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, vals)
-    return strategy.run(tf.function(step), args=(values,))
 
 
 _PATCHED = False

@@ -78,7 +78,8 @@ def run(run: Run) -> dict:
             raise StageError(str(e)) from None
         where = f"{devices.strategy_name(strategy)} with {replicas} replica(s)"
         if workers.several:
-            where += f" on {workers.count} workers ({workers.role})"
+            where += f" on {workers.count} workers (this one: {workers.role.task_type} {workers.role.index}" + (
+                ", the chief)" if workers.chief else ")")
 
         # build, then restore the last checkpoint when resuming (compiled for the phase it was saved in);
         # several workers: the chief restores and every worker takes its values
@@ -107,6 +108,9 @@ def run(run: Run) -> dict:
         if workers.several:
             state = workers.from_chief(state)
             workers.sync_from_chief(list(net.variables) + list(net.optimizer.variables))
+            if state and not workers.chief:
+                best_weights = net.get_weights()  # a stand-in (this worker writes no model), so that early
+                #                                   stopping keeps the chief's best epoch as the chief does
         start = state["epochs_done"] if state else 0
         if state:
             run.write_csv("history.csv", history_table(state["history"])[1])  # drop rows logged after it
