@@ -164,9 +164,17 @@ def whole_batch(*tensors):
     if ctx is None:
         return list(tensors), 0
     import tensorflow as tf
-    sizes = ctx.all_gather(tf.shape(tensors[0])[:1], axis=0)
-    offset = tf.reduce_sum(sizes[:ctx.replica_id_in_sync_group])
-    return list(ctx.all_gather(list(tensors), axis=0)), offset
+    # (one gather per tensor, integers as float32: a collective wants one dtype, on the compute device)
+    sizes = ctx.all_gather(tf.cast(tf.shape(tensors[0])[:1], tf.float32), axis=0)
+    offset = tf.cast(tf.reduce_sum(sizes[:ctx.replica_id_in_sync_group]), tf.int32)
+    out = []
+    for t in tensors:
+        t = tf.convert_to_tensor(t)
+        if t.dtype.is_floating:
+            out.append(ctx.all_gather(t, axis=0))
+        else:  # labels: exact in float32 below 2^24
+            out.append(tf.cast(ctx.all_gather(tf.cast(t, tf.float32), axis=0), t.dtype))
+    return out, offset
 
 
 def global_sum(x):
