@@ -26,6 +26,7 @@ import contextlib
 import importlib.util
 import os
 import sys
+import warnings
 from typing import NamedTuple
 
 import keras
@@ -130,7 +131,8 @@ def run(run: Run) -> dict:
         progress = EpochCheckpoint(checkpoint, stopper, run.echo, epochs, plan.images, state, validation,
                                    run.setting("train.max_minutes"), run.setting("train.checkpoint_every"),
                                    run.setting("train.checkpoint_minutes"), workers)
-        bar = StepProgress(plan.steps, plan.size, epochs, enabled=run.session.progress and workers.chief)
+        bar = StepProgress(plan.steps, plan.size, epochs, enabled=run.session.progress and workers.chief
+                          and sys.stderr.isatty())
         todo = [p for p in schedule if p.end > start] if not (state and state["stopped"]) else []
         for i, phase in enumerate(todo):
             if phase != current:
@@ -262,8 +264,10 @@ def compile_for(net, get, head, n_classes: int, phase: Phase, steps_per_epoch: i
     optimizer = keras.optimizers.Adam(learning_rate(get, phase, steps_per_epoch), weight_decay=decay or None)
     if net.dtype_policy.name == "mixed_float16":
         optimizer = devices.loss_scale_optimizer(optimizer)  # (Keras' own, with the overflow check agreed)
-    net.compile(optimizer=optimizer, loss=head.loss(), metrics=head.metrics(n_classes),
-                jit_compile=bool(get("train.xla")))
+    with warnings.catch_warnings():  # (XLA refused: the stage says so and why, devices.xla_state)
+        warnings.filterwarnings("ignore", message="Model doesn't support `jit_compile=True`")
+        net.compile(optimizer=optimizer, loss=head.loss(), metrics=head.metrics(n_classes),
+                    jit_compile=bool(get("train.xla")))
     net.optimizer.build(net.trainable_variables)
 
 
