@@ -223,7 +223,11 @@ def replicas_part() -> int:
         print(f"INFO Keras' own LossScaleOptimizer on the same step: {type(e).__name__}", flush=True)
     try:
         sys.path.insert(0, str(ROOT / "tests"))
-        import test_replicas
+        import test_replicas  # (the tests' helpers: needs the dev install, pytest)
+    except ImportError as e:
+        print(f"INFO in-batch losses on 4 logical GPUs not checked: {e} (pip install -e '.[dev]')", flush=True)
+        return 0
+    try:
         for head in ("siamese", "triplet"):
             many = test_replicas.one_step(strategy, head)
             one = test_replicas.one_step(tf.distribute.OneDeviceStrategy(names[0]), head)

@@ -78,17 +78,20 @@ def test_validate_every_checkpoint_every_and_xla_as_it_really_is(tmp_path):
     assert counts["xla"] is False and counts["best_epoch"] in (2, 3)
 
 
-def test_tpu_refuses_what_it_cannot_run(monkeypatch):
+def test_tpu_refuses_what_it_cannot_run_before_connecting(tmp_path):
     from whaleid import devices
-    monkeypatch.setattr(devices, "is_tpu", lambda strategy: True)
     cfg = config.load(ROOT / "configs" / "scratch.toml", ["train.online_augment=true"])
     get = lambda key: config.get(cfg, key)  # noqa: E731
     with pytest.raises(StageError, match="train.online_augment = true.*ImageProjectiveTransformV3"):
-        devices.check_supported(get, None, "mixed_bfloat16")
+        devices.check_supported(get, True, "auto")
+    devices.check_supported(get, False, "auto")  # GPUs and CPUs run it
     cfg["train"]["online_augment"] = False
-    devices.check_supported(get, None, "mixed_bfloat16")
+    devices.check_supported(get, True, "auto")
     with pytest.raises(StageError, match="mixed_float16"):
-        devices.check_supported(get, None, "mixed_float16")
+        devices.check_supported(get, True, "mixed_float16")
+    # the stage refuses at its start, before looking for a TPU (none here: that would be another error)
+    with pytest.raises(StageError, match="train.online_augment = true"):
+        run_train(tmp_path / "w", ["train.strategy=tpu", "train.online_augment=true"])
 
 
 @pytest.mark.parametrize("setting", ["train.validate_every=0", "train.checkpoint_every=0", "train.checkpoint_minutes=-1"])

@@ -26,6 +26,7 @@ from . import cluster
 from .files import StageError
 
 _MULTIWORKER = None  # a process creates MultiWorkerMirroredStrategy once (it configures the runtime)
+_MIRRORED: dict = {}  # device names -> MirroredStrategy (several in one process: their collective keys clash)
 
 
 def make_strategy(name: str, echo=print):
@@ -53,9 +54,11 @@ def make_strategy(name: str, echo=print):
     if name == "none" or (name == "auto" and len(gpus) <= 1):
         return tf.distribute.get_strategy()
     if name in ("auto", "mirrored"):
-        if gpus:
-            return tf.distribute.MirroredStrategy()
-        return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+        kind = "GPU" if gpus else "CPU"  # no GPU: all (logical) CPU devices
+        devices = tuple(d.name for d in tf.config.list_logical_devices(kind))
+        if devices not in _MIRRORED:  # one per process and device set: a second one's collectives would clash
+            _MIRRORED[devices] = tf.distribute.MirroredStrategy(list(devices))
+        return _MIRRORED[devices]
     if name == "tpu":
         try:
             resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
@@ -92,13 +95,13 @@ def choose_precision(setting: str, strategy) -> str:
     return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
 
 
-def check_supported(get, strategy, precision: str) -> None:
-    """Refuse, before anything is built, the settings that cannot work on this device kind, naming
-    the setting and what to set instead. TPU (XLA compiles every step; nothing else runs there):
-    train.online_augment = false (the augmentation layers use ImageProjectiveTransformV3, which has
-    no XLA kernel: the first step would fail), precision float32 or mixed_bfloat16 (TPUs have no
-    float16 arithmetic)."""
-    if is_tpu(strategy):
+def check_supported(get, tpu: bool, precision: str) -> None:
+    """Refuse, before anything is built or connected, the settings that cannot work on this device
+    kind, naming the setting and what to set instead. TPU (XLA compiles every step; nothing else
+    runs there): train.online_augment = false (the augmentation layers use
+    ImageProjectiveTransformV3, which has no XLA kernel: the first step would fail), precision auto
+    (mixed_bfloat16), mixed_bfloat16 or float32 (TPUs have no float16 arithmetic)."""
+    if tpu:
         if get("train.online_augment"):
             raise StageError("train.strategy = tpu with train.online_augment = true: the online augmentation layers "
                              "(rotation, zoom, translation) use ImageProjectiveTransformV3, which has no XLA kernel, "

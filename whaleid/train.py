@@ -51,10 +51,10 @@ def run(run: Run) -> dict:
     epochs, patience = run.setting("train.epochs"), run.setting("train.patience")
 
     # where: the strategy first (a multi-worker strategy must come before anything starts TF's runtime)
+    devices.check_supported(run.setting, run.setting("train.strategy") == "tpu", run.setting("train.precision"))
     strategy = devices.make_strategy(run.setting("train.strategy"), run.echo)
     workers = devices.Workers(strategy)
     precision = devices.choose_precision(run.setting("train.precision"), strategy)
-    devices.check_supported(run.setting, strategy, precision)
     deterministic = not devices.accelerated(strategy)
     devices.seed_everything(seed, deterministic)
     replicas = strategy.num_replicas_in_sync
