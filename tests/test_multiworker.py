@@ -38,10 +38,10 @@ def tf_config(ports, index: int) -> str:
     return json.dumps({"cluster": {"worker": [f"localhost:{p}" for p in ports]}, "task": {"type": "worker", "index": index}})
 
 
-def start(work, ports, index, env=None):
+def start(work, ports, index, env=None, extra=()):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1", "TF_CONFIG": tf_config(ports, index),
            **(env or {})}
-    return subprocess.Popen([sys.executable, __file__, str(work), *SETTINGS], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, __file__, str(work), *SETTINGS, *extra], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
 
 
@@ -93,6 +93,17 @@ def test_two_workers_train_in_step_only_the_chief_writes_and_a_killed_worker_res
     assert all(f.startswith("train/") or f == ".whaleid_state" for f in written), written
     assert {"train/model.keras", "train/manifest.json", "train/HISTORY.pickle"} <= written
     assert not any(f.endswith(".npz") or ".lock" in f for f in written), written
+
+
+def test_workers_with_different_settings_both_stop_with_the_reason(tmp_path):
+    work = tmp_path / "w"
+    session(work, SETTINGS).run([AUGMENT, SPLIT])
+    ports = free_ports(2)
+    procs = [start(work, ports, 0), start(work, ports, 1, extra=["model.dropout=0.3"])]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 1 and "StageError: 1 worker(s) differ from the chief in the train stage's settings" in out, \
+            out[-2000:]
 
 
 def test_tf_config_roles():

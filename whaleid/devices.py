@@ -219,6 +219,17 @@ class Workers:
         (got,) = self.broadcast([buf])
         return json.loads(np.asarray(got, np.uint8).tobytes().decode())
 
+    def check_same(self, what: str, fingerprint: str) -> None:
+        """Stop every worker (a StageError on each, none left waiting) unless all have the chief's
+        `fingerprint` of `what` (settings and data: every worker must train on the same)."""
+        if not self.several:
+            return
+        differs = fingerprint != self.from_chief(fingerprint)
+        n = int(self.broadcast([np.array([int(differs)], np.int64)], every_worker=True)[0][0])
+        if n:
+            raise StageError(f"{n} worker(s) differ from the chief in {what}: every worker must train on the same "
+                             f"settings and preprocessed work folder (a shared folder or a copy of the chief's)")
+
     def sync_from_chief(self, variables) -> None:
         """Assign the chief's values to `variables` (model and optimizer variables after the chief
         restored a checkpoint) on every worker."""
@@ -229,15 +240,18 @@ class Workers:
         for v, a in zip(variables, values):
             v.assign(a.astype(np.asarray(v.numpy()).dtype))
 
-    def broadcast(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    def broadcast(self, arrays: list[np.ndarray], every_worker: bool = False) -> list[np.ndarray]:
         """The chief's arrays on every worker: an all-reduce (sum) to which only the chief's first
-        replica contributes its values, every other replica zeros (x + 0 = x exactly)."""
-        strategy, local, chief = self.strategy, self.local_replicas, self.chief
+        replica contributes its values, every other replica zeros (x + 0 = x exactly). every_worker:
+        the sum of every worker's arrays instead."""
+        strategy, local = self.strategy, self.local_replicas
         send = [tf.constant(np.asarray(a).astype(_wire_dtype(np.asarray(a).dtype))) for a in arrays]
+        send.append(tf.constant(self.chief or every_worker))
 
         def step(*vals):
             ctx = tf.distribute.get_replica_context()
-            keep = tf.logical_and(tf.constant(chief), tf.equal(ctx.replica_id_in_sync_group % local, 0))
+            vals, contributes = vals[:-1], vals[-1]
+            keep = tf.logical_and(contributes, tf.equal(ctx.replica_id_in_sync_group % local, 0))
             vals = [tf.where(keep, v, tf.zeros_like(v)) for v in vals]
             out = list(vals)
             for dtype in sorted({v.dtype for v in vals}, key=str):  # (a list is packed: one dtype per all-reduce)

@@ -23,7 +23,9 @@ stopping follows val_map5. train.max_minutes stops after the epoch that uses up 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
+import json
 import os
 import sys
 import warnings
@@ -58,6 +60,7 @@ def run(run: Run) -> dict:
     deterministic = not devices.accelerated(strategy)
     devices.seed_everything(seed, deterministic)
     replicas = strategy.num_replicas_in_sync
+    workers.check_same("the train stage's settings and inputs", fingerprint(run, train, val))
     shard = inputs.Shard(workers.index * workers.local_replicas, workers.local_replicas, replicas) if workers.several else None
     monitor = head.monitor if len(val) else "accuracy"
     checkpoint = Checkpoint(run.dir, writes=workers.chief)
@@ -174,6 +177,14 @@ def run(run: Run) -> dict:
     if state:
         counts["resumed_from_epoch"] = start
     return counts
+
+
+def fingerprint(run: Run, train: pd.DataFrame, val: pd.DataFrame) -> str:
+    """What every worker of a multi-worker training must share: the stage's settings and files."""
+    settings = {k: v for k, v in run.session.settings_of(run.stage).items() if k != "train.strategy"}
+    text = json.dumps([settings, list(train.File), list(train.Id), list(val.File), list(val.Id)], sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def eval_batch(plan, replicas: int) -> int:
