@@ -15,10 +15,20 @@ best-<epoch>.npz (checkpoint.py), deleted once the artifacts are written.
 
 The training order is a pure function of (seed, epoch) (inputs.py), so a run killed after epoch k
 and restarted (the stage cache sets run.resume) continues at epoch k+1 and, on CPU with op
-determinism, ends with the same numbers as an uninterrupted run. Heads validated by retrieval
-(heads/base.py) rank the validation photos against the training photos after each epoch and early
-stopping follows val_map5. train.max_minutes stops after the epoch that uses up the time budget
-(counted over resumed runs too); the best epoch's weights are kept as with early stopping.
+determinism, ends with the same numbers as an uninterrupted run; the checkpoint is written every
+train.checkpoint_every epochs (or train.checkpoint_minutes), and restores under another precision or
+device layout (checkpoint.py). Heads validated by retrieval (heads/base.py) rank the validation
+photos against the training photos and early stopping follows val_map5; the others (softmax) get
+val_loss and their metrics as a one-device evaluate gives them; both every train.validate_every
+epochs, on photos decoded once (callbacks.py). train.max_minutes stops after the epoch that uses up
+the time budget (counted over resumed runs too); the best epoch's weights are kept as with early
+stopping.
+
+Devices (devices.py): the strategy is created first; several replicas get equal slices of every
+global batch (train.batch_size, or per replica with train.batch_per_replica; embedding heads: whole
+ids per replica); the saved model computes in float32 whatever precision trained it. Several workers
+(train.strategy = multiworker, cluster.py): each reads only its replicas' files, the chief restores
+and writes, and every worker takes the chief's resume state, validation results and stop decisions.
 """
 from __future__ import annotations
 
