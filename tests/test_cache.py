@@ -270,3 +270,20 @@ def test_predict_killed_while_scoring_resumes_after_its_last_committed_chunk(tra
     assert m["resumed"] and m["partial"]["tta"]["kept"] == 2 and "2 of" in out and "kept from the interrupted run" in out
     for name in ("submission.csv", "predictions.csv"):
         assert (killed / "predict" / name).read_bytes() == (clean / "predict" / name).read_bytes()
+
+
+def test_hashes_learnt_before_the_work_folder_exists_are_kept(tmp_path, counted, settled):
+    """A session fingerprints its data before the run creates WORK: those hashes reach WORK/.whaleid_state."""
+    from whaleid import config
+    from whaleid.stage import Session
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        (photos / f"{i}.jpg").write_bytes(bytes([i]) * 10)
+    s = Session(cfg=config.load(None), work=tmp_path / "work", data=None, stages=[], echo=lambda m: None)
+    first = s.fingerprint(photos)
+    (tmp_path / "work").mkdir()
+    assert s.fingerprint(photos) == first and len(counted) == 3
+    s.close()
+    counted.clear()
+    assert digest_folder(photos, HashState(tmp_path / "work" / STATE)) == first and counted == []

@@ -88,6 +88,30 @@ class HashState:
                     with contextlib.suppress(OSError):
                         self.path.unlink()
 
+    def adopt(self, other: "HashState") -> None:
+        """Take over what an in-memory state learnt (it was opened before the work folder existed)."""
+        with self.lock:
+            self._load()
+            for path, row in (other.rows or {}).items():
+                self.rows[path] = row
+                self.pending.append((path, *row))
+            self._flush()
+
+    def lookup_many(self, entries) -> list[str | None]:
+        """lookup() for many (_, path, stat) at once (one lock, no per-file overhead: 100k files)."""
+        with self.lock:
+            self._load()
+            rows = self.rows
+        out = []
+        for _, path, st in entries:
+            row = rows.get(path)
+            out.append(row[4] if row is not None and (row[0], row[1], row[2], row[3]) ==
+                       (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) else None)
+        hits = sum(d is not None for d in out)
+        self.hits += hits
+        self.misses += len(out) - hits
+        return out
+
     def lookup(self, path: str, st: os.stat_result) -> str | None:
         with self.lock:
             self._load()
@@ -148,19 +172,25 @@ def folder_files(path: Path) -> list[tuple[str, str, os.stat_result]]:
     """(relative posix name, absolute path, stat) of every file under `path`, sorted by name; names
     starting with "." (files and folders) are not part of a folder's content."""
     out = []
-    root_abs = os.path.abspath(path)
-    for root, dirs, files in os.walk(root_abs):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            if name.startswith("."):
+    stack = [(os.path.abspath(path), "")]
+    while stack:
+        folder, prefix = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:  # deleted while we looked
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
                 continue
-            p = os.path.join(root, name)
             try:
-                st = os.stat(p)
-            except FileNotFoundError:  # deleted while we looked
+                if entry.is_dir():
+                    stack.append((entry.path, f"{prefix}{entry.name}/"))
+                    continue
+                st = entry.stat()
+            except FileNotFoundError:
                 continue
             if stat.S_ISREG(st.st_mode):
-                out.append((os.path.relpath(p, root_abs).replace(os.sep, "/"), p, st))
+                out.append((prefix + entry.name, entry.path, st))
     out.sort(key=lambda e: e[0])
     return out
 
@@ -174,12 +204,12 @@ def digest_folder(path: Path, state: HashState | None = None, workers: int = 1, 
     entries = folder_files(path)
     digests: dict[str, str] = {}
     todo = []
-    for rel, p, st in entries:
-        known = state.lookup(p, st) if state is not None else None
-        if known is None:
+    known = state.lookup_many(entries) if state is not None else [None] * len(entries)
+    for (rel, p, st), digest in zip(entries, known):
+        if digest is None:
             todo.append((rel, p, st))
         else:
-            digests[rel] = known
+            digests[rel] = digest
     if todo:
         t0 = time.perf_counter()
         paths = [p for _, p, _ in todo]

@@ -125,7 +125,8 @@ class Session:
         if self.state is None:
             self.state = HashState(self.work / STATE if self.work.is_dir() else None)
         elif self.state.path is None and self.work.is_dir():  # the work folder was created since
-            self.state = HashState(self.work / STATE)
+            learnt, self.state = self.state, HashState(self.work / STATE)
+            self.state.adopt(learnt)
         return self.state
 
     def _report(self, text: str) -> None:
@@ -258,9 +259,9 @@ class Session:
     def run(self, targets: list[Stage], force: set[str] = frozenset()) -> dict[str, str]:
         """Run each target stage that is not up to date (and every forced one), in order."""
         forced = self.downstream(set(force))
-        outcome = {}
+        outcome, seen = {}, {}
         for stage in targets:
-            st = self.status(stage)
+            st = self.status(stage, seen)  # shared: each stage's artifacts are fingerprinted once
             if st.done and stage.name not in forced:
                 self.echo(f"[{stage.name}] up to date (cached) - {self.dir(stage.name)}")
                 outcome[stage.name] = "cached"
@@ -272,6 +273,7 @@ class Session:
             self.echo(f"[{stage.name}] running ({why})")
             self._execute(stage, resume_allowed=stage.name not in forced)
             outcome[stage.name] = "ran"
+            seen.clear()  # this stage's status, and its downstream stages', changed
         if self.state is not None:
             self.state.flush()
         return outcome
