@@ -74,7 +74,9 @@ class Validation(keras.callbacks.Callback):
     def outputs(self, model, images: np.ndarray):
         """model(images) batch by batch on the model's device (uint8 in, cast there), as one tensor;
         the last batch padded to the batch size (one traced shape)."""
-        run = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        if getattr(self, "_traced", (None,))[0] is not model:  # traced once per model, not per validation
+            self._traced = (model, tf.function(lambda x: model(x, training=False), reduce_retracing=True))
+        run = self._traced[1]
         out = []
         for s in range(0, len(images), self.batch_size):
             batch = images[s:s + self.batch_size]
