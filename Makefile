@@ -25,7 +25,7 @@ test: setup
 demo: setup
 	test -f $(DEMO)/data/.complete || { rm -rf $(DEMO)/data && \
 	  $(WHALEID) synth --out $(DEMO)/data --ids 30 --photos uniform:20 --seed 0 && touch $(DEMO)/data/.complete; }
-	$(WHALEID) preprocess --data $(DEMO)/data --work $(DEMO)/work --config configs/cpu.toml
+	$(WHALEID) preprocess --data $(DEMO)/data --work $(DEMO)/work --config configs/cpu.toml --set boxes.detector=dark
 	$(WHALEID) train --work $(DEMO)/work
 	$(WHALEID) evaluate --work $(DEMO)/work --tune-threshold
 	$(WHALEID) predict --work $(DEMO)/work

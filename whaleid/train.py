@@ -37,7 +37,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import sys
 import warnings
 from typing import NamedTuple
 
@@ -144,8 +143,7 @@ def run(run: Run) -> dict:
         progress = EpochCheckpoint(checkpoint, stopper, run.echo, epochs, plan.images, state, validation,
                                    run.setting("train.max_minutes"), run.setting("train.checkpoint_every"),
                                    run.setting("train.checkpoint_minutes"), workers)
-        bar = StepProgress(plan.steps, plan.size, epochs, enabled=run.session.progress and workers.chief
-                          and sys.stderr.isatty())
+        bar = StepProgress(plan.steps, plan.size, epochs, enabled=run.session.progress and workers.chief)
         todo = [p for p in schedule if p.end > start] if not (state and state["stopped"]) else []
         for i, phase in enumerate(todo):
             if phase != current:
