@@ -19,7 +19,7 @@ import numpy as np
 from keras import ops
 
 from ..retrieval import GalleryScorer
-from .base import Head, L2Normalize, labels_of
+from .base import CosineHead, L2Normalize, labels_of
 
 
 @keras.saving.register_keras_serializable(package="whaleid")
@@ -85,7 +85,7 @@ def id_margins(counts, margin: float, dynamic: bool) -> np.ndarray:
     return (margin / 2 + (margin - margin / 2) * t).astype(np.float32)
 
 
-class ArcFace(Head):
+class ArcFace(CosineHead):
     name = "arcface"
     SETTINGS = ("model.embedding_size", "model.subcenters", "model.arcface_margin", "model.arcface_scale",
                 "model.arcface_dynamic_margin", "model.arcface_centre_weight")
@@ -107,16 +107,6 @@ class ArcFace(Head):
 
     def metrics(self, n_classes):
         return [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
-
-    def similarity(self, net, Q, G):
-        return np.clip(0.5 * (1.0 + np.asarray(Q, np.float32) @ np.asarray(G, np.float32).T), 0.0, 1.0)
-
-    def similarity_ops(self, net, Q, G):
-        return ops.clip(0.5 * (1.0 + ops.matmul(ops.cast(Q, "float32"), ops.transpose(ops.cast(G, "float32")))), 0.0, 1.0)
-
-    def pair_similarity(self, net, A, B):
-        dot = np.einsum("ij,ij->i", np.asarray(A, np.float32), np.asarray(B, np.float32))
-        return np.clip(0.5 * (1.0 + dot), 0.0, 1.0)
 
     def scorer(self, net, encode, classes, gallery):
         retrieval, ids = super().scorer(net, encode, classes, gallery)

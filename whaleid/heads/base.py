@@ -121,6 +121,20 @@ class Head:
         return s, s.classes
 
 
+class CosineHead(Head):
+    """A head whose vectors are unit embeddings: similarity (1 + a.b) / 2 = 1 - |a-b|^2 / 4, in [0, 1]."""
+
+    def similarity(self, net, Q, G):
+        return np.clip(0.5 * (1.0 + np.asarray(Q, np.float32) @ np.asarray(G, np.float32).T), 0.0, 1.0)
+
+    def similarity_ops(self, net, Q, G):
+        return ops.clip(0.5 * (1.0 + ops.matmul(ops.cast(Q, "float32"), ops.transpose(ops.cast(G, "float32")))), 0.0, 1.0)
+
+    def pair_similarity(self, net, A, B):
+        dot = np.einsum("ij,ij->i", np.asarray(A, np.float32), np.asarray(B, np.float32))
+        return np.clip(0.5 * (1.0 + dot), 0.0, 1.0)
+
+
 def labels_of(y_true):
     """The id labels of a batch's y (plain labels, or the first column of the P x K layout's rows)."""
     y = ops.reshape(y_true, (ops.shape(y_true)[0], -1))

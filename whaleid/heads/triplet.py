@@ -5,10 +5,9 @@ closest negative farther than the positive, else the farthest negative. Similari
 from __future__ import annotations
 
 import keras
-import numpy as np
 from keras import ops
 
-from .base import Head, L2Normalize, as_rows, labels_of, same_and_other, whole_batch
+from .base import CosineHead, L2Normalize, as_rows, labels_of, same_and_other, whole_batch
 
 LARGE = 1e9
 
@@ -75,7 +74,7 @@ def triplet_accuracy_rows(y_true, y_pred):
     return as_rows(ops.sum(ops.cast(right, "float32"), axis=(1, 2)), ops.sum(ops.cast(mask, "float32")))
 
 
-class Triplet(Head):
+class Triplet(CosineHead):
     name = "triplet"
     SETTINGS = ("model.embedding_size", "train.margin")
     per_id_batches = True
@@ -89,13 +88,3 @@ class Triplet(Head):
 
     def metrics(self, n_classes):
         return [keras.metrics.MeanMetricWrapper(triplet_accuracy_rows, name="accuracy")]
-
-    def similarity(self, net, Q, G):
-        return np.clip(0.5 * (1.0 + np.asarray(Q, np.float32) @ np.asarray(G, np.float32).T), 0.0, 1.0)
-
-    def similarity_ops(self, net, Q, G):
-        return ops.clip(0.5 * (1.0 + ops.matmul(ops.cast(Q, "float32"), ops.transpose(ops.cast(G, "float32")))), 0.0, 1.0)
-
-    def pair_similarity(self, net, A, B):
-        dot = np.einsum("ij,ij->i", np.asarray(A, np.float32), np.asarray(B, np.float32))
-        return np.clip(0.5 * (1.0 + dot), 0.0, 1.0)
