@@ -497,17 +497,23 @@ class Suite:
         at = self.rng.uniform(k * d / n, (k + 1) * d / n)
         return (work / stage / ".running.json", at), None, f"+{at:.2f}s of {d:.2f}s after its .running.json"
 
+    def without(self, name: str, stage: str) -> Path:
+        """A copy of the baseline work folder without `stage` and its downstream stages (as if the run
+        had got just that far)."""
+        work = self.root / name
+        shutil.rmtree(work, ignore_errors=True)
+        self.copy_work(work.name)
+        for s in downstream({stage}):
+            shutil.rmtree(work / s, ignore_errors=True)
+        if "predict" in downstream({stage}):
+            (work / "submission.csv").unlink(missing_ok=True)
+        return work
+
     def kill(self, stage: str, k: int, resume_case: bool = False) -> None:
         """Kill `stage` (see the module doc) and check the rerun. resume_case: at a batch of an epoch
         after the first, so training must resume from a checkpoint."""
         for draw in range(1, 4):  # a command that finished before its kill moment: draw again (twice)
-            work = self.root / f"kill-{stage}-{k}"
-            shutil.rmtree(work, ignore_errors=True)
-            self.copy_work(work.name)
-            for s in downstream({stage}):
-                shutil.rmtree(work / s, ignore_errors=True)
-            if "predict" in downstream({stage}):
-                (work / "submission.csv").unlink(missing_ok=True)
+            work = self.without(f"kill-{stage}-{k}", stage)
             kill_after, fault, when = self.kill_moment(stage, k, resume_case, work)
             res = self.r.run(COMMAND_OF[stage], work, self.data, kill_after=kill_after, fault=fault)
             if res.killed or fault:  # a fault point is where it is: drawing again would not move it
@@ -661,13 +667,7 @@ class Suite:
         committed its nth chunk of per-photo results; the rerun must keep every committed chunk
         (manifest "partial": kept == the chunk files the kill left), compute only the others, and end
         with the baseline's artifacts."""
-        work = self.root / f"chunk-{stage}"
-        shutil.rmtree(work, ignore_errors=True)
-        self.copy_work(work.name)
-        for s in downstream({stage}):
-            shutil.rmtree(work / s, ignore_errors=True)
-        if "predict" in downstream({stage}):
-            (work / "submission.csv").unlink(missing_ok=True)
+        work = self.without(f"chunk-{stage}", stage)
         os.environ["WHALEID_FAULT"] = f"{stage}.chunk@{nth}"
         try:
             res = self.r.run(COMMAND_OF[stage], work, self.data)

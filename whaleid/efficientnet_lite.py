@@ -21,7 +21,6 @@ longer matches is rebuilt. Nothing here touches the network.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.resources
 import importlib.util
 import os
@@ -29,6 +28,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .files import sha256_file
 
 NAME = "EfficientNetLite0"
 MODEL_NAME = "efficientnet_lite0"
@@ -206,18 +207,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("WHALEID_CACHE") or Path.home() / ".cache" / "whaleid").expanduser()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _cache_ok(path: Path, sidecar: Path) -> bool:
     try:
         recorded = sidecar.read_text().split()[0]
-        return path.is_file() and _sha256(path) == recorded
+        return path.is_file() and sha256_file(path) == recorded
     except (OSError, IndexError):
         return False
 
@@ -276,7 +269,7 @@ def imagenet_weights_file() -> Path:
         with contextlib.suppress(FileNotFoundError):
             sidecar.unlink()
         _write_atomically(directory, path, ".weights.h5", lambda tmp: model.save_weights(str(tmp)))
-        digest = _sha256(path)
+        digest = sha256_file(path)
         _write_atomically(directory, sidecar, ".tmp",
                           lambda tmp: tmp.write_text(f"{digest}  {CACHE_FILE}\n"))
     return path
