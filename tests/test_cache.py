@@ -287,3 +287,33 @@ def test_hashes_learnt_before_the_work_folder_exists_are_kept(tmp_path, counted,
     s.close()
     counted.clear()
     assert digest_folder(photos, HashState(tmp_path / "work" / STATE)) == first and counted == []
+
+
+def test_box_detector_weights_are_an_input_of_boxes_by_content(tmp_path):
+    """The cnn detector's fitted weights (box_head_weights.py) fingerprint the boxes stage: weights
+    refitted into that file rerun boxes; with another detector they are no input at all."""
+    import dataclasses
+    from whaleid import config, stages
+    from whaleid.stage import Session
+    weights = tmp_path / "box_head_weights.py"
+    weights.write_text("W = (1.0,)\n")
+    real = stages._box_model
+
+    def session(detector):
+        cfg = config.load(None, [f"boxes.detector={detector}"])
+        return Session(cfg=cfg, work=tmp_path / "work", data=tmp_path / "data", stages=list(ALL), echo=lambda m: None)
+
+    shipped = real(session("cnn"))["box_head_weights.py"]
+    assert shipped.name == "box_head_weights.py" and shipped.is_file()
+    # the same rule, on a copy of the file (the package's own is not edited)
+    boxes = dataclasses.replace(stages.BOXES, extra_inputs=lambda s: {k: weights for k in real(s)})
+    s = session("cnn")
+    before = s.inputs_of(boxes)
+    assert "file/box_head_weights.py" in before
+    weights.write_text("W = (2.0,)\n")
+    s2 = session("cnn")
+    assert s2.inputs_of(boxes)["file/box_head_weights.py"] != before["file/box_head_weights.py"]
+    assert "file/box_head_weights.py" in session("cnn").inputs_of(stages.BOXES)
+    assert "file/box_head_weights.py" not in session("dark").inputs_of(stages.BOXES)
+    for x in (s, s2):
+        x.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .config import get as get_setting
 from .stage import Stage
 
 TUNED = "tuned_threshold.json"  # WORK/tuned_threshold.json, written by `evaluate --tune-threshold`
@@ -30,6 +31,14 @@ def _weights_file(value: str) -> Path | None:
     return None if value.lower() == "none" or value == "imagenet" else Path(value).expanduser()
 
 
+def _box_model(session) -> dict[str, Path]:
+    """The cnn detector's fitted weights are an input by their content: weights refitted by
+    scripts/fit_box_head.py rerun boxes, as a changed setting would."""
+    if get_setting(session.cfg, "boxes.detector") != "cnn":
+        return {}
+    return {"box_head_weights.py": Path(__file__).with_name("box_head_weights.py")}
+
+
 def _tuned_file(session) -> dict[str, Path]:
     return {TUNED: session.work / TUNED} if (session.work / TUNED).exists() else {}
 
@@ -50,7 +59,8 @@ BOXES = Stage(
     "boxes", "whaleid.boxes:run",
     artifacts=("BB_TRAIN.csv", "BB_TEST.csv", "import_report.csv"),
     settings=DETECT_SETTINGS + ("boxes.import_csv",),
-    data=("train/", "test/"), upstream=("format",), files=(("boxes.import_csv", _box_file),))
+    data=("train/", "test/"), upstream=("format",), files=(("boxes.import_csv", _box_file),),
+    extra_inputs=_box_model)
 
 AUGMENT = Stage(
     "augment", "whaleid.augment:run",
