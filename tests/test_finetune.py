@@ -76,6 +76,24 @@ def test_freeze_bn_keeps_the_pretrained_batch_norm_statistics(tmp_path, pretrain
     assert not np.array_equal(trained["tiny_conv1"][0], start["tiny_conv1"][0]), "the convolutions still train"
 
 
+def test_finetune_fraction_trains_only_the_layers_nearest_the_output(tmp_path, pretrained):
+    from whaleid import model as models
+    start = file_weights(pretrained)
+    work = tmp_path / "w"
+    run_train(work, [f"model.weights={pretrained}", "train.epochs=2", "train.head_epochs=0",
+                     "model.finetune_fraction=0.5", "split.validation=0"])
+    trained = backbone_weights(work)
+    order = [layer.name for layer in models.find_backbone(models.load_model(work / "train" / "model.keras")).layers]
+    cut = int(round(0.5 * len(order)))
+    frozen = [n for n in order[:cut] if n in trained]
+    free = [n for n in order[cut:] if n in trained]
+    assert frozen and free
+    for name in frozen:
+        for a, b in zip(trained[name], start[name]):
+            np.testing.assert_array_equal(a, b, err_msg=f"{name} (in the frozen first half) changed")
+    assert any(not np.array_equal(a, b) for n in free for a, b in zip(trained[n], start[n])), "the top half trains"
+
+
 @pytest.mark.parametrize("point, resumed_from", [("train.epoch_saved@2", 2), ("train.epoch_saved@3", 3),
                                                  ("train.batch@5", 1)])
 def test_a_kill_in_either_phase_resumes_and_matches_an_uninterrupted_run(tmp_path, pretrained, point, resumed_from):

@@ -174,6 +174,7 @@ RANGES: dict[str, Range] = {
     "model.arcface_margin": between(0, 1.5),          # radians
     "model.arcface_scale": at_least(0, open_=True),
     "model.arcface_centre_weight": between(0, 1),
+    "model.finetune_fraction": between(0, 1, lo_open=True),
     "model.bn_momentum": Range(lo=0, hi=1, lo_open=True, hi_open=True, zero="the backbone's own"),
     "train.batch_size": at_least(1),
     "train.epochs": at_least(1),

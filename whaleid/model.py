@@ -194,12 +194,18 @@ def set_bn_momentum(net: keras.Model, momentum: float) -> int:
     return n
 
 
-def set_trainable(model: keras.Model, backbone: bool, freeze_bn: bool) -> None:
+def set_trainable(model: keras.Model, backbone: bool, freeze_bn: bool, fraction: float = 1.0) -> None:
     """Freeze or unfreeze the backbone; with freeze_bn its batch-norm layers stay frozen either way
     (a frozen BatchNormalization runs in inference mode: the pretrained statistics are used and kept,
-    the Keras transfer-learning idiom for small data). Recompile after this."""
+    the Keras transfer-learning idiom for small data). fraction < 1 unfreezes only that share of the
+    backbone's layers nearest its output (on a few hundred photos the generic early features are
+    kept, the task-specific late ones adapt). Recompile after this."""
     net = find_backbone(model)
     net.trainable = backbone  # (recursive: resets every layer inside)
+    if backbone and fraction < 1:
+        layers = list(net.layers)
+        for layer in layers[:int(round((1 - fraction) * len(layers)))]:
+            layer.trainable = False
     if freeze_bn:
         for layer in _layers(net):
             if isinstance(layer, keras.layers.BatchNormalization):

@@ -278,7 +278,7 @@ def compile_for(net, get, head, n_classes: int, phase: Phase, steps_per_epoch: i
     variables exist for a checkpoint to fill. Under mixed_float16 the optimizer is wrapped in a loss
     scale optimizer whose overflow check all replicas agree on (devices.py). Call it inside the
     strategy's scope."""
-    models.set_trainable(net, not phase.backbone_frozen, get("model.freeze_bn"))
+    models.set_trainable(net, not phase.backbone_frozen, get("model.freeze_bn"), get("model.finetune_fraction"))
     decay = get("train.weight_decay")
     optimizer = keras.optimizers.Adam(learning_rate(get, phase, steps_per_epoch), weight_decay=decay or None)
     if net.dtype_policy.name == "mixed_float16":
