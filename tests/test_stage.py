@@ -66,6 +66,24 @@ def test_changed_setting_reruns_only_that_stage_and_downstream(folders):
     assert calls == ["a", "b"], "a changed upstream result reruns downstream"
 
 
+def test_a_setting_added_since_the_run_at_its_default_keeps_the_stage_up_to_date(folders):
+    """A manifest written before a setting existed lacks its key: still up to date while the setting
+    holds its shipped default (the behaviour it had before), stale at any other value."""
+    from whaleid import config
+    data, work = folders
+    run(work, data)
+    path = work / "b" / "manifest.json"
+    m = json.loads(path.read_text())
+    default = config.shipped_default("augment.margin")
+    assert m["settings"] == {"augment.margin": default}
+    del m["settings"]["augment.margin"]  # as an earlier whaleid, without that setting, wrote it
+    path.write_text(json.dumps(m))
+    assert toy.session(work, data).status(toy.STAGES[1]).state == "done"
+    st = toy.session(work, data, [f"augment.margin={default + 0.05}"]).status(toy.STAGES[1])
+    assert st.state == "stale" and "augment.margin changed ('<absent>'" in st.reason
+    assert run(work, data)[1] == []
+
+
 def test_force_reruns_stage_and_everything_downstream(folders):
     data, work = folders
     run(work, data)

@@ -210,6 +210,14 @@ def _schema_default(key: str):
     return schema[section][name]
 
 
+def shipped_default(key: str):
+    """A setting's value in the shipped defaults (None for a key they lack). A setting added to
+    whaleid keeps, at this value, what whaleid did before it existed: a stage recorded by an earlier
+    whaleid, without the key, is still up to date when the key holds this value."""
+    section, _, name = key.partition(".")
+    return _defaults().get(section, {}).get(name)
+
+
 def _typed(key: str, value):
     """`value` coerced to the type of the key's default (int -> float allowed), else a ConfigError."""
     default = _schema_default(key)

@@ -9,6 +9,9 @@ their sha256, so a changed upstream result reruns everything downstream, never a
 Fingerprints are content hashes (files.py) and name no absolute path: a settings value that names a
 file (a box CSV, a weights file) enters by that file's content, so a work folder copied anywhere,
 or run against a copy of its data folder, is up to date where its contents are.
+A setting that a newer whaleid added, and that the manifest therefore lacks, counts as unchanged
+while it holds its shipped default (config.shipped_default: a new setting's default keeps the old
+behaviour), so upgrading whaleid does not retrain a model that took hours (**).
 
 Crash safety: the old manifest is deleted before a stage starts, artifacts are written atomically
 (temp file + rename) and the manifest is written last, so a killed run leaves nothing a rerun would
@@ -32,7 +35,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from .config import get as get_setting
+from .config import get as get_setting, shipped_default
 from .files import (LOCK, STATE, HashState, StageError, atomic_path, clear_temp_files, digest_folder,  # noqa: F401
                     fault_point, fingerprint, matches, quiet_native_startup, sha256_file, versions, work_lock,
                     write_bytes, write_json)
@@ -218,6 +221,8 @@ class Session:
                 return Status("stale", f"upstream {up} is {ust.state}", m)
         now_settings = self.settings_of(stage)
         for key, value in now_settings.items():
+            if key not in m["settings"] and value == shipped_default(key):
+                continue  # (**)
             was = m["settings"].get(key, "<absent>")
             if was != value and not (value == FILE_SETTING and was == get_setting(self.cfg, key)):  # (*)
                 return Status("stale", f"setting {key} changed ({was!r} -> {value!r})", m)
