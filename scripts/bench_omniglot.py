@@ -309,7 +309,7 @@ def main(argv=None):
     print(f"train: {counts['epochs']} epochs (best {counts['best_epoch']}, val_map5 {counts.get('best_val_map5')}), "
           f"{counts.get('images_per_second')} img/s")
     print(f"runs: {runs_dir} ({len(runs)} runs, {trials} trials, per run {min(per_run):.2f}..{max(per_run):.2f})")
-    print(f"RESULT head=siamese one_shot_{n_way}way_accuracy={acc:.4f} chance={1 / n_way:.4f} "
+    print(f"RESULT head={args.head} one_shot_{n_way}way_accuracy={acc:.4f} chance={1 / n_way:.4f} "
           f"training_minutes={minutes:.1f} wall_minutes={(time.time() - t0) / 60:.1f}")
     return acc
 
