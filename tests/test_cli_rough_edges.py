@@ -104,6 +104,10 @@ def test_a_catalogue_without_new_whales_gets_held_out_ids_and_the_recipe_says_so
     (moved / "data" / "boxes.csv").unlink()
     code, out = cli("preprocess", "--work", moved / "w", "--quiet")
     one_line_error(code, out, "boxes.csv", "not found", "--boxes FILE")
+    # with the threshold placed by the expected share of new whales nothing is tuned on held-out ids
+    out = whaleid("preprocess", "--work", work, "--set", "new_whale.share=0.3", "--quiet")
+    assert "new_whale.share = 0.3 places the threshold, so no ids are held out" in out, out
+    assert json.loads((work / "split" / "split_report.json").read_text())["unseen_ids"] == 0
 
 
 # ---------------------------------------------------------------- 6. option mistakes

@@ -44,13 +44,17 @@ def assign(photos: pd.DataFrame, validation: float, unseen_ids: float, seed: int
 REPAIR_UNSEEN = 0.2  # split.unseen_ids used when it is 0 and train.csv has no new_whale rows
 
 
-def unseen_fraction(photos: pd.DataFrame, unseen_ids: float) -> tuple[float, str | None]:
+def unseen_fraction(photos: pd.DataFrame, unseen_ids: float, share: float = 0.0) -> tuple[float, str | None]:
     """(split.unseen_ids to use, a note): with unseen_ids 0 and no new_whale rows (a catalogue from
     import-folders with configs/cpu.toml) the open-set validation would have no new whales, and
     evaluate would tune a threshold that never predicts new_whale; hold out REPAIR_UNSEEN of the ids
-    (at least one) instead, and say so."""
+    (at least one) instead, and say so. Not when new_whale.share places the threshold (`share` > 0):
+    nothing is tuned on new whales then, and every id trains."""
     if unseen_ids > 0 or (photos.Id == NEW_WHALE).any():
         return unseen_ids, None
+    if share > 0:
+        return unseen_ids, (f"train.csv has no new_whale rows; new_whale.share = {share:g} places the threshold, "
+                            f"so no ids are held out (split.unseen_ids = 0): every id trains")
     counts = photos.Id.value_counts()
     multi = int((counts >= 2).sum())
     if multi < 3:  # too few ids to hold one out and still validate the others
@@ -65,7 +69,7 @@ def unseen_fraction(photos: pd.DataFrame, unseen_ids: float) -> tuple[float, str
 def run(run: Run) -> dict:
     files = run.read_csv("augment", "TRAINING_FILE_FINAL.csv")
     photos = files.drop_duplicates("Image")[["Image", "Id"]].sort_values("Image").reset_index(drop=True)
-    unseen, note = unseen_fraction(photos, run.setting("split.unseen_ids"))
+    unseen, note = unseen_fraction(photos, run.setting("split.unseen_ids"), run.setting("new_whale.share"))
     if note:
         run.echo(note)
     photos["subset"] = assign(photos, run.setting("split.validation"), unseen, run.setting("run.seed"))

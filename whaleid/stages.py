@@ -72,7 +72,7 @@ AUGMENT = Stage(
 SPLIT = Stage(
     "split", "whaleid.split:run",
     artifacts=("split.csv", "train_files.csv", "val_files.csv", "split_report.json"),
-    settings=("split.validation", "split.unseen_ids", "run.seed"),
+    settings=("split.validation", "split.unseen_ids", "run.seed", "new_whale.share"),
     upstream=("augment",))
 
 TRAIN = Stage(
