@@ -174,3 +174,18 @@ def test_a_threshold_tuned_for_an_older_model_is_ignored_after_retraining(traine
     out = whaleid("predict", "--work", work)
     assert "[predict] running" in out and "using the tuned new_whale threshold" in out
     assert _predict_manifest(work)["counts"]["threshold"] == round(retuned["threshold"], 4)
+
+
+def test_with_new_whale_share_evaluate_tunes_nothing_and_predict_places_the_threshold_by_share(trained, tmp_path):
+    work = _copy(trained, tmp_path)
+    out = whaleid("evaluate", "--work", work, "--tune-threshold", "--set", "new_whale.share=0.4")
+    assert "not tuning the threshold: new_whale.share = 0.4 places it in predict" in out, out
+    assert not (work / "tuned_threshold.json").exists()
+    out = whaleid("predict", "--work", work, "--set", "new_whale.share=0.4")
+    assert "new_whale.share = 0.4: threshold" in out, out
+    preds = pd.read_csv(work / "predict/predictions.csv")
+    scored = preds[preds.source.isin(["model", "known"])]  # the photos the share is taken of
+    n_known = int((scored.source == "known").sum())        # (their known id goes first whatever the score)
+    first_new = int((scored.Id.str.split().str[0] == "new_whale").sum())
+    want = round(0.4 * len(scored))
+    assert want - n_known <= first_new <= want, (first_new, want, n_known, len(scored))

@@ -211,9 +211,15 @@ def evaluate(tune_threshold, submission_file, solution_file, one_shot, **kw):
         acc = "n/a" if o["accuracy"] is None else f"{o['accuracy']:.4f}"
         unseen = "" if o["unseen_accuracy"] is None else f"; held-out ids {o['unseen_accuracy']:.4f} ({o['unseen_tasks']} tasks)"
         click.echo(f"  {o['n_way']}-way one-shot accuracy {acc} ({o['tasks']} tasks{unseen})")
+    share = config.get(session.cfg, "new_whale.share")
+    if tune_threshold and share:
+        click.echo(f"  not tuning the threshold: new_whale.share = {share:g} places it in predict (new_whale first "
+                   f"for that share of the test photos); set new_whale.share = 0 to use a tuned one")
+        return
     if not m["new_whale_share"]:
         message = ("the validation has no new whales (no new_whale rows and no held-out ids), so MAP@5 says nothing "
-                   "about the new_whale threshold; set split.unseen_ids, e.g. --set split.unseen_ids=0.2")
+                   "about the new_whale threshold; set split.unseen_ids, e.g. --set split.unseen_ids=0.2, or "
+                   "new_whale.share")
         if tune_threshold:
             raise click.ClickException(f"not tuning the threshold: {message}")
         click.secho(f"WARNING: {message}", err=True, fg="yellow", bold=True)
