@@ -1,0 +1,126 @@
+"""Closed-set top-1 of re-ID without training: frozen ImageNet EfficientNet-Lite0 features (1-NN) and
+SIFT matching, on a data folder made by `whaleid import-folders` (or scripts/bench_reid.py's
+WORK/data): the answer for each test photo of a known individual is the id of its best train photo.
+
+    python scripts/probe_reid_features.py --data /tmp/whaleid-bench-reid-nyala-EfficientNetLite0-imagenet/data
+                                          [--sizes 224,320,448] [--sift-side 480] [--no-sift]
+
+What it tells: how much of the identity is in the generic features before any fine-tuning, per input
+size, layer (the last layer of three late blocks and the 1280-channel head), pooling (average, GeM
+p=3, max) and aspect (squashed to a square, or padded), and in local SIFT matches (RootSIFT, ratio
+test 0.8; the id of the photo with the most RANSAC-homography inliers, or the most ratio-test matches).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from whaleid.tables import NEW_WHALE  # noqa: E402
+
+LAYERS = {"head": "head_relu", "block10": "block10_add", "block14": "block14_add", "block15": "block15_project_bn"}
+
+
+def photo(path: Path, size: int, pad: bool) -> np.ndarray:
+    rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    if not pad:
+        return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
+    h, w = rgb.shape[:2]
+    scale = size / max(h, w)
+    rgb = cv2.resize(rgb, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+    out = np.full((size, size, 3), 127, np.uint8)
+    y, x = (size - rgb.shape[0]) // 2, (size - rgb.shape[1]) // 2
+    out[y:y + rgb.shape[0], x:x + rgb.shape[1]] = rgb
+    return out
+
+
+POOL = {"avg": lambda a: a.mean((1, 2)), "max": lambda a: a.max((1, 2)),
+        "gem": lambda a: np.mean(np.maximum(a, 1e-6) ** 3, axis=(1, 2)) ** (1 / 3)}
+
+
+def cnn(data: Path, gallery: pd.DataFrame, queries: pd.DataFrame, sizes: list[int]) -> None:
+    import keras
+    from whaleid import efficientnet_lite as lite
+    for size in sizes:
+        base = lite.build(size, "imagenet")
+        net = keras.Model(base.input, [base.get_layer(n).output for n in LAYERS.values()])
+        for pad in (False, True):
+            t = time.time()
+            embed = lambda files, folder: net.predict(lite.preprocess_input(np.stack(  # noqa: E731
+                [photo(data / folder / f, size, pad) for f in files]).astype(np.float32)), batch_size=16, verbose=0)
+            G, Q = embed(gallery.Image, "train"), embed(queries.Image, "test")
+            for layer, g, q in zip(LAYERS, G, Q):
+                cells = []
+                for name, pool in POOL.items():
+                    gv, qv = pool(g), pool(q)
+                    gv /= np.linalg.norm(gv, axis=1, keepdims=True)
+                    qv /= np.linalg.norm(qv, axis=1, keepdims=True)
+                    best = gallery.Id.to_numpy()[np.argmax(qv @ gv.T, axis=1)]
+                    cells.append(f"{name} {np.mean(best == queries.Id.to_numpy()):.3f}")
+                print(f"frozen Lite0 {size} px {'padded' if pad else 'squashed'} {layer:8s}: " + ", ".join(cells))
+            print(f"  ({time.time() - t:.0f} s)", flush=True)
+
+
+def sift(data: Path, gallery: pd.DataFrame, queries: pd.DataFrame, side: int) -> None:
+    detector, matcher = cv2.SIFT_create(nfeatures=1000), cv2.BFMatcher(cv2.NORM_L2)
+
+    def features(path):
+        grey = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        h, w = grey.shape
+        scale = side / max(h, w)
+        grey = cv2.resize(grey, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+        points, desc = detector.detectAndCompute(grey, None)
+        desc = np.sqrt(desc / (desc.sum(1, keepdims=True) + 1e-7)).astype(np.float32)  # RootSIFT
+        return np.float32([p.pt for p in points]), desc
+
+    t = time.time()
+    G = [features(data / "train" / f) for f in gallery.Image]
+    hits_inliers, hits_matches = [], []
+    for image, truth in zip(queries.Image, queries.Id):
+        qp, qd = features(data / "test" / image)
+        inliers, matches = {}, {}
+        for (gp, gd), ident in zip(G, gallery.Id):
+            good = [a for a, b in matcher.knnMatch(qd, gd, k=2) if a.distance < 0.8 * b.distance]
+            n_in = 0
+            if len(good) >= 8:
+                _, mask = cv2.findHomography(qp[[a.queryIdx for a in good]], gp[[a.trainIdx for a in good]],
+                                             cv2.RANSAC, 12.0)
+                n_in = int(mask.sum()) if mask is not None else 0
+            inliers[ident] = max(inliers.get(ident, 0), n_in)
+            matches[ident] = max(matches.get(ident, 0), len(good))
+        hits_inliers.append(max(inliers, key=inliers.get) == truth)
+        hits_matches.append(max(matches, key=matches.get) == truth)
+    print(f"SIFT at {side} px: by RANSAC inliers {np.mean(hits_inliers):.3f}, by ratio-test matches "
+          f"{np.mean(hits_matches):.3f} ({time.time() - t:.0f} s)")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, required=True, help="train.csv, solution.csv, train/, test/")
+    ap.add_argument("--sizes", default="224,320,448")
+    ap.add_argument("--sift-side", type=int, default=480)
+    ap.add_argument("--no-sift", action="store_true")
+    args = ap.parse_args(argv)
+    gallery = pd.read_csv(args.data / "train.csv", dtype=str, keep_default_na=False)
+    gallery = gallery[gallery.Id != NEW_WHALE].reset_index(drop=True)
+    solution = pd.read_csv(args.data / "solution.csv", dtype=str, keep_default_na=False)
+    queries = solution[solution.Id != NEW_WHALE].reset_index(drop=True)
+    print(f"{args.data}: {len(gallery)} train photos of {gallery.Id.nunique()} ids, {len(queries)} test photos of "
+          f"known ids; closed-set top-1 (chance {1 / gallery.Id.nunique():.3f}):")
+    cnn(args.data, gallery, queries, [int(s) for s in args.sizes.split(",")])
+    if not args.no_sift:
+        sift(args.data, gallery, queries, args.sift_side)
+
+
+if __name__ == "__main__":
+    main()
