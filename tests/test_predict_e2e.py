@@ -178,6 +178,7 @@ def test_a_threshold_tuned_for_an_older_model_is_ignored_after_retraining(traine
 
 def test_with_new_whale_share_evaluate_tunes_nothing_and_predict_places_the_threshold_by_share(trained, tmp_path):
     work = _copy(trained, tmp_path)
+    (work / "tuned_threshold.json").unlink(missing_ok=True)  # (an earlier test may have tuned one)
     out = whaleid("evaluate", "--work", work, "--tune-threshold", "--set", "new_whale.share=0.4")
     assert "not tuning the threshold: new_whale.share = 0.4 places it in predict" in out, out
     assert not (work / "tuned_threshold.json").exists()
