@@ -200,7 +200,10 @@ RANGES: dict[str, Range] = {
 }
 
 # Heads trained on batches of P ids x K photos (train.photos_per_id): a batch must hold 2 ids.
-def _schema_default(key: str):
+def shipped_default(key: str):
+    """A setting's value in the shipped defaults (configs/default.toml); an unknown key is a
+    ConfigError. A setting added to whaleid keeps, at this value, what whaleid did before it existed:
+    a stage recorded by an earlier whaleid, without the key, is still up to date at this value."""
     section, _, name = key.partition(".")
     schema = _defaults()
     if section not in schema:
@@ -210,17 +213,9 @@ def _schema_default(key: str):
     return schema[section][name]
 
 
-def shipped_default(key: str):
-    """A setting's value in the shipped defaults (None for a key they lack). A setting added to
-    whaleid keeps, at this value, what whaleid did before it existed: a stage recorded by an earlier
-    whaleid, without the key, is still up to date when the key holds this value."""
-    section, _, name = key.partition(".")
-    return _defaults().get(section, {}).get(name)
-
-
 def _typed(key: str, value):
     """`value` coerced to the type of the key's default (int -> float allowed), else a ConfigError."""
-    default = _schema_default(key)
+    default = shipped_default(key)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"setting {key}: expected true or false, got {value!r}")
