@@ -301,9 +301,9 @@ def logs(run: Run, append: bool, tensorboard: bool = True) -> list:
     """history.csv as it grows (appended to by a resumed run or a later phase), and TensorBoard logs
     when tensorboard is installed."""
     out = [keras.callbacks.CSVLogger(str(run.path("history.csv")), append=bool(append))]
-    if not tensorboard:
-        pass
-    elif importlib.util.find_spec("tensorboard") is not None:
+    if not tensorboard:  # (a multi-worker training's other workers: the chief writes them)
+        return out
+    if importlib.util.find_spec("tensorboard") is not None:
         out.append(keras.callbacks.TensorBoard(log_dir=str(run.path(LOGS)), write_graph=False,
                                                profile_batch=0, update_freq="epoch"))
     else:
