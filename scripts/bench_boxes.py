@@ -35,7 +35,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from whaleid import box_head, box_head_weights, box_train, boxes  # noqa: E402
+from whaleid.preprocess import box_head, box_head_weights, box_train, boxes  # noqa: E402
 
 DATA = ROOT.parent / "shared/data/whales"
 

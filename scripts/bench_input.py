@@ -1,8 +1,8 @@
 """Is the train stage's input pipeline ever the bottleneck? Prints, with the settings used:
 
-    pipeline alone    images/s of whaleid.inputs.train_dataset (read, parallel decode, shuffle, batch,
+    pipeline alone    images/s of whaleid.learning.inputs.train_dataset (read, parallel decode, shuffle, batch,
                       prefetch), iterated without a model
-    train step alone  images/s of the compiled model's training step (whaleid.train.compiled_model) on
+    train step alone  images/s of the compiled model's training step (whaleid.learning.train.compiled_model) on
                       batches already in memory
     fit from pipeline images/s of model.fit reading the pipeline, as the stage trains
     ratio             pipeline / train step (target >= 3x)
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from whaleid import config  # noqa: E402
+from whaleid.pipeline import config  # noqa: E402
 
 
 def synthetic_set(folder: Path, n: int, ids: int, size: int, quality: int) -> tuple[list[str], list[int]]:
@@ -81,7 +81,7 @@ def main() -> None:
             source = f"{len(paths)} synthetic {size} px JPEGs, {args.ids} classes ({time.perf_counter() - t:.1f}s to write)"
         n_classes = max(labels) + 1
 
-        from whaleid import devices, heads, inputs, train
+        from whaleid.learning import devices, heads, inputs, train
         strategy = devices.make_strategy(get("train.strategy"))
         precision = devices.choose_precision(get("train.precision"), strategy)
         deterministic = not devices.accelerated(strategy)

@@ -47,8 +47,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from whaleid import config  # noqa: E402
-from whaleid.stage import Session, Stage, StageError  # noqa: E402
+from whaleid.pipeline import config  # noqa: E402
+from whaleid.pipeline.stage import Session, Stage, StageError  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "omniglot"
 VAL_DRAWERS = 4  # the last drawers of each training character validate (early stopping)
@@ -100,7 +100,7 @@ def write_jpeg(path: Path, rgb: np.ndarray) -> None:
 # ---------------------------------------------------------------- stand-in upstream stages for train
 
 def make_stages(data: Path, train_alphabets: dict[str, Path], record: Path):
-    from whaleid.stages import TRAIN
+    from whaleid.pipeline.stages import TRAIN
 
     def augment(run):
         out = run.path("images")
@@ -288,8 +288,8 @@ def main(argv=None):
     m = session.manifest("train")
     minutes = pickle.loads((args.work / "train" / "MODEL_TIME.pickle").read_bytes()) / 60
 
-    from whaleid import model as models
-    from whaleid.scoring import Embedder
+    from whaleid.learning import model as models
+    from whaleid.scoring.scoring import Embedder
     embedder = Embedder(models.load_model(args.work / "train" / "model.keras"))
     if args.runs:
         runs_dir, notes = args.runs, []

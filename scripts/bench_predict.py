@@ -18,9 +18,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from whaleid import config  # noqa: E402
-from whaleid.stages import ALL  # noqa: E402
-from whaleid.stage import Session  # noqa: E402
+from whaleid.pipeline import config  # noqa: E402
+from whaleid.pipeline.stages import ALL  # noqa: E402
+from whaleid.pipeline.stage import Session  # noqa: E402
 
 
 def main():
@@ -43,7 +43,7 @@ def main():
     n = s.manifest("predict")["counts"]["images"]
     versions = 4 if cfg["predict"]["tta"] else 1
     batch = cfg["predict"]["batch_size"]
-    from whaleid import model as models
+    from whaleid.learning import model as models
     size = cfg["run"]["image_size"]
     x = np.random.default_rng(0).integers(0, 255, (batch * versions, size, size, 3)).astype(np.float32)
     t = time.perf_counter()
@@ -62,8 +62,8 @@ def main():
     import multiprocessing.pool
     from functools import partial
     import pandas as pd
-    from whaleid.predict import photo_jobs
-    from whaleid.scoring import prepare
+    from whaleid.scoring.predict import photo_jobs
+    from whaleid.scoring.scoring import prepare
     jobs = photo_jobs(pd.read_csv(args.work / "format/test.csv", dtype={"Image": str}),
                       pd.read_csv(args.work / "boxes/BB_TEST.csv", dtype={"Image": str}).set_index("Image"),
                       Path(rec["data"]) / "test")

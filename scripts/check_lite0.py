@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from whaleid import efficientnet_lite as lite  # noqa: E402
+from whaleid.backbones import efficientnet_lite as lite  # noqa: E402
 
 LION, GREY_WHALE, KILLER_WHALE = 291, 147, 148
 CROP_FRACTION = 224 / 256

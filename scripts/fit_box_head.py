@@ -1,7 +1,7 @@
-"""Fit the learned tail-box classifier (whaleid/box_head.py) on every labelled real photo and write
-its weights to whaleid/box_head_weights.py (a plain Python module: it ships with the package).
+"""Fit the learned tail-box classifier (whaleid/preprocess/box_head.py) on every labelled real photo and write
+its weights to whaleid/preprocess/box_head_weights.py (a plain Python module: it ships with the package).
 
-    python scripts/fit_box_head.py [--images DIR --labels CSV] [--out whaleid/box_head_weights.py]
+    python scripts/fit_box_head.py [--images DIR --labels CSV] [--out whaleid/preprocess/box_head_weights.py]
 
 The photos are read, never written. What this fit scores on photos it has not seen is what
 scripts/bench_boxes.py measures by leave-one-out.
@@ -15,14 +15,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from whaleid import box_head, box_train  # noqa: E402
+from whaleid.preprocess import box_head, box_train  # noqa: E402
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=Path, default=ROOT.parent / "shared/data/whales/images")
     ap.add_argument("--labels", type=Path, default=ROOT.parent / "shared/data/whales/labels.csv")
-    ap.add_argument("--out", type=Path, default=ROOT / "whaleid/box_head_weights.py")
+    ap.add_argument("--out", type=Path, default=ROOT / "whaleid/preprocess/box_head_weights.py")
     args = ap.parse_args()
     photos = box_train.load_labelled(args.images, args.labels)
     stats = box_train.photo_statistics(photos)

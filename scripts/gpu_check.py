@@ -90,7 +90,8 @@ def main(argv=None) -> int:
             f"model.weights={args.weights}", "train.precision=auto", "train.strategy=auto", "run.image_size=224"]
     common = ["--work", work, "--config", "default", "--quiet"] + [a for s in sets for a in ("--set", s)]
     try:
-        from whaleid import submission, synth
+        from whaleid.ranking import submission
+        from whaleid.datasets import synth
         if not (data / ".complete").exists():
             synth.generate(data, ids=args.ids, seed=0, workers=os.cpu_count() or 1,
                            photos=f"uniform:{args.photos}", progress=False)
@@ -146,14 +147,14 @@ def _failed(name: str, e: BaseException) -> None:
 
 def _saved_dtypes(work: Path) -> set[str]:
     """The compute dtypes of the saved model's layers (float32 only: mixed precision stays in training)."""
-    from whaleid import model as models
+    from whaleid.learning import model as models
     net = models.load_model(work / "train" / "model.keras")
     return {layer.compute_dtype for layer in net.layers + models.find_backbone(net).layers}
 
 
 def _getter(**changes):
     """default.toml's settings with `changes` ({"train.xla": True, ...}), as a get(key) function."""
-    from whaleid import config
+    from whaleid.pipeline import config
     cfg = config.load("default", [f"{k}={json.dumps(v)}" for k, v in changes.items()])
     return lambda key: config.get(cfg, key)
 
@@ -186,7 +187,7 @@ def replicas_part() -> int:
     gpu = tf.config.list_physical_devices("GPU")[0]
     tf.config.set_logical_device_configuration(gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=1024)] * 4)
     import keras
-    from whaleid import devices
+    from whaleid.learning import devices
     names = [d.name for d in tf.config.list_logical_devices("GPU")]
     # NCCL wants one physical GPU per device: copy-based all-reduce between the logical ones
     strategy = tf.distribute.MirroredStrategy(names, cross_device_ops=tf.distribute.HierarchicalCopyAllReduce())
@@ -247,8 +248,8 @@ def throughput_check(work: Path, args) -> None:
     input; then one checkpoint save and load of the model with Adam's state."""
     import numpy as np
     import tensorflow as tf
-    from whaleid import devices, heads, train
-    from whaleid.checkpoint import Checkpoint
+    from whaleid.learning import devices, heads, train
+    from whaleid.learning.checkpoint import Checkpoint
     get = _getter(**{"model.weights": "none", "run.image_size": 224, "train.batch_size": 100})
     strategy = devices.make_strategy("auto")
     precision = devices.choose_precision("auto", strategy)
@@ -283,8 +284,8 @@ def throughput_check(work: Path, args) -> None:
 
 def validation_check(work: Path, args) -> None:
     import pandas as pd
-    from whaleid import devices, heads, model as models
-    from whaleid.callbacks import RetrievalValidation
+    from whaleid.learning import devices, heads, model as models
+    from whaleid.learning.callbacks import RetrievalValidation
     files = pd.read_csv(work / "split" / "train_files.csv", keep_default_na=False)
     images = work / "augment" / "images"
     gallery = files.drop_duplicates("Image").head(2000)
@@ -315,7 +316,7 @@ def xla_check(work: Path, args) -> None:
     """train.xla = true: really compiled with XLA without online augmentation, honestly off with it."""
     import numpy as np
     import tensorflow as tf
-    from whaleid import devices, heads, train
+    from whaleid.learning import devices, heads, train
     dump = Path(os.environ.get("XLA_FLAGS", "").partition("--xla_dump_to=")[2].split(" ")[0] or "/nonexistent")
     strategy = devices.make_strategy("auto")
     settings = {"model.weights": "none", "model.backbone": "MobileNetV3Small", "run.image_size": 96,

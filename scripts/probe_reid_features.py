@@ -26,7 +26,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from whaleid.tables import NEW_WHALE  # noqa: E402
+from whaleid.pipeline.tables import NEW_WHALE  # noqa: E402
 
 LAYERS = {"head": "head_relu", "block10": "block10_add", "block14": "block14_add", "block15": "block15_project_bn"}
 
@@ -50,7 +50,7 @@ POOL = {"avg": lambda a: a.mean((1, 2)), "max": lambda a: a.max((1, 2)),
 
 def cnn(data: Path, gallery: pd.DataFrame, queries: pd.DataFrame, sizes: list[int]) -> None:
     import keras
-    from whaleid import efficientnet_lite as lite
+    from whaleid.backbones import efficientnet_lite as lite
     for size in sizes:
         base = lite.build(size, "imagenet")
         net = keras.Model(base.input, [base.get_layer(n).output for n in LAYERS.values()])

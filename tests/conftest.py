@@ -34,7 +34,7 @@ def shared_data():
 @pytest.fixture(scope="session")
 def tiny_set(tmp_path_factory):
     """A small synthetic data set (Kaggle layout + ground truth), built once; tests must not modify it."""
-    from whaleid import synth
+    from whaleid.datasets import synth
     out = tmp_path_factory.mktemp("synth") / "data"
     synth.generate(out, ids=8, seed=3, workers=2, photos="uniform:5", size_scale=0.3,
                    duplicate_fraction=0.08, progress=False)

@@ -6,7 +6,7 @@ import pytest
 
 
 def test_arcface_logits_add_the_margin_to_the_true_class_angle_only():
-    from whaleid.heads.arcface import arcface_logits
+    from whaleid.learning.heads.arcface import arcface_logits
     # two classes; the photo's cosine to class 0 (its own) is cos 60 deg, to class 1 cos 80 deg
     cos = np.array([[math.cos(math.radians(60)), math.cos(math.radians(80))]], "float32")
     out = np.asarray(arcface_logits(cos, np.array([0]), np.array([0.5, 0.5], "float32"), 10.0))
@@ -23,7 +23,7 @@ def test_arcface_logits_add_the_margin_to_the_true_class_angle_only():
 
 
 def test_arcface_loss_is_cross_entropy_of_the_margin_logits():
-    from whaleid.heads.arcface import ArcFaceLoss
+    from whaleid.learning.heads.arcface import ArcFaceLoss
     cos = np.array([[0.9, 0.1, -0.2], [0.3, 0.8, 0.0]], "float32")
     y = np.array([0, 1], "float32")
     loss = float(ArcFaceLoss(np.array([0.5, 0.5, 0.5]), 30.0)(y, cos))
@@ -36,7 +36,7 @@ def test_arcface_loss_is_cross_entropy_of_the_margin_logits():
 
 
 def test_subcentres_give_each_id_its_nearest_centre():
-    from whaleid.heads.arcface import CosineCentres
+    from whaleid.learning.heads.arcface import CosineCentres
     layer = CosineCentres(2, subcenters=2)
     layer.build((None, 2))
     # id 0: centres at 0 and 90 degrees; id 1: at 180 and 270 (columns: id-major, then sub-centre)
@@ -48,7 +48,7 @@ def test_subcentres_give_each_id_its_nearest_centre():
 
 
 def test_dynamic_margins_grow_as_the_photo_count_falls():
-    from whaleid.heads.arcface import id_margins
+    from whaleid.learning.heads.arcface import id_margins
     m = id_margins([1, 16, 81], 0.5, dynamic=True)
     assert m[0] == pytest.approx(0.5) and m[2] == pytest.approx(0.25)
     # 16^-1/4 = 0.5 lies between 1 (rarest) and 81^-1/4 = 1/3 (most common): (0.5 - 1/3) / (2/3) = 0.25
@@ -57,7 +57,7 @@ def test_dynamic_margins_grow_as_the_photo_count_falls():
 
 
 def test_gem_pooling_against_a_hand_computed_value():
-    from whaleid.model import GeM
+    from whaleid.learning.model import GeM
     x = np.array([1.0, 2.0, 3.0, 4.0], "float32").reshape(1, 2, 2, 1)
     layer = GeM(p=3.0)
     out = float(np.asarray(layer(x))[0, 0])
@@ -71,7 +71,7 @@ def test_gem_pooling_against_a_hand_computed_value():
 
 def test_mirrored_variants_and_their_ids():
     import pandas as pd
-    from whaleid import augment
+    from whaleid.preprocess import augment
     assert augment.mirrored(augment.OFFLINE) == (False, True, False, True)
     assert augment.mirrored(augment.TTA) == (False, True, False, True)   # crop-flip-blur: the crop, flipped
     files = pd.DataFrame({"File": ["a_0.jpg", "a_1.jpg", "a_2.jpg", "a_3.jpg"], "Image": ["a.jpg"] * 4,
@@ -82,7 +82,7 @@ def test_mirrored_variants_and_their_ids():
 
 
 def test_a_mirrored_version_scores_an_id_by_its_flip_class():
-    from whaleid.scoring import MirrorFold
+    from whaleid.scoring.scoring import MirrorFold
 
     class Fixed:
         def __init__(self, rows):
@@ -106,7 +106,7 @@ def test_a_mirrored_version_scores_an_id_by_its_flip_class():
 
 
 def test_share_threshold_puts_new_whale_first_for_that_share():
-    from whaleid import submission
+    from whaleid.ranking import submission
     best = [0.9, 0.2, 0.5, 0.7, 0.4, 0.95, 0.3, 0.8, 0.6, 0.1]
     thr = submission.share_threshold(best, 0.3)
     assert sum(b < thr for b in best) == 3 and thr == pytest.approx(0.35)
@@ -146,7 +146,7 @@ def test_arcface_flip_ids_and_share_threshold_end_to_end(tiny_set, tmp_path):
     import json
     import pandas as pd
     from conftest import ROOT, whaleid
-    from whaleid import submission
+    from whaleid.ranking import submission
     work = tmp_path / "w"
     sets = ["model.backbone=tiny", "run.image_size=48", "train.epochs=8", "train.batch_size=16",
             "train.learning_rate=0.003", "model.head=arcface", "model.embedding_size=16", "model.arcface_scale=10",

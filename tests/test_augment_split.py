@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from whaleid import augment, split
+from whaleid.preprocess import augment, split
 
 
 def test_crop_to_box_resizes_the_box_region():

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from whaleid import submission
-from whaleid.stage import fingerprint
+from whaleid.ranking import submission
+from whaleid.pipeline.stage import fingerprint
 
 from conftest import ROOT, cli as whaleid
 

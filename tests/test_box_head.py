@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from whaleid import box_head, box_train, boxes
+from whaleid.preprocess import box_head, box_train, boxes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,7 +129,7 @@ def test_synthetic_flukes(tiny_set):
 FORKED = """
 import json, multiprocessing, sys
 sys.path.insert(0, sys.argv[1])
-from whaleid import boxes
+from whaleid.preprocess import boxes
 assert "tensorflow" not in sys.modules        # the stage cache forks only a TensorFlow-free parent
 paths = sys.argv[2:]
 with multiprocessing.get_context("fork").Pool(2) as pool:
@@ -152,7 +152,7 @@ def test_forked_workers_find_the_boxes_found_in_process(tiny_set):
 
 def test_the_report_names_the_cnn_methods(tmp_path):
     """The report's box sheet shows each photo's method: the learned detector's two are on it."""
-    from whaleid import report
+    from whaleid.report import report
     assert {"cnn+grabcut", "cnn"} <= set(boxes.METHODS)
     data, work = tmp_path / "data", tmp_path / "work"
     (data / "train").mkdir(parents=True)

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from whaleid import boxes
+from whaleid.preprocess import boxes
 
 
 def _sea_with_tail(w=800, h=500, box=(200, 150, 600, 330), grey=False, colour=(30, 30, 32)):

@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 import toy_pipeline as toy
-from whaleid import fingerprints
-from whaleid.fingerprints import HashState, digest_folder, fingerprint, legacy_digest_folder
-from whaleid.stage import STATE
-from whaleid.stages import ALL
+from whaleid.pipeline import fingerprints
+from whaleid.pipeline.fingerprints import HashState, digest_folder, fingerprint, legacy_digest_folder
+from whaleid.pipeline.stage import STATE
+from whaleid.pipeline.stages import ALL
 
 from conftest import ROOT, cli, whaleid
 
@@ -241,7 +241,7 @@ def test_artifacts_follow_the_umask(trained):
 
 
 def test_atomic_writes_follow_a_group_writable_umask(tmp_path):
-    from whaleid.files import write_json
+    from whaleid.pipeline.files import write_json
     old_mask = os.umask(0o002)
     try:
         write_json(tmp_path / "x.json", {})
@@ -274,8 +274,8 @@ def test_predict_killed_while_scoring_resumes_after_its_last_committed_chunk(tra
 
 def test_hashes_learnt_before_the_work_folder_exists_are_kept(tmp_path, counted, settled):
     """A session fingerprints its data before the run creates WORK: those hashes reach WORK/.whaleid_state."""
-    from whaleid import config
-    from whaleid.stage import Session
+    from whaleid.pipeline import config
+    from whaleid.pipeline.stage import Session
     photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(3):
@@ -293,8 +293,8 @@ def test_box_detector_weights_are_an_input_of_boxes_by_content(tmp_path):
     """The cnn detector's fitted weights (box_head_weights.py) fingerprint the boxes stage: weights
     refitted into that file rerun boxes; with another detector they are no input at all."""
     import dataclasses
-    from whaleid import config, stages
-    from whaleid.stage import Session
+    from whaleid.pipeline import config, stages
+    from whaleid.pipeline.stage import Session
     weights = tmp_path / "box_head_weights.py"
     weights.write_text("W = (1.0,)\n")
     real = stages._box_model

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from whaleid import files
+from whaleid.pipeline import files
 
 from conftest import ROOT, cli, whaleid
 
@@ -199,7 +199,7 @@ def test_train_shows_no_tensorflow_start_up_lines_and_a_progress_bar_inside_each
 
 
 def test_native_start_up_lines_are_filtered_unless_verbose():
-    code = ("import os, sys\nsys.path.insert(0, sys.argv[1])\nfrom whaleid.files import quiet_native_startup\n"
+    code = ("import os, sys\nsys.path.insert(0, sys.argv[1])\nfrom whaleid.pipeline.files import quiet_native_startup\n"
             "with quiet_native_startup():\n"
             "    os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n')\n"
             "    os.write(2, b'I0000 00:00:1796084729.912986   31398 port.cc:153] oneDNN custom operations are on.\\n')\n"

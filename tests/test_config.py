@@ -4,8 +4,10 @@ import tomllib
 import numpy as np
 import pytest
 
-from whaleid import config, heads
-from whaleid.config import ConfigError
+from whaleid.pipeline import config
+from whaleid.learning import heads
+from whaleid.pipeline import head_names
+from whaleid.pipeline.config import ConfigError
 
 from conftest import ROOT, cli
 
@@ -154,7 +156,7 @@ def test_out_of_range_set_stops_preprocess_before_any_stage(tmp_path):
 
 
 def test_model_head_accepts_a_head_registered_later(monkeypatch):
-    monkeypatch.setattr(heads, "REGISTRY", dict(heads.REGISTRY))  # register() below is undone after the test
+    monkeypatch.setattr(head_names, "REGISTRY", dict(head_names.REGISTRY))  # register() below is undone after the test
     with pytest.raises(ConfigError, match="'toy' is not one of softmax, siamese, triplet, arcface$"):
         config.load(None, ("model.head=toy",))
     heads.register("toy", "tests.toy:Toy")
@@ -196,7 +198,7 @@ def test_pyproject_ships_the_configs_and_every_subpackage():
 
 
 def test_average_ranks_with_ties_by_hand():
-    from whaleid.verification import average_ranks, roc_auc
+    from whaleid.ranking.verification import average_ranks, roc_auc
     # sorted: 10 10 | 20 20 20 | 30 -> ranks 1,2 -> 1.5; 3,4,5 -> 4; 6
     assert average_ranks([10, 20, 10, 30, 20, 20]).tolist() == [1.5, 4.0, 1.5, 6.0, 4.0, 4.0]
     assert average_ranks([3.0, 1.0, 2.0]).tolist() == [3.0, 1.0, 2.0]
@@ -208,7 +210,7 @@ def test_average_ranks_with_ties_by_hand():
 
 
 def test_average_ranks_match_counting():
-    from whaleid.verification import average_ranks
+    from whaleid.ranking.verification import average_ranks
     rng = np.random.default_rng(0)
     for n, distinct in [(1, 1), (9, 2), (40, 5), (200, 1000)]:
         x = rng.integers(0, distinct, n).astype(float)

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from whaleid import dedup, images
+from whaleid.preprocess import dedup
+from whaleid.pipeline import images
 
 
 def brute_force(h, k):
@@ -84,9 +85,9 @@ def test_relabel_cases():
 
 
 def test_synthetic_ground_truth_groups_found_exactly(tiny_set, tmp_path):
-    from whaleid import config
-    from whaleid.stages import ALL
-    from whaleid.stage import Session
+    from whaleid.pipeline import config
+    from whaleid.pipeline.stages import ALL
+    from whaleid.pipeline.stage import Session
     s = Session(cfg=config.load(None), work=tmp_path / "w", data=tiny_set, stages=ALL, echo=lambda m: None)
     s.run([s.stage("dedup")])
     truth = {frozenset(g.Image) for _, g in pd.read_csv(tiny_set / "duplicates.csv").groupby("group")}
@@ -115,9 +116,9 @@ def test_real_photos_copies_group_with_their_originals_only(shared_data, tmp_pat
     pd.DataFrame(rows, columns=["Image", "Id"]).to_csv(data / "train.csv", index=False)
     pd.DataFrame({"Image": sorted(x.name for x in (data / "test").iterdir()), "Id": "new_whale"}).to_csv(
         data / "sample_submission.csv", index=False)
-    from whaleid import config
-    from whaleid.stages import ALL
-    from whaleid.stage import Session
+    from whaleid.pipeline import config
+    from whaleid.pipeline.stages import ALL
+    from whaleid.pipeline.stage import Session
     s = Session(cfg=config.load(None), work=tmp_path / "w", data=data, stages=ALL, echo=lambda m: None)
     s.run([s.stage("dedup")])
     groups = [set(x.split()) for x in pd.read_csv(tmp_path / "w/dedup/dedup_report.csv").images]
@@ -128,9 +129,9 @@ def test_real_photos_copies_group_with_their_originals_only(shared_data, tmp_pat
 
 def test_equal_hashes_of_different_photos_are_checked_on_pixels(tmp_path, monkeypatch):
     # At 33k photos two different whales can share a phash; the pixels decide when dedup.verify is on.
-    from whaleid import config
-    from whaleid.stages import ALL
-    from whaleid.stage import Session
+    from whaleid.pipeline import config
+    from whaleid.pipeline.stages import ALL
+    from whaleid.pipeline.stage import Session
     data = tmp_path / "data"
     (data / "train").mkdir(parents=True)
     (data / "test").mkdir()

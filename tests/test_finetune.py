@@ -9,13 +9,13 @@ import pytest
 
 from test_train import BASE, ROOT, history, killed_at, manifest, run_train
 
-from whaleid import config
+from whaleid.pipeline import config
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A weights file for the tiny backbone (random but fixed, non-trivial batch-norm statistics)."""
-    from whaleid import model as models
+    from whaleid.learning import model as models
     path = tmp_path_factory.mktemp("weights") / "tiny.weights.h5"
     net = models.build_model(config.load(ROOT / "configs" / "scratch.toml", tuple(BASE)), 4)
     backbone = models.find_backbone(net)
@@ -29,13 +29,13 @@ def pretrained(tmp_path_factory):
 
 
 def backbone_weights(work) -> dict[str, list[np.ndarray]]:
-    from whaleid import model as models
+    from whaleid.learning import model as models
     net = models.load_model(Path(work) / "train" / "model.keras")
     return {layer.name: layer.get_weights() for layer in models.find_backbone(net).layers if layer.weights}
 
 
 def file_weights(path) -> dict[str, list[np.ndarray]]:
-    from whaleid import model as models
+    from whaleid.learning import model as models
     net = models.build_model(config.load(ROOT / "configs" / "scratch.toml", tuple(BASE) + (f"model.weights={path}",)), 4)
     return {layer.name: layer.get_weights() for layer in models.find_backbone(net).layers if layer.weights}
 
@@ -77,7 +77,7 @@ def test_freeze_bn_keeps_the_pretrained_batch_norm_statistics(tmp_path, pretrain
 
 
 def test_finetune_fraction_trains_only_the_layers_nearest_the_output(tmp_path, pretrained):
-    from whaleid import model as models
+    from whaleid.learning import model as models
     start = file_weights(pretrained)
     work = tmp_path / "w"
     run_train(work, [f"model.weights={pretrained}", "train.epochs=2", "train.head_epochs=0",

@@ -9,8 +9,9 @@ import pytest
 
 from test_train import ROOT, history, manifest, run_train
 
-from whaleid import config, inputs
-from whaleid.stage import StageError
+from whaleid.pipeline import config
+from whaleid.learning import inputs
+from whaleid.pipeline.stage import StageError
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
@@ -79,7 +80,7 @@ def test_validate_every_checkpoint_every_and_xla_as_it_really_is(tmp_path):
 
 
 def test_tpu_refuses_what_it_cannot_run_before_connecting(tmp_path):
-    from whaleid import devices
+    from whaleid.learning import devices
     cfg = config.load(ROOT / "configs" / "scratch.toml", ["train.online_augment=true"])
     get = lambda key: config.get(cfg, key)  # noqa: E731
     with pytest.raises(StageError, match="train.online_augment = true.*ImageProjectiveTransformV3"):

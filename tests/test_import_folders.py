@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from whaleid.cli import main
-from whaleid.import_folders import FolderError, import_folders
+from whaleid.datasets.import_folders import FolderError, import_folders
 
 COUNTS = {"Ayo": 4, "Blackie": 3, "Big Ben": 5, "Dada": 1, "Enderoni": 2, "Fuzz": 6, "Gogo": 3, "Hiro": 2,
           "Ivo": 4, "Juno": 3}

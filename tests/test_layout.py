@@ -1,5 +1,5 @@
-"""The package's shape: no import cycles among whaleid modules, no oversized module, and the
-light commands do not load TensorFlow."""
+"""The package's shape: no import cycles among whaleid modules, subpackages that depend on each other
+one way only, no oversized module, and the light commands do not load TensorFlow."""
 import ast
 import subprocess
 import sys
@@ -76,8 +76,66 @@ def test_cycle_finder_finds_a_planted_cycle():
 
 def test_no_import_cycle_among_whaleid_modules():
     graph = module_imports()
-    assert "whaleid.stage" in graph and graph["whaleid.cli"], "the import graph was not read"
+    assert "whaleid.pipeline.stage" in graph and graph["whaleid.cli"], "the import graph was not read"
     assert find_cycle(graph) is None
+
+
+# Each subpackage may import only from those before it (cli.py, at the top, imports anything): a
+# reader finds where a change goes from the folder names, and lower layers never reach up.
+LAYERS = ["pipeline", "ranking", "backbones", "preprocess", "learning", "scoring", "report", "catalogue"]
+SIDE = {"datasets": {"pipeline", "preprocess"}}  # data sets: not on the path of a stage
+
+
+def subpackage(module: str) -> str | None:
+    """whaleid.learning.heads.base -> learning; whaleid.cli (top level) -> None."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (PACKAGE / parts[-1]).is_dir() else None
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    bad = []
+    for m, deps in graph.items():
+        a = subpackage(m)
+        for d in deps:
+            b = subpackage(d)
+            if a is None or b is None or a == b:
+                continue
+            ok = (b in SIDE.get(a, ())) or (a in LAYERS and b in LAYERS and LAYERS.index(b) < LAYERS.index(a))
+            if not ok:
+                bad.append((m, d))
+    return sorted(bad)
+
+
+def test_layer_check_finds_an_upward_import():
+    graph = {"whaleid.pipeline.stage": {"whaleid.learning.train"}, "whaleid.learning.train": {"whaleid.pipeline.stage"},
+             "whaleid.datasets.synth": {"whaleid.scoring.scoring"}, "whaleid.cli": {"whaleid.report.report"}}
+    assert layer_violations(graph) == [("whaleid.datasets.synth", "whaleid.scoring.scoring"),
+                                       ("whaleid.pipeline.stage", "whaleid.learning.train")]
+
+
+def test_subpackages_depend_one_way():
+    graph = module_imports()
+    packages = {subpackage(m) for m in graph} - {None}
+    assert packages <= set(LAYERS) | set(SIDE), f"a subpackage without a layer: {packages - set(LAYERS) - set(SIDE)}"
+    assert layer_violations(graph) == []
+    between = {}
+    for m, deps in graph.items():
+        if subpackage(m):
+            between.setdefault(subpackage(m), set()).update(
+                b for d in deps if (b := subpackage(d)) and b != subpackage(m))
+    assert find_cycle({p: between.get(p, set()) & packages for p in packages}) is None
+
+
+def test_dotted_run_paths_name_real_functions():
+    """Stage and head paths are strings (imported when used): each must name a module and attribute."""
+    import importlib.util
+    from whaleid.pipeline.stages import ALL
+    from whaleid.pipeline.head_names import REGISTRY
+    for path in [s.run for s in ALL] + list(REGISTRY.values()):
+        module, attr = path.split(":")
+        spec = importlib.util.find_spec(module)
+        assert spec is not None, path
+        assert f"def {attr}" in Path(spec.origin).read_text() or f"class {attr}" in Path(spec.origin).read_text(), path
 
 
 def test_no_module_over_the_size_limit():

@@ -18,8 +18,8 @@ import pytest
 
 from test_train import AUGMENT, SPLIT, manifest, session
 
-from whaleid import cluster
-from whaleid.stage import StageError
+from whaleid.learning import cluster
+from whaleid.pipeline.stage import StageError
 
 SETTINGS = ["train.strategy=multiworker", "train.epochs=2"]
 
@@ -66,7 +66,7 @@ def test_two_workers_train_in_step_only_the_chief_writes_and_a_killed_worker_res
     worker = start(work, ports, 1, env={"WHALEID_FAULT": "train.epoch_saved@1"})
     out_w = worker.communicate(timeout=400)[0]
     assert worker.returncode == -signal.SIGKILL, out_w[-3000:]
-    from whaleid.checkpoint import Checkpoint
+    from whaleid.learning.checkpoint import Checkpoint
     deadline = time.time() + 60
     while Checkpoint(work / "train").epochs_done() != 1 and chief.poll() is None and time.time() < deadline:
         time.sleep(0.5)
@@ -145,8 +145,8 @@ class ChiefSays:
 
 
 def test_the_time_budget_and_stopping_follow_the_chief(tmp_path):
-    from whaleid.callbacks import EpochCheckpoint, ResumableEarlyStopping
-    from whaleid.checkpoint import Checkpoint
+    from whaleid.learning.callbacks import EpochCheckpoint, ResumableEarlyStopping
+    from whaleid.learning.checkpoint import Checkpoint
 
     class Model:
         def __init__(self):
@@ -165,7 +165,7 @@ def test_the_time_budget_and_stopping_follow_the_chief(tmp_path):
 
 
 def _main(argv) -> int:
-    from whaleid.files import work_lock
+    from whaleid.pipeline.files import work_lock
     work, overrides = Path(argv[0]), argv[1:]
     s = session(work, overrides, echo=lambda m: print(m, flush=True))
     try:

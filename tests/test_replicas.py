@@ -32,7 +32,7 @@ FEATURES, P_IDS, K = 6, 8, 2       # the heads' batch: 8 ids x 2 photos = 16 row
 
 def heads_batch():
     """One P x K batch from batches.epoch_plan (8 ids, 3 files each): features, y rows, labels."""
-    from whaleid import batches
+    from whaleid.learning import batches
     labels = np.repeat(np.arange(P_IDS), 3)
     photos = np.array([f"{i}_{j}" for i, j in zip(labels, np.tile(np.arange(3), P_IDS))])
     index, u = batches.epoch_plan(labels, photos, P_IDS * K, K, seed=3, epoch=0)
@@ -44,8 +44,8 @@ def heads_batch():
 
 def build_head_model(name: str, seed: int = 0):
     import keras
-    from whaleid.heads import arcface, siamese, triplet
-    from whaleid.heads.base import L2Normalize
+    from whaleid.learning.heads import arcface, siamese, triplet
+    from whaleid.learning.heads.base import L2Normalize
     inp = keras.Input((FEATURES,))
     if name == "siamese":
         emb = keras.layers.Dense(4, activation="sigmoid", name="embedding")(inp)
@@ -82,7 +82,7 @@ def overflow_step(strategy, safe: bool) -> dict:
     """Mixed float16, one SGD step on a batch whose last replica's rows overflow float16."""
     import keras
     import tensorflow as tf
-    from whaleid import devices
+    from whaleid.learning import devices
     replicas = strategy.num_replicas_in_sync
     x = np.ones((4 * replicas, 4), "float32")
     x[-4:] = 7e4                                  # the last replica's slice: inf in float16
@@ -104,8 +104,8 @@ def mixed_checkpoint(strategy, folder: Path) -> None:
     """A checkpoint of a mixed-precision model on `strategy` after one step (optimizer state set)."""
     import keras
     import tensorflow as tf
-    from whaleid import devices
-    from whaleid.checkpoint import Checkpoint
+    from whaleid.learning import devices
+    from whaleid.learning.checkpoint import Checkpoint
     x, y, _ = heads_batch()
     with devices.dtype_policy("mixed_float16"), strategy.scope():
         net = build_head_model("triplet")
@@ -151,7 +151,7 @@ def _train_main(argv) -> int:
             overrides.append(a)
     if gpus:
         import tensorflow as tf
-        from whaleid import devices
+        from whaleid.learning import devices
         names = logical_cpus(gpus)
         make, choose = devices.make_strategy, devices.choose_precision
         devices.make_strategy = lambda name, echo=print: tf.distribute.MirroredStrategy(names) if name == "auto" else make(name, echo)
@@ -180,7 +180,7 @@ def subprocess_run(*args, timeout=600) -> str:
 # ---------------------------------------------------------------- tests
 
 def test_whole_ids_on_every_replica():
-    from whaleid import batches
+    from whaleid.learning import batches
     labels = np.repeat(np.arange(30), 5)
     photos = np.array([f"{i}_{j}" for i, j in zip(labels, np.tile(np.arange(5), 30))])
     for replicas, batch, per_replica in ((2, 16, False), (4, 16, False), (4, 100, False), (3, 8, True)):
@@ -227,7 +227,7 @@ def test_an_overflow_on_one_replica_skips_the_step_on_every_replica(on_replicas)
 
 def test_a_mixed_precision_checkpoint_of_2_replicas_restores_on_one_float32_device(on_replicas):
     import keras
-    from whaleid.checkpoint import Checkpoint
+    from whaleid.learning.checkpoint import Checkpoint
     _, folder = on_replicas
     net = build_head_model("triplet")
     net.compile(keras.optimizers.Adam(0.01), net.loss)
@@ -251,7 +251,7 @@ def test_a_run_killed_on_a_cpu_resumes_on_a_mixed_precision_multi_gpu_machine(tm
     m = manifest(work)
     assert m["resumed"] and m["counts"]["resumed_from_epoch"] == 1 and m["counts"]["epochs"] == 2
     assert m["counts"]["precision"] == "mixed_float16" and m["counts"]["replicas"] == 2
-    from whaleid import model as models
+    from whaleid.learning import model as models
     net = models.load_model(work / "train" / "model.keras")
     assert {layer.compute_dtype for layer in net.layers + models.find_backbone(net).layers} == {"float32"}, \
         "the saved model computes in float32 (a CPU-only machine predicts without float16)"
@@ -263,7 +263,7 @@ def test_softmax_on_4_replicas_with_a_remainder_batch(tmp_path):
     out = subprocess_run("train", work, "--logical-cpus", 4, "train.strategy=mirrored", "train.batch_size=12",
                          "train.epochs=3", "model.bn_momentum=0.5")
     assert "MirroredStrategy with 4 replica(s)" in out and "shuffled batches of 12 (3 per replica)" in out, out[-2000:]
-    from whaleid import model as models
+    from whaleid.learning import model as models
     net = models.load_model(work / "train" / "model.keras")
     stats = [w for layer in models.find_backbone(net).layers if "bn" in layer.name
              for w in layer.get_weights()]

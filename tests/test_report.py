@@ -1,4 +1,4 @@
-"""whaleid.report (with report_sheets and plots): the PNG sheets and plots and the index.html that shows
+"""whaleid.report.report (with report_sheets and plots): the PNG sheets and plots and the index.html that shows
 them, on a tiny real run and on hand-made work folders (a stage not run, a history without validation, a box
 at a known place); and the plot axes' tick and scale arithmetic."""
 import json
@@ -12,11 +12,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from whaleid import plots, report, report_sheets, synth
+from whaleid.report import plots, report, report_sheets
+from whaleid.datasets import synth
 from whaleid.cli import main
 
 from conftest import whaleid
-from whaleid.stage import fingerprint
+from whaleid.pipeline.stage import fingerprint
 
 CPU = Path(__file__).parents[1] / "configs/scratch.toml"
 TINY = ["--config", str(CPU), "--set", "model.backbone=tiny", "--set", "run.image_size=48",

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from whaleid import config
-from whaleid.stage import PARTIAL, Session, Stage
+from whaleid.pipeline import config
+from whaleid.pipeline.stage import PARTIAL, Session, Stage
 
 from conftest import ROOT, whaleid
 
@@ -109,7 +109,7 @@ LOGGED = r"""
 import os, sys, time
 sys.path.insert(0, sys.argv[1])
 log, slow = sys.argv[2], float(sys.argv[3])
-from whaleid import boxes
+from whaleid.preprocess import boxes
 real = boxes.detect_box_file
 def logged(path, **kw):  # every photo a worker starts on, appended to the log before the work
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import toy_pipeline as toy
-from whaleid import stage as stagelib
-from whaleid.stage import StageError
+from whaleid.pipeline import stage as stagelib
+from whaleid.pipeline.stage import StageError
 
 HERE = Path(__file__).parent
 
@@ -69,7 +69,7 @@ def test_changed_setting_reruns_only_that_stage_and_downstream(folders):
 def test_a_setting_added_since_the_run_at_its_default_keeps_the_stage_up_to_date(folders):
     """A manifest written before a setting existed lacks its key: still up to date while the setting
     holds its shipped default (the behaviour it had before), stale at any other value."""
-    from whaleid import config
+    from whaleid.pipeline import config
     data, work = folders
     run(work, data)
     path = work / "b" / "manifest.json"
@@ -173,7 +173,7 @@ def test_lock_refuses_a_second_run_and_takes_over_a_dead_one(tmp_path):
     work = tmp_path / "work"
     holder = subprocess.Popen([sys.executable, "-c",
                                "import sys,time; sys.path.insert(0, sys.argv[1]);"
-                               "from whaleid.stage import work_lock\n"
+                               "from whaleid.pipeline.stage import work_lock\n"
                                "with work_lock(sys.argv[2], 'holder'):\n print('locked', flush=True); time.sleep(60)",
                                str(HERE.parent), str(work)], stdout=subprocess.PIPE, text=True)
     try:

@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from whaleid import submission as sub
-from whaleid.submission import SubmissionError
+from whaleid.ranking import submission as sub
+from whaleid.ranking.submission import SubmissionError
 
 CLASSES = [f"w_{i}" for i in range(8)]
 
@@ -136,7 +136,7 @@ def test_answers_hold_k_distinct_labels(k):
 
 
 def test_validator_counts_the_given_top_k_and_defaults_to_the_shipped_setting():
-    from whaleid import config
+    from whaleid.pipeline import config
     three = pd.DataFrame({"Image": ["a.jpg", "b.jpg"], "Id": ["w_1 w_2 new_whale"] * 2})
     sub.validate(three, ["a.jpg", "b.jpg"], 3)
     with pytest.raises(SubmissionError, match="3 labels, expected exactly 5"):

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from whaleid import synth
+from whaleid.datasets import synth
 
 
 def _digest(folder):

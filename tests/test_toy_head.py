@@ -12,8 +12,9 @@ from keras import ops
 
 from test_train import run_train
 
-from whaleid import heads
-from whaleid.heads.base import Head, L2Normalize
+from whaleid.learning import heads
+from whaleid.pipeline import head_names
+from whaleid.learning.heads.base import Head, L2Normalize
 
 
 @keras.saving.register_keras_serializable(package="whaleid_test")
@@ -56,7 +57,7 @@ class ToyCosine(Head):
 
 
 def test_a_head_declared_in_a_test_file_trains_through_the_train_stage(tmp_path, monkeypatch):
-    monkeypatch.setitem(heads.REGISTRY, "toy_cosine", ToyCosine)
+    monkeypatch.setitem(head_names.REGISTRY, "toy_cosine", ToyCosine)
     work = tmp_path / "w"
     lines = []
     out = run_train(work, ["model.head=toy_cosine", "model.embedding_size=8", "train.epochs=3"], lines=lines)
@@ -67,8 +68,8 @@ def test_a_head_declared_in_a_test_file_trains_through_the_train_stage(tmp_path,
     assert "best_val_map5" in m["counts"], m["counts"]
     assert any("toy_cosine head" in line for line in lines), lines
 
-    from whaleid import model as models
-    from whaleid.scoring import Embedder
+    from whaleid.learning import model as models
+    from whaleid.scoring.scoring import Embedder
     net = models.load_model(work / "train" / "model.keras")
     e = Embedder(net)
     assert isinstance(e.head, ToyCosine) and e.head.embedding_size == 8

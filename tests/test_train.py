@@ -21,8 +21,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from whaleid import config  # noqa: E402
-from whaleid.stage import Session, Stage, StageError  # noqa: E402
+from whaleid.pipeline import config  # noqa: E402
+from whaleid.pipeline.stage import Session, Stage, StageError  # noqa: E402
 
 SIZE = 48
 IDS = ("w_red", "w_green", "w_blue", "w_yellow")
@@ -81,7 +81,7 @@ SPLIT = Stage("split", _split, artifacts=("train_files.csv", "val_files.csv"), s
 
 
 def session(work, overrides=(), echo=lambda m: None):
-    from whaleid.stages import TRAIN
+    from whaleid.pipeline.stages import TRAIN
     cfg = config.load(ROOT / "configs" / "scratch.toml", tuple(BASE) + tuple(overrides))
     return Session(cfg=cfg, work=Path(work), data=None, stages=[AUGMENT, SPLIT, TRAIN], progress=False,
                    echo=echo)
@@ -125,7 +125,7 @@ def trained(tmp_path_factory):
 
 def test_training_writes_artifacts_that_load_and_predict(trained):
     import keras
-    from whaleid import model as models
+    from whaleid.learning import model as models
     work, out, lines, seconds = trained
     assert out["train"] == "ran"
     d = work / "train"
@@ -170,8 +170,8 @@ class Crash(Exception):
 
 def crash_at(monkeypatch, point, nth=1):
     """Make the run raise Crash (in-process) the nth time it reaches fault point `point` (see
-    whaleid.files.fault_point; "train.epoch_saved": right after an epoch's checkpoint is written)."""
-    from whaleid import callbacks, checkpoint
+    whaleid.pipeline.files.fault_point; "train.epoch_saved": right after an epoch's checkpoint is written)."""
+    from whaleid.learning import callbacks, checkpoint
     hits = []
 
     def fault_point(name):
@@ -239,7 +239,7 @@ def test_killed_after_the_last_epoch_rerun_only_writes_the_artifacts(tmp_path, m
 def _evaluate(work):
     """(loss, accuracy) of the saved model on the validation files, decoded as training decodes them."""
     import keras
-    from whaleid import inputs, model as models
+    from whaleid.learning import inputs, model as models
     d = Path(work)
     val = pd.read_csv(d / "split" / "val_files.csv")
     classes = json.loads((d / "train" / "classes.json").read_text())
@@ -345,7 +345,7 @@ def test_missing_weights_file_and_impossible_head_batches_are_clear_errors(tmp_p
 @pytest.mark.filterwarnings("ignore:Skipping nested container")  # the mismatched file below
 def test_local_weights_file_loads_into_the_backbone(tmp_path):
     import keras
-    from whaleid import model as models
+    from whaleid.learning import model as models
     cfg = lambda *o: config.load(ROOT / "configs" / "scratch.toml", tuple(BASE) + ("model.backbone=MobileNetV3Small",) + o)
     x = np.concatenate([images("w_red", 0), images("w_blue", 1)]).astype("float32")
     keras.utils.set_random_seed(1)
@@ -408,7 +408,7 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
 
 def test_precision_auto_is_float32_on_cpu_and_mixed_keeps_a_float32_softmax():
     import keras
-    from whaleid import devices, model as models
+    from whaleid.learning import devices, model as models
     strategy = devices.make_strategy("auto")
     assert strategy.num_replicas_in_sync == 1 and devices.choose_precision("auto", strategy) == "float32"
     assert devices.choose_precision("mixed_float16", strategy) == "mixed_float16"
@@ -421,7 +421,7 @@ def test_precision_auto_is_float32_on_cpu_and_mixed_keeps_a_float32_softmax():
 
 
 def test_declaring_the_stages_does_not_load_tensorflow():
-    code = ("import sys, whaleid.stages, whaleid.heads, whaleid.config; "
+    code = ("import sys, whaleid.pipeline.stages, whaleid.learning.heads, whaleid.pipeline.config; "
             "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 

@@ -5,8 +5,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from whaleid import augment, evaluate, scoring
-from whaleid.tables import NEW_WHALE
+from whaleid.preprocess import augment
+from whaleid.scoring import evaluate, scoring
+from whaleid.pipeline.tables import NEW_WHALE
 
 SIZE = 48
 
@@ -104,7 +105,7 @@ def test_unseen_ids_are_new_whales_and_the_draw_is_seeded():
     assert ev.equals(evaluate.open_set(split, 0.27, seed=42))
     assert not ev.equals(evaluate.open_set(split, 0.27, seed=1))
     # an unseen photo answered new_whale first scores 1; answered with its (never trained) id, 0
-    from whaleid import submission
+    from whaleid.ranking import submission
     assert submission.map5([unseen.truth.iloc[0]], [[NEW_WHALE, "w_1"]]) == 1.0
     assert submission.map5([unseen.truth.iloc[0]], [[unseen.Id.iloc[0], "w_1"]]) == 0.0
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from whaleid import config  # noqa: E402
-from whaleid.stage import Session, Stage, atomic_path  # noqa: E402
+from whaleid.pipeline import config  # noqa: E402
+from whaleid.pipeline.stage import Session, Stage, atomic_path  # noqa: E402
 
 CALLS = []
 

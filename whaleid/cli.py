@@ -9,7 +9,7 @@
     whaleid import-folders --src ROOT --out DIR    ROOT/<id>/*.jpg -> the Kaggle layout + solution.csv
     whaleid report      --work WORK                PNG sheets and plots of the artifacts + index.html
 
-Every stage is cached in WORK (see whaleid/stage.py); a command runs the stages it needs that are
+Every stage is cached in WORK (see whaleid/pipeline/stage.py); a command runs the stages it needs that are
 not up to date, so rerunning after a pre-empted VM continues where it stopped.
 """
 from __future__ import annotations
@@ -26,12 +26,13 @@ import click
 # files.quiet_native_startup where a stage module is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from . import cluster, config, stage as stagelib  # noqa: E402
-from .files import VERBOSE, quiet_native_startup  # noqa: E402
-from .stages import ALL as ALL_STAGES, BY_COMMAND  # noqa: E402
-from .stage import Session, StageError  # noqa: E402
-from .tables import TableError  # noqa: E402
-from .workfolder import (fallback_rows, is_dir_or_error, open_work, test_photo_warning,  # noqa: E402
+from .learning import cluster  # noqa: E402
+from .pipeline import config, stage as stagelib  # noqa: E402
+from .pipeline.files import VERBOSE, quiet_native_startup  # noqa: E402
+from .pipeline.stages import ALL as ALL_STAGES, BY_COMMAND  # noqa: E402
+from .pipeline.stage import Session, StageError  # noqa: E402
+from .pipeline.tables import TableError  # noqa: E402
+from .pipeline.workfolder import (fallback_rows, is_dir_or_error, open_work, test_photo_warning,  # noqa: E402
                          unusable_test_photos, write_record)
 
 
@@ -180,7 +181,7 @@ def train(**kw):
               help="Also N-way one-shot accuracy (sets evaluate.one_shot; remembered in WORK).")
 def evaluate(tune_threshold, submission_file, solution_file, one_shot, **kw):
     """Open-set MAP@5 on the validation split (held-out ids play the new whales)."""
-    from . import submission
+    from .ranking import submission
     if submission_file or solution_file:
         if not (submission_file and solution_file):
             raise click.UsageError("--submission and --solution go together")
@@ -225,7 +226,7 @@ def evaluate(tune_threshold, submission_file, solution_file, one_shot, **kw):
         click.secho(f"WARNING: {message}", err=True, fg="yellow", bold=True)
     if tune_threshold:
         with quiet_native_startup():  # the stage was cached: TensorFlow loads here
-            from . import evaluate as evaluation
+            from .scoring import evaluate as evaluation
         thr = evaluation.tune(session.work)
         click.echo(f"  stored threshold {thr:.2f} in {session.work / 'tuned_threshold.json'}; predict will use it")
 
@@ -238,8 +239,8 @@ def evaluate(tune_threshold, submission_file, solution_file, one_shot, **kw):
 def predict(check_file, strict, **kw):
     """TTA top-5 with the new_whale threshold -> WORK/submission.csv. Runs every stage it needs that
     is not up to date first: with --data alone, the whole pipeline (preprocess, train, predict)."""
-    from . import submission
-    from .tables import read_test
+    from .ranking import submission
+    from .pipeline.tables import read_test
     if check_file:
         session, _ = open_session(**kw)
         if session.data is None:
@@ -307,7 +308,7 @@ def status(work, data, config_file, overrides):
 def report(work, data, out, sample, seed):
     """PNG sheets and plots of WORK's artifacts (boxes, duplicates, training curves, MAP@5 vs threshold,
     predictions) and an index.html that shows them; a stage that has not run is one line of the page."""
-    from . import report as reportlib
+    from .report import report as reportlib
     if not Path(work).is_dir():
         raise click.ClickException(f"work folder {work} not found: run whaleid preprocess --work {work} first")
     if data is not None and not Path(data).is_dir():
@@ -332,7 +333,7 @@ def report(work, data, out, sample, seed):
 @click.option("--quiet", is_flag=True)
 def synth(out, ids, seed, photos, real_train_csv, size_scale, workers, quiet):
     """Write a synthetic data set (Kaggle layout + solution.csv, boxes.csv, duplicates.csv)."""
-    from . import synth as synthlib
+    from .datasets import synth as synthlib
     try:
         summary = synthlib.generate(out, ids=ids, seed=seed, workers=workers, photos=photos,
                                     real_train_csv=real_train_csv, size_scale=size_scale, progress=not quiet)
@@ -354,7 +355,7 @@ def synth(out, ids, seed, photos, real_train_csv, size_scale, workers, quiet):
 @click.option("--quiet", is_flag=True)
 def import_folders(src, out, new_fraction, query_fraction, seed, quiet):
     """Convert ROOT/<id>/*.jpg|png into the Kaggle layout with a solution.csv."""
-    from . import import_folders as importer
+    from .datasets import import_folders as importer
     try:
         summary = importer.import_folders(src, out, new_fraction=new_fraction, query_fraction=query_fraction,
                                           seed=seed, progress=not quiet)

@@ -1,0 +1,1 @@
+"""Pretrained networks and their offline ImageNet weights (read without torch)."""

@@ -1,0 +1,1 @@
+"""Data sets: the synthetic demo set and catalogues imported from folders."""

@@ -1,0 +1,156 @@
+"""import-folders: a catalogue laid out as ROOT/<individual>/*.jpg|png -> the Kaggle layout whaleid reads.
+
+Re-identification sets (and users' own catalogues) come one folder per individual. This writes a new
+data folder with the competition's shape and its answers, so the whole pipeline and its scoring run
+on them: a share of the individuals (new_fraction) is held out entirely, their photos become test
+photos whose answer is new_whale; every other individual keeps its photos in train (the gallery)
+except a share (query_fraction, at most all but one photo) that become test queries with its id.
+
+Output (a new folder; the source folder is only read):
+    train.csv, sample_submission.csv, train/, test/   the Kaggle layout
+    solution.csv   Image,Id: the answer for every test photo (an id, or new_whale)
+    boxes.csv      Image,x0,y0,x1,y1: the whole photo, for `whaleid preprocess --boxes` (the tail-fluke
+                   detector has nothing to find on other animals)
+    sources.csv    Image, source (path under ROOT), individual, role (gallery | query | new)
+    skipped.csv    source, reason: files that are not readable photos (left out)
+Photo names are a hash of the source path, so the name says nothing about the individual. The
+individual is the name of the folder holding the photo (spaces become "_"); two folders of one name in
+different places are an error rather than silently one individual. The folder is written under a
+temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from ..pipeline import images
+from ..pipeline.files import umask
+from ..pipeline.tables import NEW_WHALE
+
+EXTENSIONS = {".jpg": ".jpg", ".jpeg": ".jpg", ".png": ".png"}
+
+
+class FolderError(ValueError):
+    """A problem with the source or output folder; the message names it."""
+
+
+def _id_name(folder: Path) -> str:
+    name = re.sub(r"\s+", "_", folder.name.strip())
+    if not name or name == NEW_WHALE:
+        raise FolderError(f"{folder}: folder name {folder.name!r} cannot be an individual's id")
+    return name
+
+
+def scan(src: Path, progress: bool = True) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """(photos: source, path, Id, width, height; skipped: (source, reason)) of every jpg/png under src."""
+    src = Path(src)
+    rows, skipped, owner = [], [], {}
+    paths = []
+    for root, dirs, files in os.walk(src):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in sorted(files):
+            if not f.startswith(".") and Path(f).suffix.lower() in EXTENSIONS:
+                paths.append(Path(root) / f)
+    for path in tqdm(paths, desc="import-folders: read photos", unit="img", disable=not progress or len(paths) < 200,
+                     dynamic_ncols=True, mininterval=0.5):
+        rel = path.relative_to(src).as_posix()
+        if path.parent == src:
+            raise FolderError(f"{path}: photo directly in {src}; put each individual's photos in {src}/<id>/")
+        ident = _id_name(path.parent)
+        if owner.setdefault(ident, path.parent) != path.parent:
+            raise FolderError(f"two folders give the id {ident!r}: {owner[ident]} and {path.parent}; rename one, "
+                               f"or import them separately")
+        try:
+            with images.open_image(path, draft_size=(64, 64)) as img:
+                w, h = img.info["file_size"]
+        except images.BadImage as e:
+            skipped.append((rel, str(e)))
+            continue
+        rows.append((rel, str(path), ident, w, h))
+    photos = pd.DataFrame(rows, columns=["source", "path", "Id", "width", "height"])
+    return photos, skipped
+
+
+def assign(photos: pd.DataFrame, new_fraction: float, query_fraction: float, seed: int) -> pd.Series:
+    """role per photo: new (held-out individual), query (test photo of a known one) or gallery."""
+    if not 0 <= new_fraction < 1:
+        raise FolderError(f"--new-fraction {new_fraction}: expected 0 <= fraction < 1")
+    if not 0 <= query_fraction < 1:
+        raise FolderError(f"--query-fraction {query_fraction}: expected 0 <= fraction < 1")
+    rng = np.random.default_rng(seed)
+    ids = sorted(photos.Id.unique())
+    n_new = int(round(new_fraction * len(ids)))
+    if len(ids) - n_new < 2:
+        raise FolderError(f"{len(ids)} individuals with --new-fraction {new_fraction} leave {len(ids) - n_new} "
+                           f"known: at least 2 are needed")
+    new = set(rng.choice(ids, size=n_new, replace=False)) if n_new else set()
+    role = pd.Series("gallery", index=photos.index)
+    role[photos.Id.isin(new)] = "new"
+    for ident in ids:
+        if ident in new:
+            continue
+        idx = np.sort(photos.index[photos.Id == ident].to_numpy())
+        n_query = min(len(idx) - 1, int(round(query_fraction * len(idx))))
+        if n_query > 0:
+            role[rng.choice(idx, size=n_query, replace=False)] = "query"
+    return role
+
+
+def import_folders(src: Path, out: Path, new_fraction: float = 0.3, query_fraction: float = 0.3,
+                   seed: int = 0, progress: bool = True) -> dict:
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise FolderError(f"--src {src}: not a folder")
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise FolderError(f"--out {out} is inside --src {src}: whaleid never writes into a data folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FolderError(f"--out {out} exists and is not empty: choose a new folder (import never overwrites)")
+    photos, skipped = scan(src, progress)
+    if photos.empty:
+        raise FolderError(f"--src {src}: no readable .jpg/.jpeg/.png photos in its sub-folders")
+    photos["role"] = assign(photos, new_fraction, query_fraction, seed)
+    names = [hashlib.sha1(s.encode()).hexdigest()[:12] + EXTENSIONS[Path(s).suffix.lower()] for s in photos.source]
+    if len(set(names)) != len(names):
+        raise FolderError("two photos hash to the same name (astronomically unlikely): rename one")
+    photos["Image"] = names
+    photos = photos.sort_values("Image").reset_index(drop=True)
+    train = photos[photos.role == "gallery"]
+    test = photos[photos.role != "gallery"]
+    known = sorted(train.Id.unique())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would hide the data folder from a teammate
+    try:
+        (tmp / "train").mkdir()
+        (tmp / "test").mkdir()
+        for r in tqdm(photos.itertuples(), total=len(photos), desc="import-folders: copy", unit="img",
+                      disable=not progress, dynamic_ncols=True, mininterval=0.5):
+            shutil.copyfile(r.path, tmp / ("train" if r.role == "gallery" else "test") / r.Image)
+        train[["Image", "Id"]].to_csv(tmp / "train.csv", index=False)
+        placeholder = " ".join([NEW_WHALE] + known[:4])
+        pd.DataFrame({"Image": test.Image, "Id": placeholder}).to_csv(tmp / "sample_submission.csv", index=False)
+        pd.DataFrame({"Image": test.Image, "Id": [NEW_WHALE if r == "new" else i for i, r in zip(test.Id, test.role)]}
+                     ).to_csv(tmp / "solution.csv", index=False)
+        pd.DataFrame({"Image": photos.Image, "x0": 0, "y0": 0, "x1": photos.width, "y1": photos.height}
+                     ).to_csv(tmp / "boxes.csv", index=False)
+        photos.rename(columns={"Id": "individual"})[["Image", "source", "individual", "role"]].to_csv(
+            tmp / "sources.csv", index=False)
+        pd.DataFrame(skipped, columns=["source", "reason"]).to_csv(tmp / "skipped.csv", index=False)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return {"individuals": int(photos.Id.nunique()), "known": len(known),
+            "new": int(photos[photos.role == "new"].Id.nunique()), "train_photos": len(train),
+            "test_queries": int((photos.role == "query").sum()), "test_new_whale": int((photos.role == "new").sum()),
+            "skipped": len(skipped)}

@@ -1,0 +1,1 @@
+"""The model and its training: backbone + head factories, the trainer, devices and workers."""

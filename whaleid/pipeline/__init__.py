@@ -1,0 +1,1 @@
+"""The stage cache and settings: stage declarations, fingerprints, workers, the typed config."""

@@ -1,0 +1,101 @@
+"""Every stage of the pipeline, declared: its inputs (data files, upstream stages, files named by
+settings), the settings it reads and the artifacts it writes (see stage.py for what the cache does
+with them). Each stage's code lives in its own module and is imported only when the stage runs, so
+`whaleid status` reads this page without loading TensorFlow.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import get as get_setting
+from .stage import Stage
+
+TUNED = "tuned_threshold.json"  # WORK/tuned_threshold.json, written by `evaluate --tune-threshold`
+# the settings boxes.detect_box_file takes, by the same names: the stage passes them on and fingerprints them
+DETECT_SETTINGS = ("boxes.max_side", "boxes.detector", "boxes.grabcut_side", "boxes.grabcut_max_iter",
+                   "boxes.min_fraction", "boxes.open_size")
+TTA_SETTINGS = ("run.image_size", "run.seed", "augment.margin", "augment.crop_max", "augment.blur_sigma_max",
+                "model.head", "predict.top_k", "predict.tta", "predict.merge", "predict.batch_size",
+                "predict.gallery_tta", "new_whale.threshold", "new_whale.share", "train.flip_ids",
+                "predict.mirror_is_same")
+
+
+def _box_file(value: str) -> Path | None:
+    """A box CSV named by boxes.import_csv is an input by its content: a changed file reruns boxes, the
+    same file at another path (a copied data folder) does not."""
+    return Path(value).expanduser() if value else None
+
+
+def _weights_file(value: str) -> Path | None:
+    """A weights file named by model.weights is an input by its content: a changed file retrains."""
+    return None if value.lower() == "none" or value == "imagenet" else Path(value).expanduser()
+
+
+def _box_model(session) -> dict[str, Path]:
+    """The cnn detector's fitted weights are an input by their content: weights refitted by
+    scripts/fit_box_head.py rerun boxes, as a changed setting would."""
+    if get_setting(session.cfg, "boxes.detector") != "cnn":
+        return {}
+    return {"box_head_weights.py": Path(__file__).parents[1] / "preprocess" / "box_head_weights.py"}
+
+
+def _tuned_file(session) -> dict[str, Path]:
+    return {TUNED: session.work / TUNED} if (session.work / TUNED).exists() else {}
+
+
+DEDUP = Stage(
+    "dedup", "whaleid.preprocess.dedup:run",
+    artifacts=("p2h.pickle", "h2ps.pickle", "h2p.pickle", "p2size.pickle", "images.csv", "train.csv",
+               "known_answers.csv", "dedup_report.csv"),
+    settings=("dedup.max_distance", "dedup.verify", "dedup.verify_mse"),
+    data=("train.csv", "sample_submission.csv", "train/", "test/"))
+
+FORMAT = Stage(
+    "format", "whaleid.preprocess.formatting:run",
+    artifacts=("train.csv", "new_whale.csv", "test.csv"),
+    upstream=("dedup",))
+
+BOXES = Stage(
+    "boxes", "whaleid.preprocess.boxes:run",
+    artifacts=("BB_TRAIN.csv", "BB_TEST.csv", "import_report.csv"),
+    settings=DETECT_SETTINGS + ("boxes.import_csv",),
+    data=("train/", "test/"), upstream=("format",), files=(("boxes.import_csv", _box_file),),
+    extra_inputs=_box_model)
+
+AUGMENT = Stage(
+    "augment", "whaleid.preprocess.augment:run",
+    artifacts=("images/", "TRAINING_FILE_FINAL.csv"),
+    settings=("run.image_size", "run.seed", "augment.margin", "augment.crop_max", "augment.blur_sigma_max",
+              "augment.jpeg_quality"),
+    data=("train/",), upstream=("format", "boxes"))
+
+SPLIT = Stage(
+    "split", "whaleid.preprocess.split:run",
+    artifacts=("split.csv", "train_files.csv", "val_files.csv", "split_report.json"),
+    settings=("split.validation", "split.unseen_ids", "run.seed", "new_whale.share"),
+    upstream=("augment",))
+
+TRAIN = Stage(
+    "train", "whaleid.learning.train:run",
+    artifacts=("model.keras", "classes.json", "HISTORY.pickle", "history.csv", "MODEL_TIME.pickle"),
+    settings=("run.seed", "run.image_size", "model.*", "train.*"),
+    upstream=("split", "augment"), files=(("model.weights", _weights_file),))
+
+EVALUATE = Stage(
+    "evaluate", "whaleid.scoring.evaluate:run",
+    artifacts=("metrics.json", "threshold_sweep.csv", "val_predictions.csv"),
+    settings=TTA_SETTINGS + ("evaluate.new_whale_share", "evaluate.one_shot"),
+    upstream=("split", "augment", "train"))
+
+PREDICT = Stage(
+    "predict", "whaleid.scoring.predict:run",
+    artifacts=("submission.csv", "predictions.csv"),
+    settings=TTA_SETTINGS,
+    data=("sample_submission.csv", "test/"), upstream=("dedup", "format", "boxes", "augment", "train"),
+    extra_inputs=_tuned_file)
+
+BY_COMMAND = {"preprocess": [DEDUP, FORMAT, BOXES, AUGMENT, SPLIT],
+              "train": [TRAIN],
+              "evaluate": [EVALUATE],
+              "predict": [PREDICT]}
+ALL = [s for stages in BY_COMMAND.values() for s in stages]

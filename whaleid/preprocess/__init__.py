@@ -1,0 +1,1 @@
+"""The preprocess stages: dedup, formatting, tail boxes, offline augmentation, split."""

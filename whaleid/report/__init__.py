@@ -1,0 +1,1 @@
+"""The report: photo sheets, training curves and the threshold sweep."""

@@ -1,0 +1,1 @@
+"""Scoring photos against the gallery: shared by evaluate and predict."""

@@ -1,0 +1,178 @@
+"""evaluate: open-set MAP@5 on the validation split, and the new_whale threshold that maximises it.
+
+The validation photos of known ids keep their id; the photos of ids held out of training (split's
+`unseen`) and the new_whale photos are all new whales, sampled so that they make up
+`evaluate.new_whale_share` of the set (~27%, as in the Kaggle test set). Each photo's box crop
+(augment's original variant) goes through the same TTA and merge as predict.
+
+Embedding heads rank the training photos' ids by similarity (predict.py, retrieval.py); the gallery
+is the training split's photos, so the held-out ids really are new.
+
+Every head also gets the verification view of seeds 002/003 (verification.py): the AUC of (query, id)
+pairs (each known photo with its true id; every photo, new whales too, with a random id not its own)
+and precision / recall / F1 of "same" = score >= threshold, at the configured and at the
+best (tuned) threshold; and with evaluate.one_shot = N (`--one-shot N`), N-way one-shot accuracy:
+each validation or held-out photo against one other photo of its id and N-1 photos of N-1 other ids,
+compared photo to photo (softmax: p_a . p_b; see retrieval.py), also reported for the held-out ids alone.
+
+Inputs:    split/split.csv, augment/images/ + TRAINING_FILE_FINAL.csv, train/model.keras + classes.json
+Artifacts: metrics.json          MAP@5, top-1, the all-new_whale baseline, at the configured threshold
+                                 and at the best one of the sweep; verification; one_shot
+           threshold_sweep.csv   MAP@5 for every threshold 0.00 .. 1.00 and 1.01 (above every score)
+           val_predictions.csv   Image, truth, answer
+`whaleid evaluate --tune-threshold` copies the best threshold to WORK/tuned_threshold.json, which
+predict then uses (and says so).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..learning import model as models
+from . import scoring
+from ..ranking import submission, verification
+from .scoring import Embedder, gallery_files
+from ..pipeline.stage import Run, StageError, write_json
+from ..pipeline.stages import TUNED
+from ..pipeline.tables import NEW_WHALE
+
+# 0.00 .. 1.00, and 1.01: above every score (probabilities and similarities reach 1.0 in float32),
+# new_whale first everywhere (then the model's first ids), which scores at least the all-new_whale
+# baseline (new_whale alone): the best threshold never does worse than that baseline
+SWEEP = np.round(np.append(np.arange(0.0, 1.0001, 0.01), 1.01), 2)
+
+
+def open_set(split: pd.DataFrame, share: float, seed: int) -> pd.DataFrame:
+    """Image, truth: val photos with their id, plus new whales (unseen ids and new_whale photos)
+    sampled to `share` of the result when there are enough of them."""
+    val = split[split.subset == "val"].assign(truth=lambda d: d.Id)
+    new = split[split.subset.isin(["unseen", "new_whale"])].assign(truth=NEW_WHALE)
+    want = int(round(share * len(val) / (1 - share))) if share < 1 else len(new)
+    if len(new) > want:
+        new = new.sample(n=want, random_state=seed).sort_values("Image")
+    return pd.concat([val, new])[["Image", "Id", "truth"]].reset_index(drop=True)
+
+
+def answers_at(rankings: list[tuple[list[str], list[float]]], thr: float, k: int) -> list[list[str]]:
+    return [submission.insert_new_whale(labels, scores, thr, k) for labels, scores in rankings]
+
+
+def run(run: Run) -> dict:
+    head, n_way = run.setting("model.head"), run.setting("evaluate.one_shot")
+    split = run.read_csv("split", "split.csv")
+    evalset = open_set(split, run.setting("evaluate.new_whale_share"), run.setting("run.seed"))
+    if evalset.empty:
+        raise StageError("the split has no validation photos to evaluate on (too few photos per id?)")
+    folder = run.upstream("augment", "images")
+    net = models.load_model(run.upstream("train", "model.keras"))
+    files = run.read_csv("augment", "TRAINING_FILE_FINAL.csv")
+    gallery = gallery_files(files, split.Image[split.subset == "train"], run.setting("predict.gallery_tta"),
+                            run.setting("train.flip_ids"))
+    model, classes = scoring.scorer(run, net, gallery)
+    original = originals(files)
+    jobs = [(r.Image, str(folder / original[r.Image]), None) for r in evalset.itertuples()]
+    probs, truths, names = [], [], []
+    truth_of = dict(zip(evalset.Image, evalset.truth))
+    for image, p, error in scoring.class_scores(run, model, jobs, run.setting("predict.batch_size"), "TTA + model"):
+        if error:
+            run.skip(image, error)
+            continue
+        probs.append(p)
+        truths.append(truth_of[image])
+        names.append(image)
+    merge, k = run.setting("predict.merge"), run.setting("predict.top_k")
+    rankings = [submission.ranked(p, classes, merge, k) for p in probs]  # merged once, thresholds after
+    sweep = pd.DataFrame([(float(thr), submission.map5(truths, answers_at(rankings, thr, k))) for thr in SWEEP],
+                         columns=["threshold", "map5"])
+    best = sweep.loc[sweep.map5.idxmax()]
+    configured = run.setting("new_whale.threshold")
+    preds = answers_at(rankings, configured, k)
+    at_configured = submission.scores(truths, preds)
+    at_best = submission.scores(truths, answers_at(rankings, float(best.threshold), k))
+    # new_whale.share's rule (predict), here with the share of new whales the validation set has
+    share = run.setting("new_whale.share") or run.setting("evaluate.new_whale_share")
+    by_share = submission.share_threshold([scores[0] for _, scores in rankings], share)
+    at_share = submission.scores(truths, answers_at(rankings, by_share, k))
+    metrics = {"threshold": configured, **at_configured,
+               "best_threshold": float(best.threshold), "best_map5": at_best["map5"],
+               "best_top1": at_best["top1"], "share": share, "share_threshold": by_share,
+               "share_map5": at_share["map5"], "merge": merge, "tta": run.setting("predict.tta"),
+               "known_ids_in_eval": int(evalset[evalset.truth != NEW_WHALE].truth.nunique()),
+               "head": head, "model": scoring.model_digest(run)}
+    metrics["verification"] = verify(probs, truths, classes, configured, float(best.threshold), run.setting("run.seed"))
+    if n_way:
+        metrics["one_shot"] = one_shot(run, net, split, n_way, original)
+    run.write_json("metrics.json", metrics)
+    run.write_csv("threshold_sweep.csv", sweep)
+    run.write_csv("val_predictions.csv", pd.DataFrame({"Image": names, "truth": truths,
+                                                       "answer": [" ".join(p) for p in preds]}))
+    out = {"map5": metrics["map5"], "best_threshold": metrics["best_threshold"], "best_map5": metrics["best_map5"],
+           "share_map5": metrics["share_map5"], "images": len(truths), "auc": metrics["verification"]["auc"]}
+    if n_way:
+        out[f"one_shot_{n_way}_way"] = metrics["one_shot"]["accuracy"]
+    return out
+
+
+def _rounded(x: float):
+    return None if x is None or not np.isfinite(x) else round(float(x), 4)
+
+
+def verify(probs: list[np.ndarray], truths: list[str], classes: list[str], configured: float, best: float,
+           seed: int) -> dict:
+    """Verification AUC and precision / recall / F1 at both thresholds, on (query, id) pairs scored
+    by the TTA mean (the score the new_whale threshold is compared with)."""
+    if not probs:
+        return {"pairs": 0, "auc": None}
+    mean = np.stack([np.atleast_2d(p).mean(0) for p in probs])
+    labels, scores = verification.id_pairs(mean, truths, classes, np.random.default_rng([seed, 0xA0C]))
+    return {"pairs": int(len(labels)), "same_id_pairs": int(labels.sum()),
+            "auc": _rounded(verification.roc_auc(labels, scores)),
+            "at_threshold": verification.precision_recall_f1(labels, scores, configured),
+            "at_best_threshold": verification.precision_recall_f1(labels, scores, best)}
+
+
+def originals(files: pd.DataFrame) -> dict[str, str]:
+    """Photo -> augment's file of its original (unaugmented) crop, from TRAINING_FILE_FINAL."""
+    first = files[files.variant == "original"]
+    return dict(zip(first.Image, first.File))
+
+
+def one_shot(run: Run, net, split: pd.DataFrame, n_way: int, original: dict[str, str]) -> dict:
+    """N-way one-shot accuracy over the labelled photos (training, validation and held-out ids): each
+    validation or held-out photo is a query; photos compared one to one (originals, no TTA)."""
+    pool = split[split.subset.isin(["train", "val", "unseen"])].reset_index(drop=True)
+    queries = np.flatnonzero(pool.subset.isin(["val", "unseen"]).to_numpy())
+    tasks = verification.one_shot_tasks(pool.Id, queries, n_way, np.random.default_rng([run.setting("run.seed"), n_way]))
+    out = {"n_way": n_way, "tasks": int(len(tasks.query)), "accuracy": None, "unseen_tasks": 0, "unseen_accuracy": None}
+    if not len(tasks.query):
+        run.echo(f"one-shot: no {n_way}-way task can be built ({pool.Id.nunique()} ids with photos, queries need "
+                 f"another photo of their id)")
+        return out
+    used = np.unique(np.concatenate([tasks.query, tasks.candidates.ravel()]))
+    folder = run.upstream("augment", "images")
+    embedder = Embedder(net)
+    got = embedder.encode_files([str(folder / original[i]) for i in pool.Image.iloc[used]],
+                                run.setting("run.image_size"), run.setting("predict.batch_size"),
+                                run.session.progress, f"[{run.stage.name}] one-shot photos")
+    vectors = np.zeros((len(pool), got.shape[1]), np.float32)
+    vectors[used] = got
+    n = tasks.candidates.shape[1]
+    sims = embedder.pair_similarity(np.repeat(vectors[tasks.query], n, axis=0),
+                                    vectors[tasks.candidates.ravel()]).reshape(-1, n)
+    hit = np.argmax(sims, axis=1) == tasks.correct
+    unseen = (pool.subset.to_numpy()[tasks.query] == "unseen")
+    out.update(accuracy=_rounded(hit.mean()), unseen_tasks=int(unseen.sum()),
+               unseen_accuracy=_rounded(hit[unseen].mean()) if unseen.any() else None)
+    return out
+
+
+def tune(work: Path) -> float:
+    """Store the sweep's best threshold where predict looks for it."""
+    metrics = json.loads((Path(work) / "evaluate" / "metrics.json").read_text())
+    write_json(Path(work) / TUNED, {"threshold": metrics["best_threshold"], "map5": metrics["best_map5"],
+                                    "head": metrics.get("head"), "model": metrics.get("model"),
+                                    "source": str(Path(work) / "evaluate" / "threshold_sweep.csv")})
+    return metrics["best_threshold"]

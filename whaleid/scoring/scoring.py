@@ -1,0 +1,190 @@
+"""Scoring photos with a trained model, shared by predict and evaluate: test-time versions of each
+photo, a score per known id for each version, the gallery for heads that rank by retrieval, and
+which new_whale threshold applies.
+
+Each photo is cropped to its box and resized once, then 4 versions are made (augment.TTA):
+original, left-right flip, a random 1..crop_max px crop resized back, and that crop flipped and
+blurred (deterministic per photo for the seed). All versions of a batch go through the model in one
+forward pass; photo decoding runs in --workers processes ahead of the model.
+
+Heads that rank by retrieval embed the gallery (known ids' photos) once; a version's score for an id
+is its best gallery photo's similarity (retrieval.py). From there TTA merge, new_whale threshold and
+answers are the same for every head.
+"""
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from ..preprocess import augment
+from ..learning import heads, inputs
+from ..pipeline import images
+from ..pipeline.stage import Run, StageError
+from ..pipeline.stages import TUNED
+from ..pipeline.tables import NEW_WHALE
+
+def tta_versions(base: np.ndarray, rng: np.random.Generator, crop_max: int, sigma_max: float,
+                 tta: bool = True) -> np.ndarray:
+    """(4, S, S, 3) uint8 (or (1, ...) without TTA)."""
+    if not tta:
+        return base[None]
+    return np.stack(augment.variants(base, rng, crop_max, sigma_max, augment.TTA))
+
+
+def prepare(job, size: int, margin: float, crop_max: int, sigma_max: float, seed: int, tta: bool):
+    """Worker: (image, versions or None, error) for one photo; `box` None means the photo is already a crop."""
+    image, path, box = job
+    try:
+        if box is None:
+            base = np.asarray(images.to_rgb(images.open_image(path)))
+            if base.shape[:2] != (size, size):
+                base = cv2.resize(base, (size, size), interpolation=cv2.INTER_AREA)
+        else:
+            rgb, local = augment.decode_for_crop(path, box, size)
+            base = augment.crop_to_box(rgb, local, margin, size)
+    except images.BadImage as e:
+        return image, None, str(e)
+    return image, tta_versions(base, augment.photo_rng(seed + 1, image), crop_max, sigma_max, tta), None
+
+
+def class_scores(run: Run, model, jobs: list, batch_size: int, desc: str):
+    """Yield (image, scores (versions, classes) or None, error) in job order; versions of a whole batch
+    go through the model in one call (the last batch padded to the first one's size)."""
+    work = partial(prepare, size=run.setting("run.image_size"), margin=run.setting("augment.margin"),
+                   crop_max=run.setting("augment.crop_max"), sigma_max=run.setting("augment.blur_sigma_max"),
+                   seed=run.setting("run.seed"), tta=run.setting("predict.tta"))
+    pending, rows = [], None
+
+    def flush():
+        nonlocal rows
+        stack = np.concatenate([v for _, v in pending]).astype(np.float32)
+        rows = rows or len(stack)
+        out = np.asarray(model.predict_on_batch(inputs.padded(stack, rows)), dtype=np.float32)
+        i = 0
+        for image, v in pending:
+            yield image, out[i:i + len(v)], None
+            i += len(v)
+        pending.clear()
+
+    for image, versions, error in run.map(work, jobs, desc, chunksize=8):
+        if error:
+            yield image, None, error
+            continue
+        pending.append((image, versions))
+        if len(pending) >= batch_size:
+            yield from flush()
+    if pending:
+        yield from flush()
+
+
+class Embedder:
+    """A trained model as retrieval needs it: its head (recorded in the model), images -> vectors,
+    and the head's similarity between vectors. Works on a model being trained too."""
+
+    def __init__(self, net):
+        self.net, self.head = net, heads.from_model(net)
+        self.encoder = self.head.encoder(net)
+
+    def encode(self, images_: np.ndarray) -> np.ndarray:
+        return np.asarray(self.encoder.predict_on_batch(np.asarray(images_, np.float32)), np.float32)
+
+    def encode_files(self, paths: list[str], image_size: int, batch_size: int, progress: bool = True,
+                     desc: str = "embed") -> np.ndarray:
+        return inputs.encode_files(self.encode, paths, image_size, batch_size, progress, desc)
+
+    def similarity(self, Q: np.ndarray, G: np.ndarray) -> np.ndarray:
+        return self.head.similarity(self.net, Q, G)
+
+    def pair_similarity(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
+        return self.head.pair_similarity(self.net, A, B)
+
+
+def gallery_files(files: pd.DataFrame, photos, all_variants: bool, flips: bool = False) -> pd.DataFrame:
+    """File, Image, Id of the gallery: augment's files (TRAINING_FILE_FINAL) of `photos` (None: every
+    photo of a known id); the original only (each photo's first file) unless all_variants. With
+    flips (train.flip_ids), mirrored files are photos of <id>_flip, and the gallery holds the first
+    mirrored file of each photo too."""
+    g = files[files.Id != NEW_WHALE]
+    if photos is not None:
+        g = g[g.Image.isin(set(photos))]
+    if flips:
+        g = augment.flip_ids(g, dict(zip(g.File, g.variant)))
+    if not all_variants:
+        g = g.drop_duplicates(["Image", "Id"])
+    return g[["File", "Image", "Id"]].reset_index(drop=True)
+
+
+class MirrorFold:
+    """A model trained with train.flip_ids scores <id> and <id>_flip. For a mirrored TTA version the
+    two swap roles (the mirror of a photo of <id> looks like <id>_flip's photos); then <id>_flip
+    leaves the ranking, or, when mirror images show the same animal (predict.mirror_is_same),
+    counts for <id> too (the better of the two)."""
+
+    def __init__(self, model, classes: list[str], mirrored_versions: tuple[bool, ...], same: bool):
+        self.model, self.same = model, same
+        self.mirrored = np.array(mirrored_versions)
+        index = {c: i for i, c in enumerate(classes)}
+        self.classes = [c for c in classes if not c.endswith(augment.FLIP)]
+        self.plain = np.array([index[c] for c in self.classes])
+        self.flip = np.array([index.get(c + augment.FLIP, index[c]) for c in self.classes])
+
+    def predict_on_batch(self, images):
+        scores = np.asarray(self.model.predict_on_batch(images), np.float32)
+        mirror = np.resize(self.mirrored, len(scores))[:, None]  # rows: each photo's versions in turn
+        plain, flip = scores[:, self.plain], scores[:, self.flip]
+        own, other = np.where(mirror, flip, plain), np.where(mirror, plain, flip)
+        return np.maximum(own, other) if self.same else own
+
+
+def scorer(run: Run, net, gallery: pd.DataFrame):
+    """(model-like object with predict_on_batch -> a score per id, ids), as the model's head scores:
+    its own classes (softmax), or by retrieval over `gallery` (File, Id in augment/images)."""
+    embedder = Embedder(net)
+    classes = json.loads(run.upstream("train", "classes.json").read_text())
+
+    def embedded_gallery():
+        if gallery.empty:
+            raise StageError("no photos of known ids to compare test photos with (the gallery is empty)")
+        folder = run.upstream("augment", "images")
+        vectors = embedder.encode_files([str(folder / f) for f in gallery.File], run.setting("run.image_size"),
+                                        run.setting("predict.batch_size"), run.session.progress,
+                                        f"[{run.stage.name}] embed gallery")
+        run.echo(f"gallery: {len(gallery)} files of {gallery.Image.nunique()} photos, {gallery.Id.nunique()} ids")
+        return vectors, gallery.Id
+
+    model, ids = embedder.head.scorer(net, embedder.encode, classes, embedded_gallery)
+    if run.setting("train.flip_ids"):
+        versions = augment.mirrored(augment.TTA) if run.setting("predict.tta") else (False,)
+        model = MirrorFold(model, list(ids), versions, run.setting("predict.mirror_is_same"))
+        return model, model.classes
+    return model, ids
+
+
+def model_digest(run: Run) -> str | None:
+    """The sha256 of the trained model, as train's manifest records it."""
+    m = run.session.manifest("train") or {}
+    return m.get("artifacts", {}).get("model.keras")
+
+
+def threshold(run: Run) -> float:
+    """The tuned threshold when evaluate tuned it for this head and model, else new_whale.threshold: a
+    threshold on softmax probabilities means nothing for embedding similarities, and vice versa."""
+    tuned = run.work / TUNED
+    configured = run.setting("new_whale.threshold")
+    if tuned.exists():
+        info = json.loads(tuned.read_text())
+        value = float(info["threshold"])
+        head, model = info.get("head"), info.get("model")
+        if head not in (None, run.setting("model.head")) or model not in (None, model_digest(run)):
+            what = f"the {head} head" if head != run.setting("model.head") else "another trained model"
+            run.echo(f"{tuned} was tuned for {what}: ignoring it, using new_whale.threshold = {configured} "
+                     f"(run whaleid evaluate --tune-threshold again)")
+            return configured
+        run.echo(f"using the tuned new_whale threshold {value:.3f} from {tuned} "
+                 f"(delete it to use new_whale.threshold = {configured})")
+        return value
+    return configured
