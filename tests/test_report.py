@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from whaleid.report import plots, report, report_sheets
+from whaleid.report import drawing, report, report_sheets
 from whaleid.datasets import synth
 from whaleid.cli import main
 
@@ -86,11 +86,11 @@ def test_full_run_report_shows_every_section(data, full_run, tmp_path):
         a = pixels(out / name)
         assert a.std() > 15, f"{name} looks blank"
         if name.startswith("boxes_"):
-            assert count(a, plots.RED) > 300, f"{name}: no box drawn"
+            assert count(a, drawing.RED) > 300, f"{name}: no box drawn"
         if name in ("training_curves.png", "threshold_map5.png"):
-            assert count(a, plots.BLUE) > 600, f"{name}: no curve drawn"
+            assert count(a, drawing.BLUE) > 600, f"{name}: no curve drawn"
         if name == "training_curves.png":
-            assert count(a, plots.ORANGE) > 600, "no validation curve"  # more than legend + marker
+            assert count(a, drawing.ORANGE) > 600, "no validation curve"  # more than legend + marker
         if name in ("predictions.png", "dedup_1.png") or name.startswith("boxes_"):
             assert a.std() > 30, f"{name}: no photos on the sheet?"
 
@@ -101,7 +101,7 @@ def test_full_run_report_shows_every_section(data, full_run, tmp_path):
 
     # the best epoch marked is the one training kept
     best = json.loads((full_run / "train" / "manifest.json").read_text())["counts"]["best_epoch"]
-    assert f"best epoch {best} by val_accuracy" in html
+    assert f"kept epoch {best}: best val_accuracy" in html
 
     # predictions: sample rows, each one query + 3 ids; the sheet's height grows with the sample
     n_test = len(pd.read_csv(full_run / "predict" / "predictions.csv"))
@@ -176,7 +176,7 @@ def test_box_lands_on_the_tail_and_partial_stages_are_noted(tmp_path):
     assert "1 photo(s) could not be read" in html and "broken.jpg" in html
     assert not (out / "boxes_full-image.png").exists()
     a = pixels(out / "boxes_dark.png")
-    red = np.argwhere(np.abs(a - np.array(plots.RED)).max(axis=2) <= 40)
+    red = np.argwhere(np.abs(a - np.array(drawing.RED)).max(axis=2) <= 40)
     tail = np.argwhere(np.abs(a - np.array([0, 200, 0])).max(axis=2) <= 50)
     assert len(red) > 300 and len(tail) > 1000
     (ry0, rx0), (ry1, rx1) = red.min(axis=0), red.max(axis=0)
@@ -192,9 +192,9 @@ def test_box_lands_on_the_tail_and_partial_stages_are_noted(tmp_path):
     assert pixels(out / "dedup_1.png").std() > 30
     # training: no validation, best epoch by training accuracy (the first maximum, 1-based)
     assert "No validation columns" in html
-    assert "best epoch 2 by accuracy" in html
+    assert "kept epoch 2: best accuracy" in html
     assert "the train stage has no manifest" in html
-    assert count(pixels(out / "training_curves.png"), plots.BLUE) > 300
+    assert count(pixels(out / "training_curves.png"), drawing.BLUE) > 300
     for stage in ("evaluate", "predict"):
         assert f"Not shown: the {stage} stage has not run" in html
 
@@ -271,47 +271,44 @@ def test_every_full_image_fallback_is_drawn_and_new_whale_keeps_three_id_photos(
     assert widths[0] - widths[1] == report_sheets.TILE[0] + 8  # new_whale first: one more tile, three ids' photos still
 
 
-# ---------------------------------------------------------------- plots: the axis arithmetic
+# ---------------------------------------------------------------- charts: matplotlib, the metric early stopping followed
 
-@pytest.mark.parametrize("lo, hi, n, integer, expected, decimals", [
-    (0.0, 1.0, 6, False, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0], 1),
-    (0.0, 0.104, 6, False, [0.0, 0.02, 0.04, 0.06, 0.08, 0.1], 2),     # no 0.060000000000000005
-    (0.0, 2.6, 6, False, [0.0, 0.5, 1.0, 1.5, 2.0, 2.5], 1),
-    (0.0, 1.2, 5, False, [0.0, 0.25, 0.5, 0.75, 1.0], 2),              # the 2.5 step prints two decimals
-    (0.5, 2.5, 8, True, [1.0, 2.0], 0),                                # epochs: whole steps, never 0.25
-    (1.0, 30.0, 8, True, [5.0, 10.0, 15.0, 20.0, 25.0, 30.0], 0),
-])
-def test_ticks_are_round_values_covering_the_range(lo, hi, n, integer, expected, decimals):
-    assert plots.ticks(lo, hi, n=n, integer=integer) == (expected, decimals)
-
-
-@pytest.mark.parametrize("lo, hi", [(0.0, 1.0), (0.45, 0.93), (0.0, 7.3), (-3.0, 250.0), (1e-4, 3e-4), (0.5, 40.5)])
-def test_ticks_are_evenly_spaced_inside_the_range_and_print_distinctly(lo, hi):
-    ticks, decimals = plots.ticks(lo, hi)
-    steps = np.diff(ticks)
-    assert len(ticks) >= 2 and np.allclose(steps, steps[0])
-    assert lo - 1e-12 <= ticks[0] < lo + steps[0] and hi - steps[0] < ticks[-1] <= hi + 1e-12
-    labels = [f"{v:.{decimals}f}" for v in ticks]
-    assert len(set(labels)) == len(labels)
-
-
-def test_axis_range_pads_but_not_below_its_floor():
-    assert plots.axis_range([0.2, np.nan, 1.0], floor=0.0) == pytest.approx((0.0, 1.05))
-    assert plots.axis_range([-1.0, 1.0], floor=0.0) == pytest.approx((-1.1, 1.1))  # below the floor: padded
-    assert plots.axis_range([3.0, 3.0]) == pytest.approx((2.45, 3.55))             # flat: widened to 1
-    assert plots.axis_range([np.inf, np.nan]) == pytest.approx((-0.05, 1.05))
+def test_arcface_curves_show_the_monitored_validation_metric_and_the_kept_epoch(tmp_path):
+    """A retrieval head (arcface) stops on val_map5: its curves show val_map5, mark the epoch training kept
+    (the manifest's, not the best training accuracy), and the PNG is a real matplotlib image."""
+    work = tmp_path / "work"
+    (work / "train").mkdir(parents=True)
+    hist = pd.DataFrame({"epoch": range(6), "loss": [9.0, 7.0, 5.5, 4.0, 3.2, 2.5],
+                         "accuracy": [0.1, 0.3, 0.5, 0.7, 0.8, 0.95],          # best at the last epoch
+                         "val_map5": [0.30, 0.45, 0.62, 0.58, 0.55, 0.50],     # best at epoch 3 (1-based)
+                         "val_top1": [0.20, 0.35, 0.50, 0.52, 0.49, 0.40]})
+    hist.to_csv(work / "train" / "history.csv", index=False)
+    (work / "train" / "manifest.json").write_text(json.dumps(
+        {"counts": {"epochs": 6, "best_epoch": 3, "best_val_map5": 0.62}, "artifacts": {}}))
+    index = report.write_report(work, None, out=tmp_path / "r")
+    html = index.read_text()
+    assert "kept epoch 3: best val_map5" in html and "by accuracy" not in html
+    png = index.parent / "training_curves.png"
+    a = pixels(png)
+    assert b"matplotlib" in png.read_bytes()  # the Software tag matplotlib writes
+    assert count(a, drawing.ORANGE, tol=25) > 400, "no monitored validation curve"
+    assert count(a, drawing.RED, tol=40) > 40, "the kept epoch's dot is missing"
+    assert _kept_epoch_of(work, hist) == (3, "val_map5")
+    # without a manifest (a run still going), the rule early stopping uses picks the same epoch
+    (work / "train" / "manifest.json").unlink()
+    assert _kept_epoch_of(work, hist) == (3, "val_map5")
 
 
-def test_plot_maps_the_limits_to_the_axes_corners_and_the_legend_wraps_below():
-    p = plots.Plot("t", "x", "y", (2.0, 12.0), (0.0, 0.5), size=(720, 460))
-    s = p.s
-    assert p.px(2.0, 0.0) == pytest.approx((72 * s, (460 - 58) * s))    # bottom left
-    assert p.px(12.0, 0.5) == pytest.approx(((720 - 22) * s, 46 * s))   # top right: y grows upwards
-    assert p.px(7.0, 0.25) == pytest.approx(((72 + 698) / 2 * s, (46 + 402) / 2 * s))
-    assert p.render().size == (720, 460)                                # no legend, no strip
-    p.line([2, 7, 12], [0.1, 0.3, 0.2], plots.BLUE, "one entry")
-    one = p.render().size
-    for i in range(8):
-        p.hline(0.05 * i, plots.GREY, f"a rather long legend entry number {i}")
-    many = p.render().size
-    assert one[0] == many[0] == 720 and 460 < one[1] < many[1]
+def _kept_epoch_of(work, hist):
+    return report._kept_epoch(work, hist)
+
+
+def test_threshold_sweep_png_is_drawn_by_matplotlib(tmp_path):
+    from whaleid.report import charts
+    sweep = pd.DataFrame({"threshold": np.linspace(0, 1, 21), "map5": np.sin(np.linspace(0, 3, 21)) * 0.4 + 0.3})
+    fig = charts.threshold_sweep(sweep, threshold=0.5, map5=None, baseline=0.276, best=(0.45, 0.69), tuned=0.45)
+    fig.savefig(tmp_path / "t.png")
+    a = pixels(tmp_path / "t.png")
+    assert count(a, drawing.BLUE, tol=25) > 400 and count(a, drawing.RED, tol=25) > 100
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any(l.startswith("configured threshold 0.500") for l in labels) and "tuned threshold 0.45 (predict uses it)" in labels

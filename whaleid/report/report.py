@@ -18,7 +18,7 @@ of the page, never an error; nothing is unpickled):
                   new_whale shown at its rank when the submission puts it before them
 
 This module has the page and the two plot sections (3, 4); the photo sheets (1, 2, 5) and the artifact
-reading all sections share are in whaleid.report.report_sheets, the Pillow line plots in whaleid.report.plots.
+reading all sections share are in whaleid.report.report_sheets, the matplotlib charts in whaleid.report.charts.
 
 Photos are decoded at reduced size (JPEG draft mode) through whaleid.pipeline.images; an unreadable photo is
 left out and counted. Drawing uses Pillow only. Every PNG and the page are written atomically; PNGs a
@@ -37,9 +37,9 @@ import pandas as pd
 from PIL import Image
 
 from ..pipeline import images
-from .plots import BLUE, GREEN, GREY, ORANGE, PURPLE, RED, Plot, axis_range
+from . import charts
 from .report_sheets import (Missing, figure, join_html, note, read_table, section_boxes, section_dedup,
-                            section_predictions, sheet, tile_row, unfinished_note)
+                            section_predictions, unfinished_note)
 from ..pipeline.stage import MANIFEST, SETTINGS_RECORD, atomic_path
 
 PREFIXES = ("boxes_", "dedup_", "training_curves", "threshold_map5", "predictions")  # the PNGs a report writes
@@ -57,6 +57,10 @@ class Writer:
 
     def png(self, name: str, img: Image.Image) -> str:
         return self._write(name, lambda tmp: img.save(tmp, format="PNG"))
+
+    def figure(self, name: str, fig) -> str:
+        """A matplotlib Figure as a PNG."""
+        return self._write(name, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
     def text(self, name: str, text: str) -> str:
         return self._write(name, lambda tmp: tmp.write_bytes(text.encode("utf-8")))
@@ -130,20 +134,25 @@ def _has_values(table: pd.DataFrame, column: str) -> bool:
 
 # ---------------------------------------------------------------- sections 3 and 4: plots
 
-def _best_epoch(work: Path, hist: pd.DataFrame) -> tuple[int, str] | None:
-    """(1-based best epoch, the metric it is best in): the train manifest's, else early stopping's rule
-    (first maximum of val_accuracy, else of accuracy; for a loss-only history the first minimum)."""
+def _kept_epoch(work: Path, hist: pd.DataFrame) -> tuple[int, str] | None:
+    """(1-based epoch whose weights training kept, the metric early stopping followed): from the train
+    manifest (counts best_epoch and best_<monitor>); without one, early stopping's rule on the first
+    history column present of val_map5, val_accuracy, accuracy (first maximum), val_loss, loss (minimum)."""
     m = _read_json(work / "train" / MANIFEST) or {}
     counts = m.get("counts", {}) if isinstance(m.get("counts"), dict) else {}
-    monitor = next((c for c in ("val_accuracy", "accuracy", "val_loss", "loss") if _has_values(hist, c)), None)
+    recorded = [k[5:] for k in counts if k.startswith("best_") and k != "best_epoch"]
+    monitor = next((c for c in recorded if _has_values(hist, c)), None)
+    monitor = monitor or next((c for c in ("val_map5", "val_accuracy", "accuracy", "val_loss", "loss")
+                               if _has_values(hist, c)), None)
     if monitor is None:
         return None
     best = counts.get("best_epoch")
     if isinstance(best, int) and 1 <= best <= len(hist):
         return best, monitor
     v = hist[monitor].to_numpy(float)
-    v = np.where(np.isfinite(v), v, -np.inf if "accuracy" in monitor else np.inf)
-    return int(np.argmax(v) if "accuracy" in monitor else np.argmin(v)) + 1, monitor
+    maximise = "loss" not in monitor
+    v = np.where(np.isfinite(v), v, -np.inf if maximise else np.inf)
+    return int(np.argmax(v) if maximise else np.argmin(v)) + 1, monitor
 
 
 def section_training(work: Path, w: Writer) -> str:
@@ -153,34 +162,15 @@ def section_training(work: Path, w: Writer) -> str:
     for c in hist.columns:
         hist[c] = pd.to_numeric(hist[c], errors="coerce")
     epochs = (hist["epoch"].to_numpy(float) + 1) if "epoch" in hist.columns else np.arange(1, len(hist) + 1, dtype=float)
-    best = _best_epoch(work, hist)
+    kept = _kept_epoch(work, hist)
     parts = [unfinished_note(work, "train")]
-    panels = []
-    for metric in ("loss", "accuracy"):
-        cols = [c for c in (metric, f"val_{metric}") if _has_values(hist, c)]
-        if not cols:
-            parts.append(note(f"history.csv has no {metric} column: no {metric} panel."))
-            continue
-        vals = np.concatenate([hist[c].to_numpy(float) for c in cols])
-        ylim = (0.0, max(1.0, float(np.nanmax(vals[np.isfinite(vals)]))) * 1.04) if metric == "accuracy" \
-            else axis_range(vals, floor=0.0)
-        xlim = (min(epochs) - 0.5, max(epochs) + 0.5) if len(epochs) < 4 else (min(epochs), max(epochs))
-        p = Plot(f"Training {metric}", "epoch", metric, xlim, ylim, integer_x=True)
-        if best is not None:
-            p.vline(best[0], GREY, f"best epoch {best[0]} ({best[1]})")
-        color = {metric: BLUE, f"val_{metric}": ORANGE}
-        for c in cols:
-            p.line(epochs, hist[c], color[c], f"{'validation' if c.startswith('val_') else 'train'} {metric}",
-                   markers=len(epochs) <= 40)
-        if best is not None:  # on the validation curve when there is one
-            p.point(best[0], float(hist[cols[-1]].iloc[best[0] - 1]), color[cols[-1]])
-        panels.append(p.render())
-    if not panels:
-        raise Missing("history.csv has neither loss nor accuracy columns.")
+    if not any(_has_values(hist, c) for c in hist.columns if c != "epoch"):
+        raise Missing("history.csv has no loss or metric columns.")
+    fig = charts.training_curves(epochs, hist, kept and kept[1], kept and kept[0])
     if not any(c.startswith("val_") for c in hist.columns):
         parts.append(note("No validation columns in history.csv (no validation data): training curves only."))
-    title = f"Training curves ({len(hist)} epochs" + (f", best epoch {best[0]} by {best[1]})" if best else ")")
-    name = w.png("training_curves.png", sheet(title, [tile_row(panels, gap=12)]))
+    title = f"Training curves ({len(hist)} epochs" + (f", kept epoch {kept[0]}: best {kept[1]})" if kept else ")")
+    name = w.figure("training_curves.png", fig)
     parts.append(figure(name, title))
     return join_html(parts)
 
@@ -198,23 +188,10 @@ def section_threshold(work: Path, w: Writer) -> str:
     parts = [unfinished_note(work, "evaluate")]
     if not metrics:
         parts.append(note("evaluate/metrics.json is missing: the configured threshold and baseline are not marked."))
-    ys = list(sweep.map5) + [v for v in (map5, base, bmap5) if v is not None]
-    ylim = (0.0, min(1.0, max(ys) * 1.15 + 0.02) if max(ys) > 0 else 1.0)
-    xlim = (min(0.0, float(sweep.threshold.min())), max(1.0, float(sweep.threshold.max())))
-    p = Plot("Open-set MAP@5 vs new_whale threshold (validation)", "new_whale threshold", "MAP@5", xlim, ylim,
-             size=(900, 500))
-    if base is not None:
-        p.hline(base, GREY, f"all new_whale baseline {base:.3f}")
-    p.line(sweep.threshold, sweep.map5, BLUE, "MAP@5", markers=len(sweep) <= 30)
-    if thr is not None:
-        at = map5 if map5 is not None else float(np.interp(thr, sweep.threshold, sweep.map5))
-        p.vline(thr, RED, f"configured threshold {thr:.3f}: MAP@5 {at:.3f}")
-        p.point(thr, at, RED)
-    if bthr is not None and bmap5 is not None:
-        p.point(bthr, bmap5, GREEN, f"best threshold {bthr:.2f}: MAP@5 {bmap5:.3f}")
-    if isinstance(tuned, (int, float)) and (thr is None or abs(tuned - thr) > 1e-9):
-        p.vline(float(tuned), PURPLE, f"tuned threshold {tuned:.2f} (predict uses it)")
-    name = w.png("threshold_map5.png", p.render())
+    fig = charts.threshold_sweep(sweep, threshold=thr, map5=map5, baseline=base,
+                                 best=(bthr, bmap5) if bthr is not None and bmap5 is not None else None,
+                                 tuned=float(tuned) if isinstance(tuned, (int, float)) else None)
+    name = w.figure("threshold_map5.png", fig)
     keys = [("map5", "MAP@5"), ("top1", "top-1"), ("threshold", "threshold"), ("all_new_whale_map5", "all-new_whale MAP@5"),
             ("best_threshold", "best threshold"), ("best_map5", "best MAP@5"), ("images", "images"),
             ("new_whale_share", "new_whale share")]

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from .plots import BG, BLUE, GREEN, GREY, INK, PANEL, RED, fit, font, scalable
+from .drawing import BG, BLUE, GREEN, GREY, INK, PANEL, RED, fit, font, scalable
 from ..pipeline.stage import MANIFEST
 from ..pipeline.tables import NEW_WHALE
 
