@@ -1,6 +1,7 @@
 """Open-set re-identification benchmark: every head, same data, same CPU budget.
 
-    python scripts/bench_reid.py [--src ROOT] [--heads softmax,siamese,triplet] [--minutes 4]
+    python scripts/bench_reid.py [--src ROOT] [--extra-train ROOT2 ...] [--heads softmax,siamese,triplet]
+                                 [--minutes 4] [--seeds 0,1,2] [--boxes whole|subject]
                                  [--backbone EfficientNetLite0 --weights imagenet | --scratch] [--set K=V] ...
 
 ROOT holds one folder per individual (../shared/data/nyala, ../shared/data/lion, or any catalogue).
@@ -11,6 +12,13 @@ train.max_minutes = --minutes), evaluate --tune-threshold, predict, and the subm
 against solution.csv. Prints the settings, then one line per head:
 
     head=... MAP@5=... top-1(closed)=... baseline=... minutes=...
+
+--extra-train ROOT2 (repeatable): ROOT2's individuals are learnt from only (import-folders
+--train-only): never tested, and the ids held out to tune new_whale come from them first. --seeds
+0,1,2: the whole benchmark once per seed (the seed draws the new individuals, the queries, the split
+and the network's initialisation), then each head's mean and spread over the seeds:
+
+    summary head=... seeds=3 MAP@5=mean ± sd top-1(closed)=mean ± sd minutes=mean
 
 (MAP@5: open set, new individuals among the test photos; top-1(closed): for the test photos of known
 individuals, is the best-ranked known id right (new_whale ignored), as published re-ID accuracies are
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import os
 import pickle
 import shutil
@@ -48,8 +57,8 @@ SHARED = ROOT.parent / "shared" / "data"
 HEADS = head_registry.names()
 
 
-def settings(args) -> list[str]:
-    common = [f"run.image_size={args.image_size}", f"run.seed={args.seed}", "model.pooling=global",
+def settings(args, seed: int) -> list[str]:
+    common = [f"run.image_size={args.image_size}", f"run.seed={seed}", "model.pooling=global",
               "model.dropout=0.2", "split.unseen_ids=0.2", "train.batch_size=32", "train.photos_per_id=4",
               "train.epochs=1000", f"train.patience={args.patience}", "train.online_augment=true",
               "train.strategy=none", "train.precision=float32", f"train.max_minutes={args.minutes}",
@@ -86,14 +95,46 @@ def whaleid(*args, log: Path) -> None:
         raise SystemExit(f"whaleid {args[0]} failed (see {log}):\n" + "\n".join(tail))
 
 
+def seed_summary(results: dict[int, list[tuple]]) -> list[str]:
+    """One line per head: mean and spread (sample sd, and the standard error of the mean) of MAP@5 and
+    closed-set top-1 over the seeds. results: seed -> [(head, score, minutes, top1), ...]."""
+    lines = []
+    heads = list(dict.fromkeys(r[0] for rows in results.values() for r in rows))
+    for head in heads:
+        rows = [r for seed in sorted(results) for r in results[seed] if r[0] == head]
+        parts = [f"summary head={head} seeds={len(rows)}"]
+        for name, values in (("MAP@5", [r[1]["map5"] for r in rows]), ("top-1(closed)", [r[3] for r in rows])):
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            parts.append(f"{name}={statistics.fmean(values):.4f} ± {sd:.4f} (se {sd / len(values) ** 0.5:.4f}; "
+                         f"{' '.join(f'{v:.4f}' for v in values)})")
+        parts.append(f"minutes={statistics.fmean(r[2] for r in rows):.1f}")
+        lines.append(" ".join(parts))
+    return lines
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds {text}: expected integers separated by commas, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds {text}: expected distinct integers, e.g. 0,1,2")
+    return seeds
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--src", type=Path, default=SHARED / "nyala", help="ROOT/<individual>/*.jpg|png")
+    ap.add_argument("--extra-train", type=Path, action="append", default=[], metavar="ROOT2",
+                    help="more individuals to learn from, never tested (repeatable)")
     ap.add_argument("--heads", default=",".join(HEADS))
     ap.add_argument("--minutes", type=float, default=4.0, help="training budget per head (train.max_minutes)")
     ap.add_argument("--new-fraction", type=float, default=0.3)
     ap.add_argument("--query-fraction", type=float, default=0.3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=None, help="one seed (as --seeds N)")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds: each runs the whole benchmark")
+    ap.add_argument("--boxes", choices=("whole", "subject"), default="whole",
+                    help="whole photos (import-folders' boxes.csv) or boxes.detector=subject")
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--backbone", default="EfficientNetLite0")
     ap.add_argument("--weights", default="imagenet", help="imagenet | none | a weights file")
@@ -111,21 +152,36 @@ def main(argv=None):
     bad = [h for h in heads if h not in HEADS]
     if bad:
         raise SystemExit(f"--heads {', '.join(bad)}: expected some of {', '.join(HEADS)}")
+    seeds = [args.seed] if args.seed is not None else parse_seeds(args.seeds)
     kind = "scratch" if args.scratch else f"{args.backbone}-{Path(args.weights).name}"
     work = args.work or Path(tempfile.gettempdir()) / f"whaleid-bench-reid-{args.src.resolve().name}-{kind}"
+    results = {}
+    for seed in seeds:
+        results[seed] = run_seed(args, heads, seed, work if len(seeds) == 1 else work / f"seed{seed}")
+    if len(seeds) > 1:
+        for line in seed_summary(results):
+            print(line, flush=True)
+    return results
+
+
+def run_seed(args, heads: list[str], seed: int, work: Path) -> list[tuple]:
     work.mkdir(parents=True, exist_ok=True)
     log = work / "bench.log"
+    extra = [r.resolve() for r in args.extra_train]
     print(f"src: {args.src} -> {work}; new-fraction {args.new_fraction}, query-fraction {args.query_fraction}, "
-          f"seed {args.seed}")
+          f"seed {seed}" + "".join(f"; extra-train {r}" for r in extra))
 
     data = work / "data"
     wanted = {"src": str(args.src.resolve()), "new_fraction": args.new_fraction,
-              "query_fraction": args.query_fraction, "seed": args.seed}
+              "query_fraction": args.query_fraction, "seed": seed}
+    if extra:
+        wanted["train_only"] = [str(r) for r in extra]
     record = work / "import.json"
     if not (record.exists() and json.loads(record.read_text()) == wanted and data.is_dir()):
         shutil.rmtree(data, ignore_errors=True)
         try:
-            summary = import_folders(args.src, data, args.new_fraction, args.query_fraction, args.seed, progress=False)
+            summary = import_folders(args.src, data, args.new_fraction, args.query_fraction, seed, progress=False,
+                                     train_only=extra)
         except FolderError as e:
             raise SystemExit(str(e))
         record.write_text(json.dumps(wanted))
@@ -135,12 +191,15 @@ def main(argv=None):
     # the new_whale threshold is tuned on validation sampled to the test's share of new individuals'
     # photos (known from --new-fraction, as Kaggle's ~27% was known from the leaderboard)
     share = summary["test_new_whale"] / max(1, summary["test_new_whale"] + summary["test_queries"])
-    sets = settings(args) + [f"evaluate.new_whale_share={share:.2f}"]
-    print("settings: " + " ".join(sets))
+    sets = settings(args, seed) + [f"evaluate.new_whale_share={share:.2f}"]
+    boxes = ["--boxes", data / "boxes.csv"] if args.boxes == "whole" else []
+    if args.boxes == "subject":
+        sets.append("boxes.detector=subject")
+    print("settings: " + " ".join(sets) + f" (boxes: {args.boxes})")
 
     base = work / "base"
     t = time.time()
-    whaleid("preprocess", "--data", data, "--work", base, "--boxes", data / "boxes.csv", "--quiet",
+    whaleid("preprocess", "--data", data, "--work", base, *boxes, "--quiet",
             *[a for s in sets for a in ("--set", s)], log=log)
     report = json.loads((base / "split" / "split_report.json").read_text())
     print(f"preprocess: {time.time() - t:.0f}s; split {report['photos']}, {report['ids_in_training']} ids trained, "

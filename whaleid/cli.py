@@ -351,22 +351,27 @@ def synth(out, ids, seed, photos, real_train_csv, size_scale, workers, quiet):
               help="Share of individuals held out entirely: their photos are test photos answered new_whale.")
 @click.option("--query-fraction", type=float, default=0.3, show_default=True,
               help="Share of each other individual's photos that become test queries (one always stays in train).")
+@click.option("--train-only", "train_only", multiple=True,
+              type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Another catalogue ROOT/<id>/*.jpg|png whose individuals are only learnt from: all their photos "
+                   "go to train.csv, none is tested (repeatable).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True)
-def import_folders(src, out, new_fraction, query_fraction, seed, quiet):
+def import_folders(src, out, new_fraction, query_fraction, train_only, seed, quiet):
     """Convert ROOT/<id>/*.jpg|png into the Kaggle layout with a solution.csv."""
     from .datasets import import_folders as importer
     try:
         summary = importer.import_folders(src, out, new_fraction=new_fraction, query_fraction=query_fraction,
-                                          seed=seed, progress=not quiet)
+                                          seed=seed, progress=not quiet, train_only=train_only)
     except importer.FolderError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"import-folders: wrote {out}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     if summary["skipped"]:
         click.echo(f"  {summary['skipped']} files were not readable photos: see {out / 'skipped.csv'}")
     click.echo("  next (no new_whale rows in train.csv: split.unseen_ids holds ids out to play the new whales):")
-    click.echo(f"    whaleid preprocess --data {out} --boxes {out / 'boxes.csv'} --work WORK --config cpu "
+    click.echo(f"    whaleid preprocess --data {out} --work WORK --config cpu --set boxes.detector=subject "
                f"--set split.unseen_ids=0.2")
+    click.echo(f"  (boxes.detector=subject boxes the animal in each photo; --boxes {out / 'boxes.csv'} keeps whole photos)")
     click.echo("    whaleid train --work WORK")
     click.echo("    whaleid evaluate --work WORK --tune-threshold")
     click.echo("    whaleid predict --work WORK")

@@ -5,13 +5,18 @@ data folder with the competition's shape and its answers, so the whole pipeline 
 on them: a share of the individuals (new_fraction) is held out entirely, their photos become test
 photos whose answer is new_whale; every other individual keeps its photos in train (the gallery)
 except a share (query_fraction, at most all but one photo) that become test queries with its id.
+Catalogues given with train_only (`--train-only ROOT`, repeatable) add individuals to learn from and
+nothing else: all their photos go to train, none is a test photo or new_whale, and train_only.csv
+names them so that the split stage holds its "unseen" ids (which play the new whales when the
+new_whale threshold is tuned) out of these first, and the tested individuals keep their gallery.
 
 Output (a new folder; the source folder is only read):
     train.csv, sample_submission.csv, train/, test/   the Kaggle layout
     solution.csv   Image,Id: the answer for every test photo (an id, or new_whale)
     boxes.csv      Image,x0,y0,x1,y1: the whole photo, for `whaleid preprocess --boxes` (the tail-fluke
                    detector has nothing to find on other animals)
-    sources.csv    Image, source (path under ROOT), individual, role (gallery | query | new)
+    sources.csv    Image, source (path under ROOT), individual, role (gallery | query | new | train-only)
+    train_only.csv Id: the individuals of the train_only catalogues (read by the split stage)
     skipped.csv    source, reason: files that are not readable photos (left out)
 Photo names are a hash of the source path, so the name says nothing about the individual. The
 individual is the name of the folder holding the photo (spaces become "_"); two folders of one name in
@@ -104,26 +109,49 @@ def assign(photos: pd.DataFrame, new_fraction: float, query_fraction: float, see
     return role
 
 
+def _train_only(roots, main: pd.DataFrame, progress: bool) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """The photos of the train_only catalogues (role train-only, a `key` to name them by), and their skips."""
+    parts, skipped, owner = [], [], {i: "--src" for i in main.Id.unique()}
+    for k, root in enumerate(roots):
+        photos, bad = scan(root, progress)
+        if photos.empty:
+            raise FolderError(f"--train-only {root}: no readable .jpg/.jpeg/.png photos in its sub-folders")
+        for ident in sorted(photos.Id.unique()):
+            if owner.setdefault(ident, f"--train-only {root}") != f"--train-only {root}":
+                raise FolderError(f"individual {ident!r} is in both {owner[ident]} and --train-only {root}: an "
+                                  f"individual learnt from must not be one tested (rename or remove one folder)")
+        photos["key"] = [f"train-only/{k}/{s}" for s in photos.source]
+        photos["source"] = [f"{root}/{s}" for s in photos.source]
+        parts.append(photos.assign(role="train-only"))
+        skipped += [(f"{root}/{s}", reason) for s, reason in bad]
+    return (pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()), skipped
+
+
 def import_folders(src: Path, out: Path, new_fraction: float = 0.3, query_fraction: float = 0.3,
-                   seed: int = 0, progress: bool = True) -> dict:
-    src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise FolderError(f"--src {src}: not a folder")
-    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-        raise FolderError(f"--out {out} is inside --src {src}: whaleid never writes into a data folder")
+                   seed: int = 0, progress: bool = True, train_only=()) -> dict:
+    src, out, roots = Path(src), Path(out), [Path(r) for r in train_only]
+    for flag, folder in [("--src", src)] + [("--train-only", r) for r in roots]:
+        if not folder.is_dir():
+            raise FolderError(f"{flag} {folder}: not a folder")
+        if out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents:
+            raise FolderError(f"--out {out} is inside {flag} {folder}: whaleid never writes into a data folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FolderError(f"--out {out} exists and is not empty: choose a new folder (import never overwrites)")
     photos, skipped = scan(src, progress)
     if photos.empty:
         raise FolderError(f"--src {src}: no readable .jpg/.jpeg/.png photos in its sub-folders")
     photos["role"] = assign(photos, new_fraction, query_fraction, seed)
-    names = [hashlib.sha1(s.encode()).hexdigest()[:12] + EXTENSIONS[Path(s).suffix.lower()] for s in photos.source]
+    photos["key"] = photos.source
+    extra, extra_skipped = _train_only(roots, photos, progress)
+    photos = pd.concat([photos, extra], ignore_index=True)
+    skipped += extra_skipped
+    names = [hashlib.sha1(s.encode()).hexdigest()[:12] + EXTENSIONS[Path(s).suffix.lower()] for s in photos.key]
     if len(set(names)) != len(names):
         raise FolderError("two photos hash to the same name (astronomically unlikely): rename one")
     photos["Image"] = names
     photos = photos.sort_values("Image").reset_index(drop=True)
-    train = photos[photos.role == "gallery"]
-    test = photos[photos.role != "gallery"]
+    in_train = photos.role.isin(["gallery", "train-only"])
+    train, test = photos[in_train], photos[~in_train]
     known = sorted(train.Id.unique())
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -133,7 +161,7 @@ def import_folders(src: Path, out: Path, new_fraction: float = 0.3, query_fracti
         (tmp / "test").mkdir()
         for r in tqdm(photos.itertuples(), total=len(photos), desc="import-folders: copy", unit="img",
                       disable=not progress, dynamic_ncols=True, mininterval=0.5):
-            shutil.copyfile(r.path, tmp / ("train" if r.role == "gallery" else "test") / r.Image)
+            shutil.copyfile(r.path, tmp / ("test" if r.role in ("query", "new") else "train") / r.Image)
         train[["Image", "Id"]].to_csv(tmp / "train.csv", index=False)
         placeholder = " ".join([NEW_WHALE] + known[:4])
         pd.DataFrame({"Image": test.Image, "Id": placeholder}).to_csv(tmp / "sample_submission.csv", index=False)
@@ -144,6 +172,8 @@ def import_folders(src: Path, out: Path, new_fraction: float = 0.3, query_fracti
         photos.rename(columns={"Id": "individual"})[["Image", "source", "individual", "role"]].to_csv(
             tmp / "sources.csv", index=False)
         pd.DataFrame(skipped, columns=["source", "reason"]).to_csv(tmp / "skipped.csv", index=False)
+        pd.DataFrame({"Id": sorted(photos[photos.role == "train-only"].Id.unique())}).to_csv(
+            tmp / "train_only.csv", index=False)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
@@ -153,4 +183,5 @@ def import_folders(src: Path, out: Path, new_fraction: float = 0.3, query_fracti
     return {"individuals": int(photos.Id.nunique()), "known": len(known),
             "new": int(photos[photos.role == "new"].Id.nunique()), "train_photos": len(train),
             "test_queries": int((photos.role == "query").sum()), "test_new_whale": int((photos.role == "new").sum()),
-            "skipped": len(skipped)}
+            "train_only_individuals": int(photos[photos.role == "train-only"].Id.nunique()),
+            "train_only_photos": int((photos.role == "train-only").sum()), "skipped": len(skipped)}

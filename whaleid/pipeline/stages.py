@@ -73,7 +73,7 @@ SPLIT = Stage(
     "split", "whaleid.preprocess.split:run",
     artifacts=("split.csv", "train_files.csv", "val_files.csv", "split_report.json"),
     settings=("split.validation", "split.unseen_ids", "run.seed", "new_whale.share"),
-    upstream=("augment",))
+    data=("train_only.csv",), upstream=("augment",))
 
 TRAIN = Stage(
     "train", "whaleid.learning.train:run",

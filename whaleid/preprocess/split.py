@@ -4,9 +4,12 @@ The original split the augmented files, so copies of one photo landed on both si
 accuracy was inflated. Here every file of a photo goes to the same side, only the original variant
 is validated, ids with one photo stay in training (nothing to validate them against), and a
 fraction of the ids (`unseen_ids`) is held out of training entirely: at evaluation they play the
-new whales, as ~27% of the test set does, so the new_whale threshold can be tuned honestly.
+new whales, as ~27% of the test set does, so the new_whale threshold can be tuned honestly. When
+the data folder names train-only individuals (train_only.csv, from `import-folders --train-only`:
+individuals to learn from that are never tested), the unseen ids are drawn from them first, so the
+individuals being tested keep all their photos in the gallery.
 
-Inputs:    augment/TRAINING_FILE_FINAL.csv
+Inputs:    augment/TRAINING_FILE_FINAL.csv, the data folder's train_only.csv (Id) when it exists
 Artifacts: split.csv     Image, Id, subset (train | val | unseen | new_whale), one row per photo
            train_files.csv, val_files.csv   File, Image, Id  (what the train stage reads)
            split_report.json                class coverage
@@ -20,8 +23,10 @@ from ..pipeline.stage import Run
 from ..pipeline.tables import NEW_WHALE
 
 
-def assign(photos: pd.DataFrame, validation: float, unseen_ids: float, seed: int) -> pd.Series:
-    """subset of each photo (Image, Id rows, one per photo); deterministic for a seed."""
+def assign(photos: pd.DataFrame, validation: float, unseen_ids: float, seed: int,
+           unseen_first=frozenset()) -> pd.Series:
+    """subset of each photo (Image, Id rows, one per photo); deterministic for a seed. The unseen ids
+    come from `unseen_first` (train-only individuals) as far as it has ids with 2+ photos."""
     rng = np.random.default_rng(seed)
     subset = pd.Series("train", index=photos.index)
     subset[photos.Id == NEW_WHALE] = "new_whale"
@@ -29,7 +34,12 @@ def assign(photos: pd.DataFrame, validation: float, unseen_ids: float, seed: int
     counts = known.Id.value_counts()
     multi = sorted(counts[counts >= 2].index)
     n_unseen = int(round(unseen_ids * len(multi)))
-    unseen = set(rng.choice(multi, size=n_unseen, replace=False)) if n_unseen else set()
+    first = [i for i in multi if i in unseen_first]
+    rest = [i for i in multi if i not in unseen_first]
+    n_first = min(n_unseen, len(first))
+    unseen = set(rng.choice(first, size=n_first, replace=False)) if n_first else set()
+    if n_unseen > n_first:
+        unseen |= set(rng.choice(rest, size=n_unseen - n_first, replace=False))
     subset[photos.Id.isin(unseen)] = "unseen"
     for ident in multi:
         if ident in unseen:
@@ -66,13 +76,26 @@ def unseen_fraction(photos: pd.DataFrame, unseen_ids: float, share: float = 0.0)
                       f"{fraction:g}) to play them; set split.unseen_ids > 0 to choose the share")
 
 
+def train_only_ids(run: Run) -> set[str]:
+    """The ids the data folder's train_only.csv names (none without one)."""
+    path = run.data / "train_only.csv" if run.data is not None else None
+    if path is None or not path.is_file():
+        return set()
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "Id" not in table.columns:
+        from .stage import StageError
+        raise StageError(f"{path}: expected a column Id (the train-only individuals, as import-folders writes)")
+    return set(table.Id)
+
+
 def run(run: Run) -> dict:
     files = run.read_csv("augment", "TRAINING_FILE_FINAL.csv")
     photos = files.drop_duplicates("Image")[["Image", "Id"]].sort_values("Image").reset_index(drop=True)
     unseen, note = unseen_fraction(photos, run.setting("split.unseen_ids"), run.setting("new_whale.share"))
     if note:
         run.echo(note)
-    photos["subset"] = assign(photos, run.setting("split.validation"), unseen, run.setting("run.seed"))
+    photos["subset"] = assign(photos, run.setting("split.validation"), unseen, run.setting("run.seed"),
+                              train_only_ids(run))
     run.write_csv("split.csv", photos)
     side = files.merge(photos[["Image", "subset"]], on="Image")
     train = side[side.subset == "train"][["File", "Image", "Id"]]
