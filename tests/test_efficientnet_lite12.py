@@ -12,8 +12,8 @@ import socket
 import numpy as np
 import pytest
 
-from whaleid import efficientnet_lite as lite
-from whaleid import torch_pickle as tp
+from whaleid.backbones import efficientnet_lite as lite
+from whaleid.backbones import torch_pickle as tp
 
 from test_efficientnet_lite import LIONS, _np_reference, _photo
 
@@ -90,7 +90,7 @@ def test_real_weights_classify_lions_at_native_size(variant, shared_data, cache,
 
 
 def test_model_backbone_accepts_the_larger_lites():
-    from whaleid import model
+    from whaleid.learning import model
     net = model.backbone("EfficientNetLite1", 48, "none")
     assert net.name == "efficientnet_lite1" and net.output.shape[-1] == 1280
     assert model.preprocess_function("EfficientNetLite2") is lite.preprocess_input

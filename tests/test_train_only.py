@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from whaleid import split
+from whaleid.preprocess import split
 from whaleid.cli import main
-from whaleid.import_folders import FolderError, import_folders
+from whaleid.datasets.import_folders import FolderError, import_folders
 
 from conftest import whaleid
 

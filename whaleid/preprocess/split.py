@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..pipeline.stage import Run
+from ..pipeline.stage import Run, StageError
 from ..pipeline.tables import NEW_WHALE
 
 
@@ -83,7 +83,6 @@ def train_only_ids(run: Run) -> set[str]:
         return set()
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     if "Id" not in table.columns:
-        from .stage import StageError
         raise StageError(f"{path}: expected a column Id (the train-only individuals, as import-folders writes)")
     return set(table.Id)
 
