@@ -100,7 +100,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.strategy": ("auto", "mirrored", "multiworker", "tpu", "none"),
     "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
     "predict.merge": ("vote", "mean"),
-    "boxes.detector": ("cnn", "grabcut", "dark", "hsv"),
+    "boxes.detector": ("cnn", "subject", "grabcut", "dark", "hsv"),
     "train.lr_schedule": ("constant", "cosine"),
 }
 # model.head: the names in pipeline/head_names.py, asked when a value is checked (see choices()),

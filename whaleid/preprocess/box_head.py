@@ -35,9 +35,11 @@ TensorFlow afresh and runs it on one thread, so workers do not compete for cores
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
 import os
+import sys
 import threading
 from typing import NamedTuple
 
@@ -61,23 +63,27 @@ _net = None
 
 # ---------------------------------------------------------------- the network
 
-def _build():
-    import contextlib
-    import sys
-
+@contextlib.contextmanager
+def tensorflow_here():
+    """TensorFlow for this process's per-photo network (also subject_box.py's): a first import here is
+    a pool worker's (or a --workers 1 run's), so TensorFlow's start-up lines are hidden as the CLI
+    does; with TensorFlow already loaded (threads share this process) stderr is left alone. A pool
+    worker runs on one thread (the pool is the parallelism); that must precede TensorFlow's first op."""
     from ..pipeline.files import quiet_native_startup
     fresh = "tensorflow" not in sys.modules
-    # a first import here is a pool worker's (or a --workers 1 run's): hide TensorFlow's start-up lines
-    # as the CLI does; with TensorFlow already loaded (threads share this process) stderr is left alone
     with quiet_native_startup() if fresh else contextlib.nullcontext():
         import tensorflow as tf
         if multiprocessing.parent_process() is not None:
-            # a pool worker: one thread each (the pool is the parallelism); must precede TF's first op
             try:
                 tf.config.threading.set_intra_op_parallelism_threads(1)
                 tf.config.threading.set_inter_op_parallelism_threads(1)
             except RuntimeError:
                 pass
+        yield tf
+
+
+def _build():
+    with tensorflow_here() as tf:
         import keras
 
         from ..backbones import efficientnet_lite

@@ -1,9 +1,10 @@
-"""boxes: a tail bounding box for every photo, by a learned detector, GrabCut or colour thresholds (design.md §3), or imported.
+"""boxes: a tail (or subject) bounding box for every photo, by a learned detector, the subject's class activation,
+GrabCut or colour thresholds (design.md §3), or imported.
 
 Inputs:    format/train.csv, format/new_whale.csv, format/test.csv, train/, test/,
            boxes.import_csv when set (`whaleid preprocess --boxes FILE`)
 Artifacts: BB_TRAIN.csv, BB_TEST.csv   Image, x0, y0, x1, y1 (pixels of the full photo, x1/y1
-           exclusive), method: cnn+grabcut | cnn | grabcut | dark | hsv-low-sat | hsv-high-sat | grey |
+           exclusive), method: cnn+grabcut | cnn | subject | subject-contrast | grabcut | dark | hsv-low-sat | hsv-high-sat | grey |
            imported | full-image
            import_report.csv           rows of the imported CSV that were refused, and why
 
@@ -39,12 +40,12 @@ import pandas as pd
 from skimage.filters import threshold_multiotsu
 
 from ..pipeline import images
-from . import box_head
+from . import box_head, subject_box
 from .box_head import iou, main_extent  # noqa: F401 (boxes.iou, boxes.main_extent: used by tests and scripts)
 from ..pipeline.stage import Run
 from ..pipeline.stages import DETECT_SETTINGS
 
-METHODS = ("cnn+grabcut", "cnn", "grabcut", "dark", "hsv-low-sat", "hsv-high-sat", "grey", "imported", "full-image")
+METHODS = ("cnn+grabcut", "cnn", "subject", "subject-contrast", "grabcut", "dark", "hsv-low-sat", "hsv-high-sat", "grey", "imported", "full-image")
 COLUMNS = ["Image", "x0", "y0", "x1", "y1", "method"]
 
 
@@ -103,7 +104,8 @@ def detect_box(rgb: np.ndarray, *, grey: bool | None = None, detector: str = "cn
 
     detector "cnn" (box_head.py): a classifier on pretrained EfficientNet-Lite0 features places the
     box, GrabCut seeded from it sharpens it ("cnn+grabcut", or "cnn" when they disagree); nothing
-    tail-like anywhere, or a box under min_fraction: the whole photo. cnn_weights: another fit of
+    tail-like anywhere, or a box under min_fraction: the whole photo. "subject" (subject_box.py): the
+    animal of any species, from the backbone's class activation over ImageNet's animal classes. cnn_weights: another fit of
     its classifier (cross-validation), else the shipped one. "grabcut": GrabCut, then the dark-body mask; "dark": the dark-body mask alone (the
     underside of a fluke is often white, and saturation adds sea, not tail); "hsv": the original's
     saturation + value masks. Greyscale photos get GrabCut too (better on 5 of the 9 real grey
@@ -120,6 +122,11 @@ def detect_box(rgb: np.ndarray, *, grey: bool | None = None, detector: str = "cn
         if (box[2] - box[0]) * (box[3] - box[1]) < min_fraction * w * h:
             return 0, 0, w, h, "full-image"
         return (*box, method)
+    if detector == "subject":  # subject_box.py: the animal, whatever the species
+        found = subject_box.detect(rgb)
+        if found is None or (found[2] - found[0]) * (found[3] - found[1]) < min_fraction * w * h:
+            return 0, 0, w, h, "full-image"
+        return found
     if detector == "grabcut":
         box = grabcut_extent(rgb, grabcut_side, max_iterations=grabcut_max_iter)
         method = "grabcut"
@@ -167,8 +174,10 @@ def decode_for_detection(path, max_side: int = 512) -> tuple[np.ndarray, tuple[i
 
 def detection_side(detector: str, max_side: int) -> int:
     """The longer side a photo is decoded at for `detector`: boxes.max_side, and for "cnn" at most
-    box_head.DECODE_SIDE (its network sees 256 x 128, its GrabCut 96 px: more pixels only cost decoding)."""
-    return min(max_side, box_head.DECODE_SIDE) if detector == "cnn" else max_side
+    box_head.DECODE_SIDE (its network sees 256 x 128, its GrabCut 96 px: more pixels only cost decoding),
+    for "subject" at most subject_box.DECODE_SIDE."""
+    limit = {"cnn": box_head.DECODE_SIDE, "subject": subject_box.DECODE_SIDE}.get(detector, max_side)
+    return min(max_side, limit)
 
 
 def detect_box_file(path, *, max_side: int = 512, detector: str = "cnn", min_fraction: float = 0.10,

@@ -25,6 +25,13 @@ if TYPE_CHECKING:  # annotations only: report.py imports this module
     from .report import Photos, Writer
 
 FULL_IMAGE = "full-image"    # the box method of a photo whose tail was not found (boxes.py)
+SUBJECT = "subject"          # boxes.detector = subject (preprocess/subject_box.py): methods subject, subject-contrast
+SUBJECT_NOTES = {
+    "subject": "Method subject: the animal, where the pretrained network's class activation over ImageNet's animal "
+               "classes is at least 0.3 of its peak, widened a little (preprocess/subject_box.py).",
+    "subject-contrast": "Method subject-contrast: the network saw no animal (too little of its probability on "
+                        "ImageNet's animal classes, or a flat activation map), so the box holds the colours most "
+                        "unlike the photo's border."}
 FULL_IMAGE_PER_PAGE = 48     # full-image fallbacks per sheet (6 columns)
 FULL_IMAGE_CAP = 960         # fallbacks shown in all (20 sheets): every one, unless detection failed wholesale
 DEDUP_GROUP_CAP = 48         # duplicate groups shown (conflicts first)
@@ -252,6 +259,8 @@ def section_boxes(work: Path, photos: Photos, w: Writer, sample: int, rng: np.ra
             box = None if b is None else _scaled(b, sx, sy)
             fw, fh = round(img.width / sx), round(img.height / sy)
             tiles.append(_tile(img, [f"{r.Image} ({r.split})", f"{method}  {fw}x{fh}"], box=box))
+        if method.startswith(SUBJECT):
+            parts.append(note(SUBJECT_NOTES[method]))
         if not tiles:
             parts.append(note(f"Method {method}: none of the {len(chosen)} chosen photos could be read."))
             continue
@@ -260,8 +269,9 @@ def section_boxes(work: Path, photos: Photos, w: Writer, sample: int, rng: np.ra
             ptitle = title + (f", sheet {k} of {len(pages)}" if len(pages) > 1 else "")
             suffix = f"_{k}" if k > 1 else ""
             rows_of_tiles = [tile_row(t) for t in _chunks(page, columns)]
+            what = "the animal's box (boxes.detector = subject)" if method.startswith(SUBJECT) else "the tail box"
             name = w.png(f"boxes_{_safe(method)}{suffix}.png",
-                         sheet(ptitle, rows_of_tiles, "red: the tail box, drawn just outside it"))
+                         sheet(ptitle, rows_of_tiles, f"red: {what}, drawn just outside it"))
             parts.append(figure(name, ptitle))
     return join_html(parts)
 
