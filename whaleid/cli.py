@@ -8,6 +8,7 @@
     whaleid status      --work WORK                which stages are done, stale (why) or missing
     whaleid import-folders --src ROOT --out DIR    ROOT/<id>/*.jpg -> the Kaggle layout + solution.csv
     whaleid report      --work WORK                PNG sheets and plots of the artifacts + index.html
+    whaleid identify    --work WORK --photos DIR   new photos vs the catalogue -> review.html; --accept
 
 Every stage is cached in WORK (see whaleid/pipeline/stage.py); a command runs the stages it needs that are
 not up to date, so rerunning after a pre-empted VM continues where it stopped.
@@ -264,6 +265,40 @@ def predict(check_file, strict, **kw):
                     f"(source fallback) and {session.dir('dedup') / 'skipped.csv'}. --strict makes this an error.",
                     err=True, fg="yellow", bold=True)
     click.echo(f"submission: {session.work / 'submission.csv'}")
+
+
+@main.command(short_help="New photos vs the catalogue -> matches.csv + review.html; --accept the decisions.")
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("work"), show_default=True)
+@click.option("--photos", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Folder of new photos (nested folders allowed; files that are not photos are skipped and listed).")
+@click.option("--batch", default=None, help="Name of the batch: WORK/identify/BATCH/ (default: the folder's name).")
+@click.option("--top", type=click.IntRange(min=1), default=None, help="Candidates per photo (identify.top, 5).")
+@click.option("--accept", "decisions", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Add the photos of a decisions.csv (exported by review.html) to the catalogue.")
+@click.option("--into", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="With --accept: copy the photos into DATA/train/ and append DATA/train.csv (else WORK/catalogue/).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a setting for this batch.")
+@click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True)
+@click.option("--quiet", is_flag=True)
+def identify(work, photos, batch, top, decisions, into, overrides, workers, quiet):
+    """Rank every photo of --photos against the catalogue the model was trained on (no retraining, no
+    data folder needed) and write matches.csv and review.html; or --accept a review's decisions."""
+    if bool(photos) == bool(decisions) or (into and not decisions):
+        raise click.UsageError("give --photos DIR (identify a batch) or --accept decisions.csv [--into DATA]")
+    try:
+        if decisions:
+            from . import accept
+            accept.accept(work, decisions, into, echo=click.echo)
+            return
+        with quiet_native_startup():
+            from . import identify as identification
+        folder = identification.command(work, photos, batch, top, overrides, workers, quiet, echo=click.echo)
+    except (StageError, config.ConfigError) as e:
+        raise click.ClickException(str(e)) from None
+    counts = json.loads((folder / stagelib.MANIFEST).read_text())["counts"]
+    click.echo(f"identify: {counts['photos']} photos ranked ({counts['skipped']} files skipped), "
+               f"{counts['new_individuals']} flagged as new individuals: {folder / 'matches.csv'}")
+    click.echo(f"  review: {(folder / 'review.html').resolve().as_uri()}")
 
 
 @main.command(short_help="Each stage: done, stale (and why) or missing, with its artifacts.")

@@ -193,6 +193,7 @@ RANGES: dict[str, Range] = {
     "train.checkpoint_every": at_least(1),
     "train.checkpoint_minutes": at_least(0),         # 0: by epochs only
     "predict.top_k": at_least(1),
+    "identify.top": at_least(1),
     "predict.batch_size": at_least(1),
     "new_whale.threshold": between(0, 1.01),         # above every score: new_whale always first
     "new_whale.share": between(0, 1, hi_open=True),   # 0: off (use the threshold)

@@ -19,7 +19,8 @@ Inputs:    split/split.csv, augment/images/ + TRAINING_FILE_FINAL.csv, train/mod
 Artifacts: metrics.json          MAP@5, top-1, the all-new_whale baseline, at the configured threshold
                                  and at the best one of the sweep; verification; one_shot
            threshold_sweep.csv   MAP@5 for every threshold 0.00 .. 1.00 and 1.01 (above every score)
-           val_predictions.csv   Image, truth, answer
+           val_predictions.csv   Image, truth, answer; top_id, top_score: the best id and its score
+                                 (before the threshold), what identify's review page says a score means
 `whaleid evaluate --tune-threshold` copies the best threshold to WORK/tuned_threshold.json, which
 predict then uses (and says so).
 """
@@ -108,7 +109,9 @@ def run(run: Run) -> dict:
     run.write_json("metrics.json", metrics)
     run.write_csv("threshold_sweep.csv", sweep)
     run.write_csv("val_predictions.csv", pd.DataFrame({"Image": names, "truth": truths,
-                                                       "answer": [" ".join(p) for p in preds]}))
+                                                       "answer": [" ".join(p) for p in preds],
+                                                       "top_id": [r[0][0] for r in rankings],
+                                                       "top_score": [round(float(r[1][0]), 4) for r in rankings]}))
     out = {"map5": metrics["map5"], "best_threshold": metrics["best_threshold"], "best_map5": metrics["best_map5"],
            "share_map5": metrics["share_map5"], "images": len(truths), "auc": metrics["verification"]["auc"]}
     if n_way:

@@ -140,15 +140,18 @@ class MirrorFold:
         return np.maximum(own, other) if self.same else own
 
 
-def scorer(run: Run, net, gallery: pd.DataFrame):
+def scorer(run: Run, net, gallery: pd.DataFrame, embedded: np.ndarray | None = None):
     """(model-like object with predict_on_batch -> a score per id, ids), as the model's head scores:
-    its own classes (softmax), or by retrieval over `gallery` (File, Id in augment/images)."""
+    its own classes (softmax), or by retrieval over `gallery` (File, Id in augment/images; `embedded`:
+    the gallery already embedded, e.g. identify's cached catalogue)."""
     embedder = Embedder(net)
     classes = json.loads(run.upstream("train", "classes.json").read_text())
 
     def embedded_gallery():
         if gallery.empty:
             raise StageError("no photos of known ids to compare test photos with (the gallery is empty)")
+        if embedded is not None:
+            return embedded, gallery.Id
         folder = run.upstream("augment", "images")
         vectors = embedder.encode_files([str(folder / f) for f in gallery.File], run.setting("run.image_size"),
                                         run.setting("predict.batch_size"), run.session.progress,
