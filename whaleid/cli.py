@@ -287,11 +287,11 @@ def identify(work, photos, batch, top, decisions, into, overrides, workers, quie
         raise click.UsageError("give --photos DIR (identify a batch) or --accept decisions.csv [--into DATA]")
     try:
         if decisions:
-            from . import accept
+            from .catalogue import accept
             accept.accept(work, decisions, into, echo=click.echo)
             return
         with quiet_native_startup():
-            from . import identify as identification
+            from .catalogue import identify as identification
         folder = identification.command(work, photos, batch, top, overrides, workers, quiet, echo=click.echo)
     except (StageError, config.ConfigError) as e:
         raise click.ClickException(str(e)) from None

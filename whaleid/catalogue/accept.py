@@ -30,10 +30,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from .augment import FLIP
-from .files import StageError, atomic_path, work_lock, write_bytes
-from .tables import NEW_WHALE
-from .workfolder import read_record
+from ..pipeline.files import StageError, atomic_path, work_lock, write_bytes
+from ..pipeline.tables import NEW_WHALE
+from ..pipeline.workfolder import read_record
+from ..preprocess.augment import FLIP
 
 DECISIONS = ("same", "new", "skip")
 CATALOGUE = "catalogue"          # WORK/catalogue/: the photos accepted so far

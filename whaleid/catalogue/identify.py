@@ -29,11 +29,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import augment, boxes, config, images, model as models, review, scoring, submission
+from . import review
+from ..learning import model as models
+from ..pipeline import config, images
+from ..pipeline.files import StageError, work_lock, write_bytes
+from ..pipeline.stage import Run, Session, Stage, Status
+from ..pipeline.stages import DETECT_SETTINGS, TTA_SETTINGS, TUNED
+from ..preprocess import augment, boxes
+from ..ranking import submission
+from ..scoring import scoring
 from .accept import ADDED, BATCHES, CATALOGUE, added_files
-from .files import StageError, work_lock, write_bytes
-from .stage import Run, Session, Stage, Status
-from .stages import DETECT_SETTINGS, TTA_SETTINGS, TUNED
 
 EMBED_SETTINGS = ("run.image_size", "predict.batch_size", "model.head")
 # local re-ranking's settings, when this whaleid has them: a batch is scored as predict scores
@@ -262,8 +267,8 @@ def command(work: Path, photos: Path, batch: str | None, top: int | None, overri
             quiet: bool = False, echo=print) -> Path:
     """Run identify's stages for one batch (those not up to date) with the settings WORK was run with;
     returns the batch's folder. No data folder is read, so none is needed."""
-    from .stages import ALL
-    from .workfolder import is_dir_or_error, open_work
+    from ..pipeline.stages import ALL
+    from ..pipeline.workfolder import is_dir_or_error, open_work
     work = Path(work)
     is_dir_or_error(work)
     batch = batch_name(batch or Path(photos).resolve().name)
