@@ -11,7 +11,8 @@ what depends on it and a second batch recomputes nothing it shares with the firs
                      a confirmed photo is a candidate in the next batch without retraining.
   identify/<batch>   WORK/identify/<batch>/: every file under DIR (nested folders, any name; files
                      that are not readable photos are skipped and listed in skipped.csv) gets a tail
-                     box, a crop, TTA scores against the catalogue (scoring.py, as predict scores:
+                     box (identify.boxes: detected as the catalogue's were, or the whole photo when
+                     the catalogue's boxes were imported), a crop, TTA scores against the catalogue (scoring.py, as predict scores:
                      the same head, merge and re-ranking settings), the new_whale threshold predict
                      would use, and each candidate's best matching catalogue photo.
 Artifacts of a batch: photos.csv (photo, source path, crop, box), matches.csv (photo, rank, id,
@@ -132,7 +133,8 @@ def batch_stage(batch: str, photos: Path) -> Stage:
     photos = Path(photos).resolve()
     return Stage(f"{BATCHES}/{batch_name(batch)}", partial(batch_run, photos=photos),
                  artifacts=("photos.csv", "matches.csv", "vectors.npy", "crops/", "review.html"),
-                 settings=TTA_SETTINGS + DETECT_SETTINGS + RERANK + ("augment.jpeg_quality", "identify.top"),
+                 settings=TTA_SETTINGS + DETECT_SETTINGS + RERANK + ("augment.jpeg_quality", "boxes.import_csv",
+                                                                     "identify.*"),
                  upstream=("augment", "train", "gallery", "gallery_added"),
                  extra_inputs=partial(_extra_inputs, photos))
 
@@ -142,7 +144,10 @@ def _crop_photo(job, detect: dict, margin: float, size: int, thumb: int, quality
     at the model's size written to out/<index>.jpg, and a sharper crop for the review page."""
     index, _, path = job
     try:
-        *box, method = boxes.detect_box_file(path, **detect)
+        if detect is None:  # the whole photo, as the catalogue's imported boxes had it
+            box, method = [0, 0, *images.image_size(Path(path))], "whole-photo"
+        else:
+            *box, method = boxes.detect_box_file(path, **detect)
         rgb, local = augment.decode_for_crop(Path(path), tuple(box), max(size, thumb))
         images.save_jpeg(out / f"{index:05d}.jpg", augment.crop_to_box(rgb, local, margin, size), quality)
         return index, (*box, method), review.jpeg_bytes(augment.crop_to_box(rgb, local, margin, thumb)), None
@@ -182,7 +187,14 @@ def batch_run(run: Run, photos: Path) -> dict:
     size, top = run.setting("run.image_size"), run.setting("identify.top")
     crops = run.path("crops")
     crops.mkdir(exist_ok=True)
-    work = partial(_crop_photo, detect={k.split(".")[1]: run.setting(k) for k in DETECT_SETTINGS},
+    mode = run.setting("identify.boxes")
+    if mode == "auto":
+        mode = "whole" if run.setting("boxes.import_csv") else "detect"
+        run.echo("new photos are cropped " + ("whole, as the catalogue's boxes were imported (boxes.import_csv)"
+                                              if mode == "whole" else f"to detected boxes (boxes.detector = "
+                                              f"{run.setting('boxes.detector')}), as the catalogue's were"))
+    detect = {k.split(".")[1]: run.setting(k) for k in DETECT_SETTINGS} if mode == "detect" else None
+    work = partial(_crop_photo, detect=detect,
                    margin=run.setting("augment.margin"), size=size, thumb=review.THUMB,
                    quality=run.setting("augment.jpeg_quality"), out=crops)
     rows, thumbs = [], {}

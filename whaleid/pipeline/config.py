@@ -102,6 +102,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "predict.merge": ("vote", "mean"),
     "boxes.detector": ("cnn", "subject", "grabcut", "dark", "hsv"),
     "train.lr_schedule": ("constant", "cosine"),
+    "identify.boxes": ("auto", "detect", "whole"),
 }
 # model.head: the names in pipeline/head_names.py, asked when a value is checked (see choices()),
 # so a head registered after import (a plugin, a test's toy head) is accepted.
