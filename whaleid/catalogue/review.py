@@ -5,8 +5,8 @@ Per photo: its crop beside each candidate id's best matching catalogue photo, th
 means (the precision on validation photos at that score: of the validation photos whose best score was
 at least this, the share whose best id was right; from evaluate's val_predictions.csv when evaluate
 ran on this model), and buttons "same as <id>", "new individual" (with a name field), "skip".
-Decisions live in the browser's localStorage under a key of this page's batch and content, so they
-survive reloads and a closed browser; "Export decisions.csv" writes photo,decision,id,batch for
+Decisions live in the browser's localStorage under a key of this page's batch and photos, so they
+survive reloads, a closed browser and the batch ranked again; "Export decisions.csv" writes photo,decision,id,batch for
 `whaleid identify --accept`. Keys: 1-9 same as candidate k, n new individual (name field), s skip,
 j / k next / previous photo.
 """
@@ -108,7 +108,9 @@ def write(path: Path, batch: str, matches: pd.DataFrame, thumbs: dict[str, bytes
                           "img": key if r.catalogue_photo else ""})
         photos.append({"photo": photo, "img": f"q:{photo}", "new": bool(rows.new_individual.iloc[0]),
                        "candidates": cands})
-    digest = hashlib.sha1(matches.to_csv(index=False).encode()).hexdigest()[:12]
+    # the key names the batch and its photos, not the candidates: a batch ranked again (a grown
+    # catalogue, another model) keeps the decisions made on it
+    digest = hashlib.sha1("\n".join(sorted(thumbs)).encode()).hexdigest()[:12]
     data = {"batch": batch, "key": f"whaleid-review:{batch}:{digest}", "threshold": round(float(threshold), 4),
             "calibration": calib.source, "calibration_note": calib.why, "photos": photos, "pictures": pictures,
             "skipped": [{"photo": p, "reason": r} for p, r in skipped]}
