@@ -30,7 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from .learning import cluster  # noqa: E402
 from .pipeline import config, stage as stagelib  # noqa: E402
 from .pipeline.files import VERBOSE, quiet_native_startup  # noqa: E402
-from .pipeline.stages import ALL as ALL_STAGES, BY_COMMAND  # noqa: E402
+from .pipeline.stages import ALL as ALL_STAGES, BY_COMMAND, wanted as wanted_stages  # noqa: E402
 from .pipeline.stage import Session, StageError  # noqa: E402
 from .pipeline.tables import TableError  # noqa: E402
 from .pipeline.workfolder import (fallback_rows, is_dir_or_error, open_work, test_photo_warning,  # noqa: E402
@@ -89,6 +89,7 @@ def run_command(command: str, kw: dict, extra_sets: tuple[str, ...] = (), target
     kw["overrides"] = tuple(kw["overrides"]) + extra_sets
     session, record = open_session(**kw)
     needed = set(targets or [s.name for s in BY_COMMAND[command]])
+    needed |= wanted_stages(session.cfg, needed)  # e.g. the keypoint stages when re-ranking
     for st in reversed(session.stages):  # pipeline order: add what the needed stages read
         if st.name in needed:
             needed |= set(st.upstream)
@@ -203,6 +204,11 @@ def evaluate(tune_threshold, submission_file, solution_file, one_shot, **kw):
     if "share_map5" in m:
         click.echo(f"  threshold {m['share_threshold']:.3f} by share ({m['share']:.0%} new_whale first): "
                    f"MAP@5 {m['share_map5']:.4f}")
+    r = m.get("rerank") or {}
+    if "with" in r:
+        a, b = r["without"], r["with"]
+        click.echo(f"  re-ranking {r['candidates']} ids by local features: best MAP@5 {a['map5']:.4f} -> {b['map5']:.4f}, "
+                   f"closed-set top-1 {a['closed_top1']} -> {b['closed_top1']} (cross-fitted on validation halves)")
     v = m.get("verification") or {}
     if v.get("auc") is not None:
         b = v["at_best_threshold"]

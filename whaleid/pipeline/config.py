@@ -103,6 +103,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "boxes.detector": ("cnn", "subject", "grabcut", "dark", "hsv"),
     "train.lr_schedule": ("constant", "cosine"),
     "identify.boxes": ("auto", "detect", "whole"),
+    "keypoints.method": ("sift", "orb"),   # (AKAZE left OpenCV 5's main module: not offered)
+    "rerank.method": ("none", "local"),
+    "rerank.geometry": ("homography", "similarity"),
 }
 # model.head: the names in pipeline/head_names.py, asked when a value is checked (see choices()),
 # so a head registered after import (a plugin, a test's toy head) is accepted.
@@ -200,6 +203,11 @@ RANGES: dict[str, Range] = {
     "new_whale.share": between(0, 1, hi_open=True),   # 0: off (use the threshold)
     "evaluate.new_whale_share": between(0, 1, hi_open=True),
     "evaluate.one_shot": at_least(2, zero="off"),
+    "keypoints.side": at_least(32),
+    "keypoints.max_points": at_least(8),
+    "rerank.candidates": at_least(1),
+    "rerank.ratio": between(0, 1, lo_open=True),
+    "rerank.ransac_px": at_least(0, open_=True),
 }
 
 # Heads trained on batches of P ids x K photos (train.photos_per_id): a batch must hold 2 ids.

@@ -10,6 +10,7 @@ from pathlib import Path
 from .config import get as get_setting
 from .stage import Stage
 
+CALIBRATION = "calibration.json"  # WORK/evaluate/calibration.json: rerank's fusion, fitted on validation
 TUNED = "tuned_threshold.json"  # WORK/tuned_threshold.json, written by `evaluate --tune-threshold`
 # the settings boxes.detect_box_file takes, by the same names: the stage passes them on and fingerprints them
 DETECT_SETTINGS = ("boxes.max_side", "boxes.detector", "boxes.grabcut_side", "boxes.grabcut_max_iter",
@@ -41,6 +42,31 @@ def _box_model(session) -> dict[str, Path]:
 
 def _tuned_file(session) -> dict[str, Path]:
     return {TUNED: session.work / TUNED} if (session.work / TUNED).exists() else {}
+
+
+def _calibration_and_tuned(session) -> dict[str, Path]:
+    """rerank.method = local fuses scores by evaluate's calibration (fitted on validation, never on
+    test photos): its content is an input of predict."""
+    out = _tuned_file(session)
+    if get_setting(session.cfg, "rerank.method") != "none":
+        out[CALIBRATION] = session.work / "evaluate" / CALIBRATION
+    return {**out, **_keypoints(session, KEYPOINTS, TEST_KEYPOINTS)}
+
+
+def _keypoints(session, *stages) -> dict[str, Path]:
+    """Re-ranking reads the keypoint stages' features: by their content, as input files."""
+    if get_setting(session.cfg, "rerank.method") == "none":
+        return {}
+    return {f"{s.name}.npz": session.work / s.name / s.artifacts[0] for s in stages}
+
+
+def wanted(cfg: dict, needed: set[str]) -> set[str]:
+    """The stages that the `needed` ones read by their settings, not as upstream stages: the keypoint
+    stages when re-ranking (preprocess computes both ahead, as it does everything before training)."""
+    if get_setting(cfg, "rerank.method") == "none":
+        return set()
+    return ({KEYPOINTS.name} if needed & {"split", "evaluate", "predict"} else set()) | \
+        ({TEST_KEYPOINTS.name} if needed & {"split", "predict"} else set())
 
 
 DEDUP = Stage(
@@ -81,21 +107,35 @@ TRAIN = Stage(
     settings=("run.seed", "run.image_size", "model.*", "train.*"),
     upstream=("split", "augment"), files=(("model.weights", _weights_file),))
 
+# local features for rerank.method = local (preprocess/keypoints.py): the training photos' (gallery and
+# validation queries, read by evaluate and predict) and the test photos' (predict only), apart so that
+# a changed test photo never reruns evaluate. Neither is an upstream stage: evaluate and predict read
+# them as input files only when re-ranking (and `wanted` has the commands run them first), so without
+# re-ranking nothing changes for a work folder made before they existed.
+KEYPOINT_SETTINGS = ("keypoints.*", "augment.margin", "train.flip_ids", "predict.mirror_is_same")
+KEYPOINTS = Stage(
+    "keypoints", "whaleid.preprocess.keypoints:run_train",
+    artifacts=("keypoints.npz",), settings=KEYPOINT_SETTINGS, data=("train/",), upstream=("format", "boxes"))
+
+TEST_KEYPOINTS = Stage(
+    "test_keypoints", "whaleid.preprocess.keypoints:run_test",
+    artifacts=("keypoints.npz",), settings=KEYPOINT_SETTINGS, data=("test/",), upstream=("format", "boxes"))
+
 EVALUATE = Stage(
     "evaluate", "whaleid.scoring.evaluate:run",
-    artifacts=("metrics.json", "threshold_sweep.csv", "val_predictions.csv"),
-    settings=TTA_SETTINGS + ("evaluate.new_whale_share", "evaluate.one_shot"),
-    upstream=("split", "augment", "train"))
+    artifacts=("metrics.json", "threshold_sweep.csv", "val_predictions.csv", CALIBRATION),
+    settings=TTA_SETTINGS + ("evaluate.new_whale_share", "evaluate.one_shot", "rerank.*"),
+    upstream=("split", "augment", "train"), extra_inputs=lambda session: _keypoints(session, KEYPOINTS))
 
 PREDICT = Stage(
     "predict", "whaleid.scoring.predict:run",
     artifacts=("submission.csv", "predictions.csv"),
-    settings=TTA_SETTINGS,
+    settings=TTA_SETTINGS + ("rerank.*",),
     data=("sample_submission.csv", "test/"), upstream=("dedup", "format", "boxes", "augment", "train"),
-    extra_inputs=_tuned_file)
+    extra_inputs=_calibration_and_tuned)
 
 BY_COMMAND = {"preprocess": [DEDUP, FORMAT, BOXES, AUGMENT, SPLIT],
               "train": [TRAIN],
               "evaluate": [EVALUATE],
               "predict": [PREDICT]}
-ALL = [s for stages in BY_COMMAND.values() for s in stages]
+ALL = BY_COMMAND["preprocess"] + [TRAIN, KEYPOINTS, TEST_KEYPOINTS, EVALUATE, PREDICT]  # pipeline order

@@ -21,6 +21,9 @@ Artifacts: metrics.json          MAP@5, top-1, the all-new_whale baseline, at th
            threshold_sweep.csv   MAP@5 for every threshold 0.00 .. 1.00 and 1.01 (above every score)
            val_predictions.csv   Image, truth, answer; top_id, top_score: the best id and its score
                                  (before the threshold), what identify's review page says a score means
+           calibration.json      rerank.method = local: the fusion fitted on these validation queries
+                                 (rerank.py; predict reads it); metrics.json's "rerank" compares
+                                 MAP@5 and top-1 without and with re-ranking (cross-fitted halves)
 `whaleid evaluate --tune-threshold` copies the best threshold to WORK/tuned_threshold.json, which
 predict then uses (and says so).
 """
@@ -33,11 +36,11 @@ import numpy as np
 import pandas as pd
 
 from ..learning import model as models
-from . import scoring
+from . import rerank, scoring
 from ..ranking import submission, verification
 from .scoring import Embedder, gallery_files
 from ..pipeline.stage import Run, StageError, write_json
-from ..pipeline.stages import TUNED
+from ..pipeline.stages import CALIBRATION, TUNED
 from ..pipeline.tables import NEW_WHALE
 
 # 0.00 .. 1.00, and 1.01: above every score (probabilities and similarities reach 1.0 in float32),
@@ -86,6 +89,11 @@ def run(run: Run) -> dict:
         names.append(image)
     merge, k = run.setting("predict.merge"), run.setting("predict.top_k")
     rankings = [submission.ranked(p, classes, merge, k) for p in probs]  # merged once, thresholds after
+    rerank_info = {"method": "none"}
+    if run.setting("rerank.method") != "none":  # (rerank.py) fused, fitted on the other half of the queries
+        plain, (rankings, fusion) = rankings, rerank.evaluated(run, probs, classes, truths, names, gallery, merge, k)
+        rerank_info = {"method": "local", "candidates": run.setting("rerank.candidates"),
+                       "without": best_of(plain, truths, k), "with": best_of(rankings, truths, k), "fusion": fusion}
     sweep = pd.DataFrame([(float(thr), submission.map5(truths, answers_at(rankings, thr, k))) for thr in SWEEP],
                          columns=["threshold", "map5"])
     best = sweep.loc[sweep.map5.idxmax()]
@@ -103,20 +111,34 @@ def run(run: Run) -> dict:
                "share_map5": at_share["map5"], "merge": merge, "tta": run.setting("predict.tta"),
                "known_ids_in_eval": int(evalset[evalset.truth != NEW_WHALE].truth.nunique()),
                "head": head, "model": scoring.model_digest(run)}
+    metrics["rerank"] = rerank_info
     metrics["verification"] = verify(probs, truths, classes, configured, float(best.threshold), run.setting("run.seed"))
     if n_way:
         metrics["one_shot"] = one_shot(run, net, split, n_way, original)
     run.write_json("metrics.json", metrics)
+    run.write_json(CALIBRATION, rerank_info.get("fusion", {"method": "none"}))
     run.write_csv("threshold_sweep.csv", sweep)
     run.write_csv("val_predictions.csv", pd.DataFrame({"Image": names, "truth": truths,
                                                        "answer": [" ".join(p) for p in preds],
                                                        "top_id": [r[0][0] for r in rankings],
                                                        "top_score": [round(float(r[1][0]), 4) for r in rankings]}))
     out = {"map5": metrics["map5"], "best_threshold": metrics["best_threshold"], "best_map5": metrics["best_map5"],
+           **{f"{w}_rerank_{m}": rerank_info[w][m] for w in ("without", "with") if w in rerank_info
+              for m in ("map5", "closed_top1")},
            "share_map5": metrics["share_map5"], "images": len(truths), "auc": metrics["verification"]["auc"]}
     if n_way:
         out[f"one_shot_{n_way}_way"] = metrics["one_shot"]["accuracy"]
     return out
+
+
+def best_of(rankings: list, truths: list[str], k: int) -> dict:
+    """MAP@5 at the sweep's best threshold, its open-set top-1, and closed-set top-1 (known ids' photos:
+    is the best-ranked id right), for comparing rankings with and without re-ranking."""
+    runs = [(float(thr), submission.scores(truths, answers_at(rankings, thr, k))) for thr in SWEEP]
+    thr, best = max(runs, key=lambda r: r[1]["map5"])
+    known = [(labels[0] if labels else None, t) for (labels, _), t in zip(rankings, truths) if t != NEW_WHALE]
+    closed = float(np.mean([a == t for a, t in known])) if known else None
+    return {"map5": best["map5"], "threshold": thr, "top1": best["top1"], "closed_top1": _rounded(closed)}
 
 
 def _rounded(x: float):
@@ -177,5 +199,6 @@ def tune(work: Path) -> float:
     metrics = json.loads((Path(work) / "evaluate" / "metrics.json").read_text())
     write_json(Path(work) / TUNED, {"threshold": metrics["best_threshold"], "map5": metrics["best_map5"],
                                     "head": metrics.get("head"), "model": metrics.get("model"),
+                                    "rerank": metrics.get("rerank", {}).get("method", "none"),
                                     "source": str(Path(work) / "evaluate" / "threshold_sweep.csv")})
     return metrics["best_threshold"]

@@ -24,9 +24,10 @@ import pandas as pd
 
 from ..preprocess import augment
 from ..learning import model as models
-from . import scoring
+from . import rerank, scoring
 from ..ranking import submission
 from ..pipeline.stage import Run, atomic_path, fault_point
+from ..pipeline.stages import CALIBRATION
 from ..pipeline.tables import NEW_WHALE, read_test
 
 
@@ -51,16 +52,17 @@ class FixedBatch:
         return np.asarray(self.model.predict_on_batch(x))[:n]
 
 
-def scored_chunks(run: Run, model, classes, jobs: list, merge: str, k: int):
+def scored_chunks(run: Run, model, classes, jobs: list, merge: str, k: int, rerank_chunk=None):
     """(image, (ranked ids, their scores) or None, error, top score) per job, in order, chunk by chunk:
     a chunk committed by an interrupted run with the same fingerprint is read back, the others are
     scored and committed. The new_whale threshold is applied afterwards (new_whale.share needs every
-    photo's best score)."""
+    photo's best score). With `rerank_chunk` (rerank.for_predict) each chunk's rankings are re-ranked
+    before it is committed."""
     batch = run.setting("predict.batch_size")
     fixed = FixedBatch(model, batch * (len(augment.TTA) if run.setting("predict.tta") else 1))
     size = batch * max(1, min(8, -(-len(jobs) // (16 * batch))))  # whole batches, <= 8 of them
     chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
-    kept = 0
+    kept, depth = 0, k if rerank_chunk is None else max(k, run.setting("rerank.candidates"))
     for i, part in enumerate(chunks):
         keys = [job[0] for job in part]
         path = run.partial_path("tta", i)
@@ -72,8 +74,10 @@ def scored_chunks(run: Run, model, classes, jobs: list, merge: str, k: int):
                 if error:
                     scored.append((image, None, error, 0.0))
                 else:
-                    scored.append((image, submission.ranked(probs, classes, merge, k), None,
+                    scored.append((image, submission.ranked(probs, classes, merge, depth), None,
                                    float(probs.mean(0).max())))
+            if rerank_chunk is not None:
+                scored = rerank_chunk(scored)
             run.save_chunk(path, keys, scored)
             fault_point("predict.chunk")
         else:
@@ -97,7 +101,11 @@ def run(run: Run) -> dict:
     merge, k = run.setting("predict.merge"), run.setting("predict.top_k")
     jobs = photo_jobs(test, boxes, run.data / "test")
     scored = []
-    for image, ranking, error, top in scored_chunks(run, model, classes, jobs, merge, k):
+    rerank_chunk = None
+    if run.setting("rerank.method") != "none":
+        rerank_chunk = rerank.for_predict(run, run.work / "evaluate" / CALIBRATION,
+                                          run.read_csv("format", "train.csv")[["Image", "Id"]])
+    for image, ranking, error, top in scored_chunks(run, model, classes, jobs, merge, k, rerank_chunk):
         if error:
             run.skip(image, error)
         else:

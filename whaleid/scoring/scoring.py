@@ -181,9 +181,11 @@ def threshold(run: Run) -> float:
     if tuned.exists():
         info = json.loads(tuned.read_text())
         value = float(info["threshold"])
-        head, model = info.get("head"), info.get("model")
-        if head not in (None, run.setting("model.head")) or model not in (None, model_digest(run)):
-            what = f"the {head} head" if head != run.setting("model.head") else "another trained model"
+        head, model, fused = info.get("head"), info.get("model"), info.get("rerank", "none")
+        if head not in (None, run.setting("model.head")) or model not in (None, model_digest(run)) or \
+                fused != run.setting("rerank.method"):  # fused scores (rerank.py) are another scale
+            what = (f"the {head} head" if head != run.setting("model.head") else
+                    f"rerank.method = {fused}" if fused != run.setting("rerank.method") else "another trained model")
             run.echo(f"{tuned} was tuned for {what}: ignoring it, using new_whale.threshold = {configured} "
                      f"(run whaleid evaluate --tune-threshold again)")
             return configured

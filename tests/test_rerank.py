@@ -1,0 +1,125 @@
+"""Local-feature re-ranking (keypoints.py, rerank.py): RootSIFT and RANSAC on constructed images, the
+fusion's calibration on constructed scores, and that the fusion is never fitted on test photos."""
+import cv2
+import numpy as np
+import pytest
+
+from whaleid.preprocess import keypoints
+from whaleid.scoring import rerank
+
+
+def pattern(seed: int, size=(360, 480)) -> np.ndarray:
+    """A textured grey image: random ellipses and bars of random grey levels, lightly blurred."""
+    rng = np.random.default_rng(seed)
+    img = np.full(size, 128, np.uint8)
+    for _ in range(120):
+        centre = (int(rng.integers(0, size[1])), int(rng.integers(0, size[0])))
+        axes = (int(rng.integers(4, 30)), int(rng.integers(4, 30)))
+        cv2.ellipse(img, centre, axes, float(rng.uniform(0, 180)), 0, 360, int(rng.integers(0, 256)), -1)
+    return cv2.GaussianBlur(img, (0, 0), 1.0)
+
+
+def rotated_scaled(img: np.ndarray, degrees: float, scale: float) -> np.ndarray:
+    h, w = img.shape
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), degrees, scale)
+    return cv2.warpAffine(img, m, (w, h), borderValue=128)
+
+
+@pytest.mark.parametrize("geometry", ["homography", "similarity"])
+def test_a_pattern_matches_its_rotated_scaled_copy_and_not_another_pattern(geometry):
+    a, b = pattern(1), pattern(2)
+    copy = rotated_scaled(a, 25, 0.8)
+    matcher = rerank.Matcher(False, 0.8, geometry, 8.0)
+
+    def feats(img):
+        pts, desc = keypoints.features(img, "sift", 300)
+        assert desc.dtype == np.uint8 and len(pts) > 100
+        return pts.astype(np.float32), matcher.prepare(desc)
+
+    fa, fcopy, fb = feats(a), feats(copy), feats(b)
+    same, qxy, gxy = matcher.match(fa, fcopy)
+    other, _, _ = matcher.match(fa, fb)
+    assert same >= 40, same
+    assert other <= 8, other
+    # the inliers obey the transform that made the copy
+    h, w = a.shape
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), 25, 0.8)
+    moved = qxy @ m[:, :2].T + m[:, 2]
+    assert np.median(np.linalg.norm(moved - gxy, axis=1)) < 3
+
+
+def test_root_sift_is_unit_length_and_survives_uint8_storage():
+    _, desc = keypoints.features(pattern(3), "sift", 50)
+    back = keypoints.as_float(desc)
+    assert np.allclose(np.linalg.norm(back, axis=1), 1, atol=1e-4)
+    detector = cv2.SIFT_create(nfeatures=50)
+    _, raw = detector.detectAndCompute(pattern(3), None)
+    exact = keypoints.root_sift(raw)
+    assert np.allclose(np.linalg.norm(exact, axis=1), 1, atol=1e-3)
+    # each stored descriptor is within the rounding (1/512 steps) of a full-precision one
+    nearest = np.sqrt(np.maximum(0, 2 - 2 * back @ exact.T)).min(axis=1)
+    assert np.median(nearest) < 0.01 and nearest.max() < 0.02, nearest
+
+
+def test_orb_features_match_a_rotated_copy_too():
+    method = "orb"
+    a = pattern(4)
+    copy = rotated_scaled(a, 15, 0.9)
+    matcher = rerank.Matcher(True, 0.8, "homography", 8.0)
+    fa, fc, fb = (keypoints.features(x, method, 300) for x in (a, copy, pattern(5)))
+    same = matcher.match((fa[0].astype(np.float32), fa[1]), (fc[0].astype(np.float32), fc[1]))[0]
+    other = matcher.match((fa[0].astype(np.float32), fa[1]), (fb[0].astype(np.float32), fb[1]))[0]
+    assert same >= 20 and other <= 8, (same, other)
+
+
+def test_logistic_calibration_on_constructed_scores():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, 4000)
+    truth_a, truth_b = 10.0, -6.0
+    y = rng.uniform(size=x.size) < rerank.sigmoid(truth_a * x + truth_b)
+    a, b = rerank.fit_logistic(x, y)
+    assert abs(a - truth_a) < 1.5 and abs(b - truth_b) < 1.0, (a, b)
+    # separable data: finite weights, probabilities in the right order
+    a, b = rerank.fit_logistic([0, 0.1, 0.2, 0.8, 0.9, 1.0], [0, 0, 0, 1, 1, 1])
+    assert np.isfinite(a) and a > 0 and rerank.sigmoid(a * 0.9 + b) > 0.8 > 0.2 > rerank.sigmoid(a * 0.1 + b)
+    # one class only: the (clipped) prior, whatever x
+    a, b = rerank.fit_logistic([0.2, 0.5], [0, 0])
+    assert a == 0 and rerank.sigmoid(b) == pytest.approx(1e-3)
+
+
+def constructed_queries(n=200, ids=30, seed=0):
+    """Rankings of 10 ids per query where the embedding puts the truth at a random rank and the local
+    score (inliers) is high for the truth: fusion must lift the truth to the top."""
+    rng = np.random.default_rng(seed)
+    names, truths, rankings, inliers = [], [], [], []
+    for q in range(n):
+        labels = [f"id{i}" for i in rng.choice(ids, 10, replace=False)]
+        truth = labels[int(rng.integers(0, 10))]
+        scores = sorted(rng.uniform(0.5, 0.9, 10), reverse=True)
+        counts = np.array([rng.integers(25, 60) if lab == truth else rng.integers(0, 9) for lab in labels], np.float32)
+        names.append(f"q{q}.jpg")
+        truths.append(truth)
+        rankings.append((labels, list(scores)))
+        inliers.append(counts)
+    return names, truths, rankings, inliers
+
+
+def test_fusion_lifts_verified_ids_and_is_cross_fitted():
+    names, truths, rankings, inliers = constructed_queries()
+    fusion = rerank.fit(rankings, inliers, truths, 10)
+    assert fusion.pairs == 2000 and fusion.same == 200 and fusion.local[0] > 0
+    fused = rerank.cross_fitted(rankings, inliers, truths, names, 10, 5)
+    assert np.mean([labels[0] == t for (labels, _), t in zip(fused, truths)]) > 0.95
+    assert np.mean([labels[0] == t for (labels, _), t in zip(rankings, truths)]) < 0.3
+    # a query's own label never enters the fusion that scores it: relabelling it changes nothing of its own
+    changed = list(truths)
+    changed[7] = "nobody"
+    again = rerank.cross_fitted(rankings, inliers, changed, names, 10, 5)
+    assert again[7] == fused[7]
+
+
+def test_predict_refuses_to_fuse_without_a_validation_calibration(tmp_path):
+    from whaleid.pipeline.stage import StageError
+    (tmp_path / "calibration.json").write_text('{"method": "none"}')
+    with pytest.raises(StageError, match="run whaleid evaluate"):
+        rerank.for_predict(None, tmp_path / "calibration.json", None)

@@ -1,0 +1,67 @@
+"""Re-ranking in the pipeline (issue 23): the rerank settings rerun evaluate and predict and nothing
+upstream, the fusion predict applies is evaluate's (fitted on validation, not on test photos), and a
+killed keypoints stage resumes from its committed chunks."""
+import json
+import signal
+
+from whaleid.pipeline.stage import PARTIAL
+
+from conftest import ROOT, whaleid
+from test_resume import artifacts, kill_group, preprocess_args, start
+
+TINY = ["--config", str(ROOT / "configs/scratch.toml"), "--set", "model.backbone=tiny", "--set", "run.image_size=48",
+        "--set", "train.epochs=2", "--set", "train.batch_size=16", "--quiet"]
+LOCAL = ["--set", "rerank.method=local"]
+UPSTREAM = ("dedup", "format", "boxes", "augment", "split", "keypoints", "train")
+
+
+def test_rerank_settings_rerun_evaluate_and_predict_only(tiny_set, tmp_path):
+    work = tmp_path / "work"
+    whaleid("train", "--data", tiny_set, "--work", work, *TINY)
+    out = whaleid("evaluate", "--work", work, *TINY, *LOCAL)
+    assert "[keypoints] running" in out and "[train] up to date" in out, out
+    assert "re-ranking 20 ids by local features" in out
+    metrics = json.loads((work / "evaluate/metrics.json").read_text())["rerank"]
+    assert metrics["method"] == "local" and {"map5", "closed_top1"} <= set(metrics["with"]) & set(metrics["without"])
+    whaleid("predict", "--work", work, *TINY, *LOCAL)
+    calibration = (work / "evaluate/calibration.json").read_bytes()
+    assert json.loads(calibration)["method"] == "local"
+    # predict reads evaluate's calibration as an input; evaluate reads no test photo
+    inputs = json.loads((work / "predict/manifest.json").read_text())["inputs"]
+    assert {"file/calibration.json", "file/keypoints.npz", "file/test_keypoints.npz"} <= set(inputs)
+    inputs = json.loads((work / "evaluate/manifest.json").read_text())["inputs"]
+    assert "file/keypoints.npz" in inputs and not any("test" in k for k in inputs), inputs
+
+    fewer = [*LOCAL, "--set", "rerank.candidates=3"]
+    out = whaleid("evaluate", "--work", work, *TINY, *fewer)
+    assert "[evaluate] running (setting rerank.candidates changed" in out, out
+    assert all(f"[{s}] up to date" in out for s in UPSTREAM), out
+    out = whaleid("predict", "--work", work, *TINY, *fewer)
+    assert "[predict] running (setting rerank.candidates changed" in out, out
+    assert all(f"[{s}] up to date" in out for s in UPSTREAM + ("test_keypoints",)), out
+    assert json.loads((work / "evaluate/metrics.json").read_text())["rerank"]["candidates"] == 3
+
+    # back to no re-ranking: predict reruns, reading no keypoints; nothing upstream runs
+    out = whaleid("predict", "--work", work, *TINY)
+    assert "[predict] running (setting rerank" in out and "keypoints" not in out, out
+    assert "file/keypoints.npz" not in json.loads((work / "predict/manifest.json").read_text())["inputs"]
+
+
+def test_a_killed_keypoints_stage_resumes_with_identical_features(tiny_set, tmp_path):
+    args = ["--set", "rerank.method=local"]
+    reference = tmp_path / "reference"
+    whaleid(*preprocess_args(tiny_set, reference), *args)
+    work = tmp_path / "work"
+    proc = start(preprocess_args(tiny_set, work) + args, env={"WHALEID_FAULT": "keypoints.chunk@2"})
+    proc.communicate(timeout=300)
+    kill_group(proc)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (work / "keypoints/manifest.json").exists()
+    assert len(list((work / "keypoints" / PARTIAL).glob("*"))) >= 2
+    out = whaleid(*preprocess_args(tiny_set, work), *args)
+    assert "[keypoints] running (interrupted run" in out and "kept from the interrupted run" in out, out
+    m = json.loads((work / "keypoints/manifest.json").read_text())
+    part = m["partial"]["local features"]
+    assert m["resumed"] and part["kept"] >= 2 and part["computed"] == part["chunks"] - part["kept"]
+    assert m["counts"]["photos"] > 50 and m["counts"]["keypoints"] > 1000, m["counts"]
+    assert artifacts(work, ["keypoints"]) == artifacts(reference, ["keypoints"])

@@ -1,0 +1,196 @@
+"""keypoints: local features of every photo that scoring can use, for re-ranking (rerank.py).
+
+Inputs:    format/train.csv + new_whale.csv, boxes/BB_TRAIN.csv, the data folder's train/ (keypoints);
+           format/test.csv, boxes/BB_TEST.csv, test/ (test_keypoints)
+Artifacts: keypoints.npz  names, per-photo offsets into points (x, y in the crop, float16) and
+                          descriptors (uint8: RootSIFT x 512, or ORB's bits), crop sizes; with
+                          mirrors (train.flip_ids and predict.mirror_is_same) the same of each
+                          photo's mirror image under m_*
+
+Each photo is cropped to its box (+ augment.margin) and resized so its longer side is keypoints.side,
+keeping its aspect (geometric verification needs the true shape), then keypoints.method's features,
+at most keypoints.max_points of the strongest, are computed. A stage of its own rather than part of
+augment: augment feeds training, so a keypoint setting there would retrain the model; and test photos,
+which augment never sees, need features too. Two stages run this module: keypoints (training photos:
+gallery and validation queries) and test_keypoints (test photos, for predict only), so a changed test
+photo never reruns evaluate. They run only when rerank.method = local (pipeline/stages.py: wanted).
+"""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from . import augment
+from ..pipeline import images
+from ..pipeline.stage import Run, StageError, atomic_path
+
+SIFT_SCALE = 512.0  # RootSIFT components lie in [0, ~0.5]: x 512 fits uint8 with 1/512 steps
+_DETECTORS: dict = {}
+
+
+def detector(method: str, max_points: int):
+    """One OpenCV detector per process and settings (creating SIFT per photo costs time)."""
+    key = (method, max_points)
+    if key not in _DETECTORS:
+        if method == "sift":
+            _DETECTORS[key] = cv2.SIFT_create(nfeatures=max_points)
+        elif method == "orb":
+            _DETECTORS[key] = cv2.ORB_create(nfeatures=max_points)
+        else:
+            raise ValueError(f"unknown keypoint method {method!r}")
+    return _DETECTORS[key]
+
+
+def binary(method: str) -> bool:
+    """ORB's descriptors are bit strings (Hamming distance); SIFT's are vectors."""
+    return method != "sift"
+
+
+def root_sift(desc: np.ndarray) -> np.ndarray:
+    """RootSIFT (Arandjelovic & Zisserman 2012): L1-normalise, square root; unit L2 norm, so the
+    Euclidean distance of RootSIFT is the Hellinger kernel of SIFT."""
+    desc = np.asarray(desc, np.float32)
+    return np.sqrt(desc / (desc.sum(1, keepdims=True) + 1e-7))
+
+
+def features(grey: np.ndarray, method: str, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """(points (n, 2) float16 x, y; descriptors (n, D) uint8), the max_points strongest."""
+    points, desc = detector(method, max_points).detectAndCompute(grey, None)
+    if desc is None or not points:
+        return np.zeros((0, 2), np.float16), np.zeros((0, 32 if binary(method) else 128), np.uint8)
+    if len(points) > max_points:  # SIFT may keep ties beyond nfeatures
+        keep = np.argsort([-p.response for p in points], kind="stable")[:max_points]
+        points, desc = [points[i] for i in keep], desc[keep]
+    xy = np.float32([p.pt for p in points]).astype(np.float16)
+    if method == "sift":
+        desc = np.clip(np.round(root_sift(desc) * SIFT_SCALE), 0, 255).astype(np.uint8)
+    return xy, np.ascontiguousarray(desc, np.uint8)
+
+
+def as_float(desc: np.ndarray) -> np.ndarray:
+    """Stored RootSIFT back to unit float32 vectors."""
+    d = desc.astype(np.float32)
+    return d / (np.linalg.norm(d, axis=1, keepdims=True) + 1e-7)
+
+
+def crop_photo(path, box, margin: float, side: int) -> np.ndarray:
+    """The photo cropped to box + margin, longer side resized to `side`, aspect kept; grey uint8."""
+    rgb, (x0, y0, x1, y1) = augment.decode_for_crop(Path(path), box, side)
+    h, w = rgb.shape[:2]
+    mx, my = margin * (x1 - x0), margin * (y1 - y0)
+    x0, y0 = max(0, int(round(x0 - mx))), max(0, int(round(y0 - my)))
+    x1, y1 = min(w, int(round(x1 + mx))), min(h, int(round(y1 + my)))
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        x0, y0, x1, y1 = 0, 0, w, h
+    grey = cv2.cvtColor(np.ascontiguousarray(rgb[y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY)
+    scale = side / max(grey.shape)
+    size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
+    return cv2.resize(grey, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+
+
+def _one(job, margin: float, side: int, method: str, max_points: int, mirror: bool):
+    """Worker: (image, (points, desc, size, mirror points, mirror desc) or None, error)."""
+    image, path, box = job
+    try:
+        grey = crop_photo(path, box, margin, side)
+    except images.BadImage as e:
+        return image, None, str(e)
+    pts, desc = features(grey, method, max_points)
+    m = features(np.ascontiguousarray(grey[:, ::-1]), method, max_points) if mirror else (None, None)
+    return image, (pts, desc, grey.shape[::-1], m[0], m[1]), None
+
+
+class Store:
+    """keypoints.npz files read back: features of a photo by name (empty arrays for a photo without any)."""
+
+    def __init__(self, *paths: Path):
+        self.parts = []
+        for path in paths:
+            with np.load(path, allow_pickle=False) as z:
+                self.parts.append({k: z[k] for k in z.files})
+        self.method = str(self.parts[0]["method"])
+        self.index = {str(n): (j, i) for j, part in enumerate(self.parts) for i, n in enumerate(part["names"])}
+        self.mirrored = all("m_offsets" in part for part in self.parts)
+
+    def __contains__(self, image: str) -> bool:
+        return image in self.index
+
+    def get(self, image: str, mirror: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        p = "m_" if mirror else ""
+        j, i = self.index.get(image, (0, None))
+        part = self.parts[j]
+        if i is None:
+            return np.zeros((0, 2), np.float32), part[p + "desc"][:0]
+        a, b = part[p + "offsets"][i:i + 2]
+        return part[p + "points"][a:b].astype(np.float32), part[p + "desc"][a:b]
+
+    def size(self, image: str) -> tuple[int, int]:
+        j, i = self.index[image]
+        return tuple(int(v) for v in self.parts[j]["sizes"][i])
+
+
+def store_path(session, stage: str) -> Path:
+    """A keypoint stage's features; an error naming the stage when it has not run."""
+    path = session.dir(stage) / "keypoints.npz"
+    if session.manifest(stage) is None or not path.exists():
+        raise StageError(f"{path} is missing: the {stage} stage has not run (rerank.method = local runs it)")
+    return path
+
+
+def pack(results: list, method: str, mirror: bool) -> dict[str, np.ndarray]:
+    """[(image, points, desc, size, m_points, m_desc)] -> the npz's arrays."""
+    out = {"names": np.array([r[0] for r in results], dtype=str), "method": np.array(method),
+           "sizes": np.array([r[3] for r in results], np.int32).reshape(-1, 2)}
+    width = 128 if method == "sift" else 32
+    for prefix, (pi, di) in (("", (1, 2)), ("m_", (4, 5))) if mirror else (("", (1, 2)),):
+        counts = [len(r[pi]) for r in results]
+        out[prefix + "offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        pts = [r[pi] for r in results if len(r[pi])]
+        desc = [r[di] for r in results if len(r[di])]
+        out[prefix + "points"] = np.concatenate(pts) if pts else np.zeros((0, 2), np.float16)
+        out[prefix + "desc"] = np.concatenate(desc) if desc else np.zeros((0, width), np.uint8)
+    return out
+
+
+def write_store(run: Run, name: str, arrays: dict) -> Path:
+    with atomic_path(run.path(name)) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    return run.path(name)
+
+
+def compute(run: Run, tables: tuple[str, ...], box_file: str) -> dict:
+    """Features of the photos of format's `tables` that have a box in `box_file`."""
+    method = run.setting("keypoints.method")
+    mirror = run.setting("train.flip_ids") and run.setting("predict.mirror_is_same")
+    photos = pd.concat([run.read_csv("format", n) for n in tables], ignore_index=True).drop_duplicates("Image")
+    boxes = run.read_csv("boxes", box_file).drop_duplicates("Image").set_index("Image")
+    photos = photos[photos.Image.isin(boxes.index)]
+    jobs = [(r.Image, str(run.data / r.folder / r.Image),
+             tuple(int(v) for v in boxes.loc[r.Image, ["x0", "y0", "x1", "y1"]])) for r in photos.itertuples()]
+    work = partial(_one, margin=run.setting("augment.margin"), side=run.setting("keypoints.side"),
+                   method=method, max_points=run.setting("keypoints.max_points"), mirror=mirror)
+    results = []
+    for image, got, error in run.map_resumable(work, jobs, "local features", key=lambda job: job[0], chunk=64):
+        if error:
+            run.skip(image, error)
+            continue
+        results.append((image, *got))
+    arrays = pack(results, method, mirror)
+    write_store(run, "keypoints.npz", arrays)
+    n = np.diff(arrays["offsets"])
+    return {"photos": len(results), "keypoints": int(n.sum()), "median_per_photo": float(np.median(n)) if len(n) else 0,
+            "mirrored": bool(mirror)}
+
+
+def run_train(run: Run) -> dict:
+    """The training photos: the gallery and evaluate's validation queries (new_whale photos too)."""
+    return compute(run, ("train.csv", "new_whale.csv"), "BB_TRAIN.csv")
+
+
+def run_test(run: Run) -> dict:
+    return compute(run, ("test.csv",), "BB_TEST.csv")
