@@ -204,11 +204,8 @@ def evaluate(tune_threshold, submission_file, solution_file, one_shot, **kw):
     if "share_map5" in m:
         click.echo(f"  threshold {m['share_threshold']:.3f} by share ({m['share']:.0%} new_whale first): "
                    f"MAP@5 {m['share_map5']:.4f}")
-    r = m.get("rerank") or {}
-    if "with" in r:
-        a, b = r["without"], r["with"]
-        click.echo(f"  re-ranking {r['candidates']} ids by local features: best MAP@5 {a['map5']:.4f} -> {b['map5']:.4f}, "
-                   f"closed-set top-1 {a['closed_top1']} -> {b['closed_top1']} (cross-fitted on validation halves)")
+    if "summary" in (m.get("rerank") or {}):  # what re-ranking buys (scoring/rerank.py)
+        click.echo(m["rerank"]["summary"])
     v = m.get("verification") or {}
     if v.get("auc") is not None:
         b = v["at_best_threshold"]

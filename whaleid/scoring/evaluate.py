@@ -19,7 +19,7 @@ Inputs:    split/split.csv, augment/images/ + TRAINING_FILE_FINAL.csv, train/mod
 Artifacts: metrics.json          MAP@5, top-1, the all-new_whale baseline, at the configured threshold
                                  and at the best one of the sweep; verification; one_shot
            threshold_sweep.csv   MAP@5 for every threshold 0.00 .. 1.00 and 1.01 (above every score)
-           val_predictions.csv   Image, truth, answer; top_id, top_score: the best id and its score
+           val_predictions.csv   Image, truth, answer; top_id, top_score: the embedding's best id and score
                                  (before the threshold), what identify's review page says a score means
            calibration.json      rerank.method = local: the fusion fitted on these validation queries
                                  (rerank.py; predict reads it); metrics.json's "rerank" compares
@@ -89,11 +89,12 @@ def run(run: Run) -> dict:
         names.append(image)
     merge, k = run.setting("predict.merge"), run.setting("predict.top_k")
     rankings = [submission.ranked(p, classes, merge, k) for p in probs]  # merged once, thresholds after
-    rerank_info = {"method": "none"}
+    rerank_info, plain = {"method": "none"}, rankings  # plain: the embedding's (identify's scores)
     if run.setting("rerank.method") != "none":  # (rerank.py) fused, fitted on the other half of the queries
-        plain, (rankings, fusion) = rankings, rerank.evaluated(run, probs, classes, truths, names, gallery, merge, k)
+        rankings, fusion = rerank.evaluated(run, probs, classes, truths, names, gallery, merge, k)
         rerank_info = {"method": "local", "candidates": run.setting("rerank.candidates"),
                        "without": best_of(plain, truths, k), "with": best_of(rankings, truths, k), "fusion": fusion}
+        rerank_info["summary"] = rerank.summary_line(rerank_info)
     sweep = pd.DataFrame([(float(thr), submission.map5(truths, answers_at(rankings, thr, k))) for thr in SWEEP],
                          columns=["threshold", "map5"])
     best = sweep.loc[sweep.map5.idxmax()]
@@ -120,8 +121,8 @@ def run(run: Run) -> dict:
     run.write_csv("threshold_sweep.csv", sweep)
     run.write_csv("val_predictions.csv", pd.DataFrame({"Image": names, "truth": truths,
                                                        "answer": [" ".join(p) for p in preds],
-                                                       "top_id": [r[0][0] for r in rankings],
-                                                       "top_score": [round(float(r[1][0]), 4) for r in rankings]}))
+                                                       "top_id": [r[0][0] for r in plain],
+                                                       "top_score": [round(float(r[1][0]), 4) for r in plain]}))
     out = {"map5": metrics["map5"], "best_threshold": metrics["best_threshold"], "best_map5": metrics["best_map5"],
            **{f"{w}_rerank_{m}": rerank_info[w][m] for w in ("without", "with") if w in rerank_info
               for m in ("map5", "closed_top1")},

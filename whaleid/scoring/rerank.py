@@ -253,6 +253,13 @@ def cross_fitted(rankings: list, inliers: list, truths: list[str], names: list[s
 
 # ---------------------------------------------------------------- evaluate and predict
 
+def summary_line(r: dict) -> str:
+    """evaluate's line on what re-ranking buys (metrics.json's "rerank")."""
+    a, b = r["without"], r["with"]
+    return (f"  re-ranking {r['candidates']} ids by local features: best MAP@5 {a['map5']:.4f} -> {b['map5']:.4f}, "
+            f"closed-set top-1 {a['closed_top1']} -> {b['closed_top1']} (cross-fitted on validation halves)")
+
+
 def evaluated(run, probs: list, classes, truths: list[str], names: list[str], gallery, merge: str, k: int):
     """evaluate: (re-ranked validation queries (cross-fitted), the fusion fitted on all of them, as JSON).
     `gallery`: the training split's files (File, Image, Id), whose photos are the candidates' photos."""
