@@ -4,7 +4,10 @@ killed keypoints stage resumes from its committed chunks."""
 import json
 import signal
 
+import pandas as pd
+
 from whaleid.pipeline.stage import PARTIAL
+from whaleid.report import match_pairs, report
 
 from conftest import ROOT, whaleid
 from test_resume import artifacts, kill_group, preprocess_args, start
@@ -31,6 +34,15 @@ def test_rerank_settings_rerun_evaluate_and_predict_only(tiny_set, tmp_path):
     assert {"file/calibration.json", "file/keypoints.npz", "file/test_keypoints.npz"} <= set(inputs)
     inputs = json.loads((work / "evaluate/manifest.json").read_text())["inputs"]
     assert "file/keypoints.npz" in inputs and not any("test" in k for k in inputs), inputs
+
+    # the report's predictions sheet draws each candidate with its best photo and the inliers joined
+    pairs = match_pairs.for_work(work, tiny_set)
+    preds = pd.read_csv(work / "predict/predictions.csv", dtype=str)
+    image, top = preds.Image[0], next(i for i in preds.Id[0].split() if i != "new_whale")
+    picture, caption = pairs.draw(image, top)
+    assert "inliers with" in caption and picture.width > 1.5 * picture.height, caption
+    index = report.write_report(work, tiny_set, out=tmp_path / "report", sample=4, seed=0)
+    assert (tmp_path / "report/predictions.png").is_file() and "Not shown" not in index.read_text().split("redictions")[-1]
 
     fewer = [*LOCAL, "--set", "rerank.candidates=3"]
     out = whaleid("evaluate", "--work", work, *TINY, *fewer)

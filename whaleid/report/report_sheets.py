@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from . import match_pairs
 from .drawing import BG, BLUE, GREEN, GREY, INK, PANEL, RED, fit, font, scalable
 from ..pipeline.stage import MANIFEST
 from ..pipeline.tables import NEW_WHALE
@@ -337,7 +338,7 @@ def section_predictions(work: Path, data: Path | None, photos: Photos, w: Writer
     except Missing as e:
         train = pd.DataFrame(columns=["Image", "Id"])
         parts.append(note(f"No training photos to show for the predicted ids: {e}"))
-    box_of = {"train": {}, "test": {}}
+    box_of, pairs = {"train": {}, "test": {}}, match_pairs.for_work(work, data)
     full_train = set()
     for name, split in BOX_FILES:
         try:
@@ -384,6 +385,11 @@ def section_predictions(work: Path, data: Path | None, photos: Photos, w: Writer
             if ident == NEW_WHALE:
                 tiles.append(_tile(None, [f"#{k} new_whale{mark}", "no known individual"], placeholder=NEW_WHALE,
                                    frame=frame, line_colors={0: GREEN} if hit else None, nlines=3))
+                continue
+            drawn = pairs.draw(image, ident) if pairs else None  # re-ranked: the inliers with its best photo
+            if drawn is not None:
+                tiles.append(_tile(drawn[0], [f"#{k} {ident}{mark}", drawn[1]], frame=frame, nlines=3,
+                                   size=(2 * TILE[0], TILE[1]), line_colors={0: GREEN} if hit else None))
                 continue
             photo = photo_of.get(ident)
             got = photos.load(photo, "train", want) if photo else None

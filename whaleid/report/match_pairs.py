@@ -1,0 +1,82 @@
+"""The predictions sheet's view of re-ranking (scoring/rerank.py): a test photo and its candidate id's
+best-matching gallery photo side by side, the RANSAC inliers joined by lines, so a user sees which
+pattern points made the match (and can tell a fluke's notch from a matched wave).
+
+Read from the work folder as predict left it: its recorded rerank settings, the keypoint stages'
+features, boxes and format tables; the photos are cropped exactly as the keypoint stages cropped them.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+from ..preprocess.keypoints import Store, binary, crop_photo
+from ..scoring.rerank import Matcher, Reranker
+from .drawing import GREEN, ORANGE
+
+GAP = 8          # px between the two photos
+MAX_LINES = 60   # inlier lines drawn (the rest would hide the photos)
+
+
+class Pairs:
+    """draw(test photo, id) -> (image, caption) or None, for a work folder whose predict re-ranked."""
+
+    def __init__(self, work: Path, data: Path, settings: dict, margin: float, side: int):
+        self.data, self.margin, self.side = Path(data), margin, side
+        store = Store(work / "keypoints" / "keypoints.npz", work / "test_keypoints" / "keypoints.npz")
+        train = pd.read_csv(work / "format" / "train.csv", dtype=str, keep_default_na=False)
+        photos_of: dict[str, list[str]] = {}
+        for image, ident in zip(train.Image, train.Id):
+            photos_of.setdefault(ident, []).append(image)
+        matcher = Matcher(binary(store.method), settings["rerank.ratio"], settings["rerank.geometry"],
+                          settings["rerank.ransac_px"])
+        mirror = bool(settings.get("train.flip_ids") and settings.get("predict.mirror_is_same"))
+        self.reranker = Reranker(store, photos_of, matcher, settings["rerank.candidates"], mirror)
+        self.boxes = {}
+        for name in ("BB_TRAIN.csv", "BB_TEST.csv"):
+            df = pd.read_csv(work / "boxes" / name, dtype={"Image": str})
+            self.boxes.update({r.Image: (int(r.x0), int(r.y0), int(r.x1), int(r.y1)) for r in df.itertuples()})
+
+    def draw(self, query: str, ident: str):
+        n, photo, mirrored, qxy, gxy = self.reranker.best(query, ident)
+        if photo is None or query not in self.boxes or photo not in self.boxes:
+            return None
+        try:
+            q = crop_photo(self.data / "test" / query, self.boxes[query], self.margin, self.side)
+            g = crop_photo(self.data / "train" / photo, self.boxes[photo], self.margin, self.side)
+        except Exception:  # noqa: BLE001 - a photo that no longer decodes: the sheet shows the plain tile
+            return None
+        return pair_image(q[:, ::-1] if mirrored else q, g, qxy, gxy), \
+            f"{n} inliers with {photo}" + (" (query mirrored)" if mirrored else "")
+
+
+def pair_image(q: np.ndarray, g: np.ndarray, qxy: np.ndarray, gxy: np.ndarray) -> Image.Image:
+    """Two grey crops side by side (tops aligned), inliers as dots joined by lines."""
+    h = max(q.shape[0], g.shape[0])
+    canvas = Image.new("RGB", (q.shape[1] + GAP + g.shape[1], h), (255, 255, 255))
+    canvas.paste(Image.fromarray(q).convert("RGB"), (0, 0))
+    canvas.paste(Image.fromarray(g).convert("RGB"), (q.shape[1] + GAP, 0))
+    d = ImageDraw.Draw(canvas)
+    shift = q.shape[1] + GAP
+    for i, ((x0, y0), (x1, y1)) in enumerate(zip(qxy, gxy)):
+        if i < MAX_LINES:
+            d.line([(x0, y0), (x1 + shift, y1)], fill=GREEN, width=2)
+        for x, y in ((x0, y0), (x1 + shift, y1)):
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], outline=ORANGE, width=2)
+    return canvas
+
+
+def for_work(work: Path, data: Path | None) -> Pairs | None:
+    """Pairs when predict re-ranked by local features and its inputs are still there, else None."""
+    try:
+        settings = json.loads((Path(work) / "predict" / "manifest.json").read_text())["settings"]
+        if data is None or settings.get("rerank.method", "none") == "none":
+            return None
+        kp = json.loads((Path(work) / "keypoints" / "manifest.json").read_text())["settings"]
+        return Pairs(Path(work), Path(data), settings, kp["augment.margin"], kp["keypoints.side"])
+    except (OSError, ValueError, KeyError):
+        return None
