@@ -19,6 +19,7 @@ a later batch with the same model = 2 + 3 (the gallery is cached). Prints each p
 """
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 CATALOGUE, BATCH = 25_000, 1_000
 
 
@@ -67,10 +69,12 @@ def batch_folder(d: Path, n: int) -> Path:
 
 def growth(work: Path, gallery_files: int, small: int, photos: int, versions: int, top: int) -> tuple[float, int]:
     """Seconds the batch's catalogue-sized parts take at `gallery_files` minus at `small` files."""
-    from whaleid.catalogue.identify import best_photos
-    from whaleid.learning import model as models
-    from whaleid.ranking.retrieval import GalleryScorer
-    from whaleid.scoring.scoring import Embedder
+    from whaleid.pipeline.files import quiet_native_startup
+    with quiet_native_startup():  # TensorFlow's load-time lines
+        from whaleid.catalogue.identify import best_photos
+        from whaleid.learning import model as models
+        from whaleid.ranking.retrieval import GalleryScorer
+        from whaleid.scoring.scoring import Embedder
     embedder = Embedder(models.load_model(work / "train" / "model.keras"))
     dim = int(np.load(work / "gallery" / "vectors.npy").shape[1])
     rng = np.random.default_rng(0)
