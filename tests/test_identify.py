@@ -75,7 +75,7 @@ def day1(catalogue, tmp_path_factory):
     dest = tmp_path_factory.mktemp("batches") / "day1"
     truth = batch_folder(data, who, dest, known[:8] + unseen[:4])
     out = whaleid("identify", "--work", work, "--photos", dest, "--top", "3", "--quiet")
-    return out, truth
+    return out, truth, dest
 
 
 def first_rows(work, batch):
@@ -85,7 +85,7 @@ def first_rows(work, batch):
 
 def test_identify_ranks_known_individuals_first_and_flags_new_ones(catalogue, day1):
     work, _, _ = catalogue
-    out, truth = day1
+    out, truth, _ = day1
     assert "[gallery] running" in out and "identify: 12 photos ranked (1 files skipped)" in out
     folder = work / "identify" / "day1"
     skipped = pd.read_csv(folder / "skipped.csv")
@@ -133,7 +133,7 @@ def decisions_file(path, rows):
 
 def test_accept_grows_the_catalogue_and_refuses_a_bad_decision_file(catalogue, day1, tmp_path):
     work, data, _ = catalogue
-    _, truth = day1
+    _, truth, _ = day1
     photos = list(truth)
     known_photo = next(p for p in photos if truth[p] != UNSEEN)
     new_photo = next(p for p in photos if truth[p] == UNSEEN)
@@ -192,7 +192,7 @@ def test_an_accepted_new_individual_is_a_candidate_in_the_next_batch(catalogue, 
 
 def test_accept_into_a_data_folder_appends_its_train_csv(catalogue, day1, tmp_path):
     work, data, _ = catalogue
-    _, truth = day1
+    _, truth, _ = day1
     into = tmp_path / "data"
     shutil.copytree(data, into)
     photo = [p for p in truth if truth[p] != UNSEEN][1]
@@ -205,6 +205,28 @@ def test_accept_into_a_data_folder_appends_its_train_csv(catalogue, day1, tmp_pa
     source = pd.read_csv(work / "identify" / "day1" / "photos.csv", dtype=str).set_index("photo").source[photo]
     assert ident == truth[photo] and (into / "train" / image).read_bytes() == open(source, "rb").read()
     assert not (work / "catalogue" / "train" / image).exists(), "with --into the photo goes to the data folder only"
+
+
+def test_rerank_local_reranks_a_batch_as_predict_does(catalogue, day1, tmp_path):
+    """rerank.method = local (remembered by evaluate, which fits the fusion): the batch's photos get
+    local features and fused scores; the catalogue's vectors stay cached (the setting is not theirs)."""
+    work, data, _ = catalogue
+    _, truth, folder = day1
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy)
+    shutil.rmtree(copy / "identify" / "day1")
+    whaleid("evaluate", "--work", copy, "--data", data, "--set", "rerank.method=local", "--quiet")
+    assert json.loads((copy / "evaluate" / "calibration.json").read_text())["method"] == "local"
+    out = whaleid("identify", "--work", copy, "--photos", folder, "--top", "3", "--quiet")
+    assert "[gallery] up to date" in out and "re-ranked by local features" in out
+    from whaleid.preprocess.keypoints import Store
+    store = Store(copy / "identify" / "day1" / "keypoints.npz")
+    assert all(f"batch:{p}" in store for p in truth)
+    m = pd.read_csv(copy / "identify" / "day1" / "matches.csv", dtype={"photo": str, "id": str})
+    assert m.score.between(0, 1).all() and (m.precision.isna()).all(), "fused scores: no validation precision"
+    first = first_rows(copy, "day1")
+    print(first)
+    assert np.mean([first.id[p] == t for p, t in truth.items() if t != UNSEEN]) >= 0.75
 
 
 def test_calibration_reads_precision_at_a_score_on_constructed_validation():
@@ -249,7 +271,7 @@ def card(browser, photo):
 def test_review_page_in_a_browser_decides_survives_a_reload_exports_and_is_accepted(catalogue, day1, tmp_path):
     from selenium.webdriver.common.by import By
     work, _, _ = catalogue
-    _, truth = day1
+    _, truth, _ = day1
     known_photo = [p for p in truth if truth[p] != UNSEEN][2]   # photos the other tests did not accept
     new_photo = [p for p in truth if truth[p] == UNSEEN][1]
     page = work / "identify" / "day1" / "review.html"

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import review
+from . import local, review
 from ..learning import model as models
 from ..pipeline import config, images
 from ..pipeline.files import StageError, work_lock, write_bytes
@@ -42,8 +42,7 @@ from ..scoring import scoring
 from .accept import ADDED, BATCHES, CATALOGUE, added_files
 
 EMBED_SETTINGS = ("run.image_size", "predict.batch_size", "model.head")
-# local re-ranking's settings, when this whaleid has them: a batch is scored as predict scores
-RERANK = tuple(f"rerank.{k}" for k in config.defaults().get("rerank", {}))
+RERANK = ("rerank.*", "keypoints.*")  # rerank.method = local: the batch re-ranked as predict does (local.py)
 
 
 def _save_vectors(run: Run, name: str, vectors: np.ndarray) -> None:
@@ -126,6 +125,8 @@ def _extra_inputs(photos: Path, session: Session) -> dict[str, Path]:
     for name in ("metrics.json", "val_predictions.csv"):  # the scores' meaning (review.calibration)
         if (session.dir("evaluate") / name).exists():
             out[f"evaluate/{name}"] = session.dir("evaluate") / name
+    if local.enabled(lambda key: config.get(session.cfg, key)):
+        out.update(local.inputs(session))
     return out
 
 
@@ -214,23 +215,28 @@ def batch_run(run: Run, photos: Path) -> dict:
     net = models.load_model(run.upstream("train", "model.keras"))
     scorer_model, classes = scoring.scorer(run, net, gallery[["File", "Image", "Id"]], embedded=G)
     jobs = [(r.photo, str(run.dir / r.crop), None) for r in table.itertuples()]
-    merge, rankings = run.setting("predict.merge"), {}
+    merge, rankings, reranking = run.setting("predict.merge"), {}, local.enabled(run.setting)
+    depth = max(top, run.setting("rerank.candidates")) if reranking else top
     for photo, probs, error in scoring.class_scores(run, scorer_model, jobs, run.setting("predict.batch_size"),
                                                     "TTA + model"):
         if error:
             run.skip(photo, error)
         else:
-            rankings[photo] = submission.ranked(probs, classes, merge, top)
+            rankings[photo] = submission.ranked(probs, classes, merge, depth)
+    table = table[table.photo.isin(rankings)].reset_index(drop=True)
+    if reranking:
+        rankings = local.reranked(run, rankings, table, gallery, top)
     share = run.setting("new_whale.share")
     thr = (submission.share_threshold([s[0] for _, s in rankings.values()], share) if share > 0 and rankings
            else scoring.threshold(run))
-    table = table[table.photo.isin(rankings)].reset_index(drop=True)
     embedder = scoring.Embedder(net)
     Q = _embed(run, net, [str(run.dir / c) for c in table.crop], "batch")
     _save_vectors(run, "vectors.npy", Q)
     cands = [rankings[p][0] for p in table.photo]
     best = best_photos(embedder, Q, G, gallery.Id.to_numpy(), cands) if len(table) else []
-    calib = review.calibration(run.work, scoring.model_digest(run))
+    calib = (review.Calibration(why="scores fused with local features (rerank.method = local): evaluate's "
+                                    "validation precision is for the embedding's scores, so none is shown")
+             if reranking else review.calibration(run.work, scoring.model_digest(run)))
     matches = []
     for i, photo in enumerate(table.photo):
         labels, scores = rankings[photo]
