@@ -224,6 +224,8 @@ def test_rerank_local_reranks_a_batch_as_predict_does(catalogue, day1, tmp_path)
     assert all(f"batch:{p}" in store for p in truth)
     m = pd.read_csv(copy / "identify" / "day1" / "matches.csv", dtype={"photo": str, "id": str})
     assert m.score.between(0, 1).all() and (m.precision.isna()).all(), "fused scores: no validation precision"
+    page = (copy / "identify" / "day1" / "review.html").read_text()
+    assert page.count("matched points with ") >= 1, "the matched points are drawn on the review page"
     first = first_rows(copy, "day1")
     print(first)
     assert np.mean([first.id[p] == t for p, t in truth.items() if t != UNSEEN]) >= 0.75

@@ -136,7 +136,7 @@ def batch_stage(batch: str, photos: Path) -> Stage:
                  artifacts=("photos.csv", "matches.csv", "vectors.npy", "crops/", "review.html"),
                  settings=TTA_SETTINGS + DETECT_SETTINGS + RERANK + ("augment.jpeg_quality", "boxes.import_csv",
                                                                      "identify.*"),
-                 upstream=("augment", "train", "gallery", "gallery_added"),
+                 upstream=("boxes", "augment", "train", "gallery", "gallery_added"),
                  extra_inputs=partial(_extra_inputs, photos))
 
 
@@ -224,8 +224,10 @@ def batch_run(run: Run, photos: Path) -> dict:
         else:
             rankings[photo] = submission.ranked(probs, classes, merge, depth)
     table = table[table.photo.isin(rankings)].reset_index(drop=True)
+    drawn, note = {}, ""
     if reranking:
-        rankings = local.reranked(run, rankings, table, gallery, top)
+        rankings, reranker = local.reranked(run, rankings, table, gallery, top)
+        drawn, note = local.pairs(run, reranker, table, rankings)
     share = run.setting("new_whale.share")
     thr = (submission.share_threshold([s[0] for _, s in rankings.values()], share) if share > 0 and rankings
            else scoring.threshold(run))
@@ -249,7 +251,7 @@ def batch_run(run: Run, photos: Path) -> dict:
                                              "catalogue_photo"])
     run.write_csv("matches.csv", matches)
     review.write(run.path("review.html"), run.stage.name.split("/", 1)[1], matches, thumbs, run.work, thr, calib,
-                 run.skipped)
+                 run.skipped, drawn, note)
     flagged = int(matches.drop_duplicates("photo").new_individual.sum()) if len(matches) else 0
     run.echo(f"{len(table)} photos ranked against {gallery.Id.nunique()} ids ({len(gallery)} catalogue files); "
              f"threshold {thr:.3f}: {flagged} look like new individuals")

@@ -3,6 +3,10 @@
 each photo's box) verified against the catalogue's (the keypoints stage's), by RANSAC inliers, and
 fused with the embedding score by the calibration evaluate fitted on validation. Photos accepted since
 training (gallery_added) have no local features: their inliers count 0, the embedding alone ranks them.
+
+For the review page, the best matching catalogue photo by local features of each of the first PAIRS
+candidates is drawn beside the new photo with the inliers joined (report/match_pairs.py's drawing),
+when the data folder the catalogue's photos are in is where WORK remembers it.
 """
 from __future__ import annotations
 
@@ -13,14 +17,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..pipeline import images
 from ..pipeline.stage import Run, StageError
 from ..pipeline.stages import CALIBRATION
+from ..pipeline.workfolder import read_record
 from ..preprocess import keypoints
 from ..preprocess.augment import FLIP
+from ..report.match_pairs import pair_image
 from ..scoring import rerank
+from .review import jpeg_bytes
 
 STORE = "keypoints.npz"   # WORK/identify/<batch>/keypoints.npz: the batch photos' local features
 PREFIX = "batch:"         # batch photos' names in the store (never a catalogue photo's name)
+PAIR_SIDE = 400           # px: the longer side of a drawn pair in the review page
+PAIRS = 3                 # candidates per photo drawn (each pair ~15 kB in the page)
 
 
 def enabled(get) -> bool:
@@ -62,8 +72,9 @@ def batch_features(run: Run, table: pd.DataFrame) -> Path:
     return keypoints.write_store(run, STORE, keypoints.pack(results, method, mirror))
 
 
-def reranked(run: Run, rankings: dict, table: pd.DataFrame, gallery: pd.DataFrame, k: int) -> dict:
-    """{photo: (ids, fused scores), k best} from {photo: (ids, embedding scores)} of rerank.candidates+ ids."""
+def reranked(run: Run, rankings: dict, table: pd.DataFrame, gallery: pd.DataFrame, k: int):
+    """({photo: (ids, fused scores), k best}, the Reranker) from {photo: (ids, embedding scores)} of
+    rerank.candidates+ ids."""
     fused_by = fusion(run)
     store = keypoints.Store(keypoints.store_path(run.session, "keypoints"), batch_features(run, table))
     photos_of: dict[str, list[str]] = {}
@@ -78,4 +89,38 @@ def reranked(run: Run, rankings: dict, table: pd.DataFrame, gallery: pd.DataFram
     counts = rerank.local_scores(run, reranker, [PREFIX + p for p in names], [rankings[p] for p in names])
     run.echo(f"re-ranked by local features: median {np.median([c[0] for c in counts]) if counts else 0:.0f} "
              f"inliers for the first candidate")
-    return {p: rerank.fused_ranking(rankings[p], n, fused_by, k) for p, n in zip(names, counts)}
+    return {p: rerank.fused_ranking(rankings[p], n, fused_by, k) for p, n in zip(names, counts)}, reranker
+
+
+def _pair(job, reranker, boxes: dict, train: Path, margin: float, side: int):
+    """Worker: (photo, {id: (JPEG of the pair with its inliers joined, caption)})."""
+    photo, source, box, ids = job
+    out = {}
+    for ident in ids:
+        n, match, mirrored, qxy, gxy = reranker.best(PREFIX + photo, ident)
+        if match is None or n == 0 or match not in boxes:
+            continue
+        try:
+            q = keypoints.crop_photo(source, box, margin, side)
+            g = keypoints.crop_photo(train / match, boxes[match], margin, side)
+        except images.BadImage:
+            continue
+        picture = pair_image(q[:, ::-1] if mirrored else q, g, qxy, gxy)
+        out[ident] = (jpeg_bytes(np.asarray(picture), side=PAIR_SIDE), f"{n} matched points with {match}"
+                      + (" (mirrored)" if mirrored else ""))
+    return photo, out
+
+
+def pairs(run: Run, reranker, table: pd.DataFrame, rankings: dict) -> tuple[dict, str]:
+    """({photo: {candidate id: (pair JPEG, caption)}}, a note when none could be drawn)."""
+    data = read_record(run.work).get("data")
+    if not data or not (Path(data) / "train").is_dir():
+        return {}, (f"matched points are drawn from the catalogue's photos, in the data folder WORK was run with "
+                    f"({data}), which is not here")
+    boxes = {r.Image: (int(r.x0), int(r.y0), int(r.x1), int(r.y1))
+             for r in run.read_csv("boxes", "BB_TRAIN.csv").itertuples()}
+    work = partial(_pair, reranker=reranker, boxes=boxes, train=Path(data) / "train",
+                   margin=run.setting("augment.margin"), side=run.setting("keypoints.side"))
+    jobs = [(r.photo, r.source, (int(r.x0), int(r.y0), int(r.x1), int(r.y1)), rankings[r.photo][0][:PAIRS])
+            for r in table.itertuples()]
+    return dict(run.map(work, jobs, "draw matched points", chunksize=4)), ""

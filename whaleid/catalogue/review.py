@@ -4,7 +4,8 @@ works offline (photos embedded as small JPEG data URIs, no script or style from 
 Per photo: its crop beside each candidate id's best matching catalogue photo, the score and what it
 means (the precision on validation photos at that score: of the validation photos whose best score was
 at least this, the share whose best id was right; from evaluate's val_predictions.csv when evaluate
-ran on this model), and buttons "same as <id>", "new individual" (with a name field), "skip".
+ran on this model), and buttons "same as <id>", "new individual" (with a name field), "skip". With
+rerank.method = local, also the id's best photo by local features, the matched points joined (local.py).
 Decisions live in the browser's localStorage under a key of this page's batch and photos, so they
 survive reloads, a closed browser and the batch ranked again; "Export decisions.csv" writes photo,decision,id,batch for
 `whaleid identify --accept`. Keys: 1-9 same as candidate k, n new individual (name field), s skip,
@@ -91,9 +92,11 @@ def _uri(data: bytes) -> str:
 
 
 def write(path: Path, batch: str, matches: pd.DataFrame, thumbs: dict[str, bytes], work: Path, threshold: float,
-          calib: Calibration, skipped: list[tuple[str, str]]) -> None:
+          calib: Calibration, skipped: list[tuple[str, str]], drawn: dict | None = None, note: str = "") -> None:
     """review.html for one batch: matches (photo, rank, id, score, new_individual, catalogue_photo under
-    WORK), thumbs (photo -> JPEG of its crop)."""
+    WORK), thumbs (photo -> JPEG of its crop), drawn (photo -> {id: (JPEG of the photo and the id's best
+    photo by local features, matched points joined; caption)}, local.py)."""
+    drawn = drawn or {}
     pictures, photos = {}, []
     for photo, rows in matches.groupby("photo", sort=False):
         pictures[f"q:{photo}"] = _uri(thumbs[photo])
@@ -104,15 +107,20 @@ def write(path: Path, batch: str, matches: pd.DataFrame, thumbs: dict[str, bytes
                 data = file_thumbnail(Path(work) / r.catalogue_photo)
                 pictures[key] = _uri(data) if data else ""
             p, n = calib.at(r.score)
+            pair = drawn.get(photo, {}).get(r.id)
+            if pair:
+                pictures[f"m:{photo}:{r.id}"] = _uri(pair[0])
             cands.append({"id": r.id, "score": float(r.score), "precision": p, "n": n,
-                          "img": key if r.catalogue_photo else ""})
+                          "img": key if r.catalogue_photo else "", "pair": f"m:{photo}:{r.id}" if pair else "",
+                          "pair_caption": pair[1] if pair else ""})
         photos.append({"photo": photo, "img": f"q:{photo}", "new": bool(rows.new_individual.iloc[0]),
                        "candidates": cands})
     # the key names the batch and its photos, not the candidates: a batch ranked again (a grown
     # catalogue, another model) keeps the decisions made on it
     digest = hashlib.sha1("\n".join(sorted(thumbs)).encode()).hexdigest()[:12]
     data = {"batch": batch, "key": f"whaleid-review:{batch}:{digest}", "threshold": round(float(threshold), 4),
-            "calibration": calib.source, "calibration_note": calib.why, "photos": photos, "pictures": pictures,
+            "calibration": calib.source, "calibration_note": calib.why, "pairs_note": note, "photos": photos,
+            "pictures": pictures,
             "skipped": [{"photo": p, "reason": r} for p, r in skipped]}
     blob = json.dumps(data).replace("</", "<\\/")
     page = (PAGE.replace("__TITLE__", html.escape(f"whaleid review: {batch}"))
@@ -145,6 +153,9 @@ h1{font-size:1.2em;margin:.3em 0}.keys{color:#555;font-size:.9em}
 .row{display:flex;gap:.8em;flex-wrap:wrap;align-items:flex-start}
 figure{margin:0;width:170px;font-size:.85em}figure img{width:160px;height:160px;object-fit:contain;background:#222;display:block}
 figure.query{width:190px}figure.query img{border:3px solid #2a6fdb}
+figure img.pair{width:160px;height:auto;margin-top:.3em;cursor:zoom-in;background:#fff}
+#zoom{position:fixed;inset:0;background:rgba(0,0,0,.75);z-index:5;display:flex;flex-direction:column;
+align-items:center;justify-content:center;color:#fff;cursor:zoom-out}#zoom img{max-width:90vw;max-height:80vh;background:#fff}
 .flag{color:#b35c00;font-weight:bold}.decision{font-weight:bold;color:#1d6b2a;margin:.4em 0}
 button{margin:.2em .2em 0 0}button.chosen{background:#1d6b2a;color:#fff}
 .actions{margin-top:.5em}.actions input{width:12em}
@@ -166,8 +177,16 @@ SCRIPT = r"""
     return e;
   }
   function meaning(c) {
+    if (!data.calibration) return '';
     if (c.precision === null || c.precision === undefined) return 'no validation photo scored this high';
     return 'validation: ' + Math.round(c.precision * 100) + '% right at >= this score (n=' + c.n + ')';
+  }
+  function zoom(src, caption) {
+    const box = el('div', {id: 'zoom'});
+    box.appendChild(el('img', {src: src, alt: caption}));
+    box.appendChild(el('div', {}, caption + ' (click or Escape to close)'));
+    box.addEventListener('click', function () { box.remove(); });
+    document.body.appendChild(box);
   }
   function suggested(i) { return 'NEW-' + data.batch + '-' + (i + 1); }
   function render(i) {
@@ -220,6 +239,11 @@ SCRIPT = r"""
       cap.appendChild(el('div', {}, 'score ' + c.score.toFixed(3)));
       cap.appendChild(el('div', {class: 'meaning'}, meaning(c)));
       f.appendChild(cap);
+      if (c.pair) {
+        const m = el('img', {class: 'pair', src: data.pictures[c.pair], alt: c.pair_caption, title: c.pair_caption + ' (click: larger)'});
+        m.addEventListener('click', function () { zoom(m.src, c.pair_caption); });
+        f.appendChild(m); f.appendChild(el('div', {class: 'meaning'}, c.pair_caption));
+      }
       const b = el('button', {type: 'button', class: 'same', 'data-id': c.id, 'data-k': k + 1}, 'same as ' + c.id);
       b.addEventListener('click', function () { select(i); decide(i, 'same', c.id); });
       f.appendChild(b);
@@ -245,8 +269,9 @@ SCRIPT = r"""
   if (cards.length) { const first = data.photos.findIndex(p => !prev.has(p.photo)); focus(first < 0 ? 0 : first); window.scrollTo(0, 0); }
   document.getElementById('summary').textContent = data.photos.length + ' photos of batch ' + data.batch +
     '; the model flags a photo as a new individual when its best score is under ' + data.threshold + '.';
-  document.getElementById('meaning').textContent = data.calibration ?
-    'Scores are read on validation (' + data.calibration + ').' : data.calibration_note;
+  document.getElementById('meaning').textContent = (data.calibration ?
+    'Scores are read on validation (' + data.calibration + ').' : data.calibration_note) +
+    (data.pairs_note ? ' ' + data.pairs_note + '.' : '');
   if (data.skipped.length) {
     const s = document.getElementById('skipped');
     s.appendChild(el('h2', {}, data.skipped.length + ' files skipped (not usable photos)'));
@@ -268,6 +293,8 @@ SCRIPT = r"""
     if (confirm('Forget every decision of this batch?')) { decisions = {}; save(); data.photos.forEach((p, i) => render(i)); }
   });
   document.addEventListener('keydown', function (e) {
+    const z = document.getElementById('zoom');
+    if (z) { if (e.key === 'Escape') z.remove(); return; }
     if (e.ctrlKey || e.metaKey || e.altKey || !cards.length) return;
     const p = data.photos[current];
     if (e.key >= '1' && e.key <= '9') { const c = p.candidates[Number(e.key) - 1]; if (c) decide(current, 'same', c.id); }
