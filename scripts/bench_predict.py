@@ -2,6 +2,7 @@
 number of TTA images, in one run (target <= 1.10x).
 
     python scripts/bench_predict.py --work WORK [--workers 2] [--repeat 3]
+    python scripts/bench_predict.py --kaggle-rerank [--gallery 2000 --queries 200 ...]  (bench_rerank.py)
 WORK must hold a trained model (e.g. demo/work after `make demo`). The forward pass is timed on
 random uint8 images of the model's input size, in the same batch size as predict uses. Also timed:
 the decode floor (decode, box crop, resize and TTA of every test photo in --workers threads, no
@@ -28,7 +29,12 @@ def main():
     ap.add_argument("--work", type=Path, default=ROOT / "demo/work")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--kaggle-rerank", nargs=argparse.REMAINDER, default=None, metavar="ARGS",
+                    help="instead: re-ranking's cost at Kaggle size, extrapolated (scripts/bench_rerank.py ARGS)")
     args = ap.parse_args()
+    if args.kaggle_rerank is not None:
+        import bench_rerank
+        return bench_rerank.main(args.kaggle_rerank)
     rec = json.loads((args.work / "whaleid.json").read_text())
     cfg = config.load(rec["config"], tuple(rec.get("set", [])))
     s = Session(cfg=cfg, work=args.work, data=Path(rec["data"]), stages=ALL, workers=args.workers,

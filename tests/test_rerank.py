@@ -123,3 +123,33 @@ def test_predict_refuses_to_fuse_without_a_validation_calibration(tmp_path):
     (tmp_path / "calibration.json").write_text('{"method": "none"}')
     with pytest.raises(StageError, match="run whaleid evaluate"):
         rerank.for_predict(None, tmp_path / "calibration.json", None)
+
+
+def test_batched_scores_equal_photo_by_photo_matching(tmp_path):
+    """Reranker.scores matches a query against blocks of photos in one product; the inlier counts must
+    be those of matching each photo alone (Reranker.best), mirrored queries included."""
+    rng = np.random.default_rng(1)
+    images = {"q.jpg": pattern(10)}
+    for i in range(5):
+        images[f"a{i}.jpg"] = rotated_scaled(pattern(10), rng.uniform(-20, 20), rng.uniform(0.8, 1.1))
+        images[f"b{i}.jpg"] = pattern(20 + i)
+    images["m.jpg"] = np.ascontiguousarray(pattern(10)[:, ::-1])  # the query's mirror image
+    results = []
+    for name, img in images.items():
+        pts, desc = keypoints.features(img, "sift", 200)
+        mp, md = keypoints.features(np.ascontiguousarray(img[:, ::-1]), "sift", 200)
+        results.append((name, pts, desc, img.shape[::-1], mp, md))
+    path = tmp_path / "k.npz"
+    np.savez(path, **keypoints.pack(results, "sift", True))
+    store = keypoints.Store(path)
+    photos_of = {"A": [f"a{i}.jpg" for i in range(5)], "B": [f"b{i}.jpg" for i in range(5)], "M": ["m.jpg"]}
+    for mirror in (False, True):
+        r = rerank.Reranker(store, photos_of, rerank.Matcher(False, 0.8, "homography", 8.0), 3, mirror)
+        old_block, rerank.BLOCK = rerank.BLOCK, 3  # blocks that cut an id's photos apart
+        try:
+            got = r.scores(("q.jpg", ["A", "B", "M"]))
+        finally:
+            rerank.BLOCK = old_block
+        expected = [r.best("q.jpg", i)[0] for i in ("A", "B", "M")]
+        assert list(got) == expected, (mirror, got, expected)
+        assert got[0] >= 30 and got[1] <= 8 and (got[2] >= 30) == mirror
