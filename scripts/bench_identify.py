@@ -6,8 +6,10 @@ on this machine (issue 24), on a synthetic catalogue, measured on a fraction and
 Setup (not timed, kept in --dir for a rerun): `whaleid synth` (--ids x uniform:--photos), preprocess and
 a one-epoch training with --config (a model's quality does not change its speed). Then, timed:
   1. the gallery stage (the catalogue's vectors, computed once per model) on the synthetic catalogue's
-     files, forced: seconds per file, times the files of a 25,000-photo catalogue (4 per photo with
-     predict.gallery_tta = true, as configs/cpu.toml has it; 1 otherwise);
+     files: seconds per file, times the files of a 25,000-photo catalogue (4 per photo with
+     predict.gallery_tta = true, as configs/cpu.toml has it; 1 otherwise); with --gallery-files N, the
+     embedding alone (the stage's work) is also timed on N files (the catalogue's, cycled), a larger
+     fraction, and that rate is the one extrapolated;
   2. one batch of --batch new photos (the synthetic test photos, copied under new names until there are
      enough): the whole identify batch stage (boxes, crops, TTA scores, best matching photos, review.html),
      against the small catalogue;
@@ -97,6 +99,21 @@ def growth(work: Path, gallery_files: int, small: int, photos: int, versions: in
     return timed(gallery_files) - timed(small), dim
 
 
+def embed_rate(work: Path, settings: dict, n: int) -> float:
+    """Seconds per file of the catalogue's embedding (the gallery stage's work) over n files."""
+    import pandas as pd
+    from whaleid.pipeline.files import quiet_native_startup
+    with quiet_native_startup():
+        from whaleid.learning import model as models
+        from whaleid.scoring.scoring import Embedder
+    files = pd.read_csv(work / "gallery" / "gallery.csv", dtype=str).File
+    paths = [str(work / "augment" / "images" / files[i % len(files)]) for i in range(n)]
+    embedder = Embedder(models.load_model(work / "train" / "model.keras"))
+    t = time.perf_counter()
+    embedder.encode_files(paths, settings["run"]["image_size"], settings["predict"]["batch_size"], progress=False)
+    return (time.perf_counter() - t) / n
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/bench_identify"))
@@ -105,6 +122,7 @@ def main():
     ap.add_argument("--photos", type=int, default=10, help="photos per synthetic individual")
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--gallery-files", type=int, default=0, help="also time the embedding of this many files")
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -123,7 +141,9 @@ def main():
     settings = config.load(config.resolve(cfg["config"]), tuple(cfg["set"]))
     per_photo_files = 4 if settings["predict"]["gallery_tta"] else 1
     files = gallery["counts"]["files"]
-    g_rate = gallery["seconds"] / files
+    g_rate = stage_rate = gallery["seconds"] / files
+    if args.gallery_files:
+        g_rate = embed_rate(work, settings, args.gallery_files)
     g_full = g_rate * CATALOGUE * per_photo_files
     photos = batch["counts"]["photos"]
     b_full = batch["seconds"] / photos * BATCH
@@ -133,8 +153,10 @@ def main():
     print(f"config {cfg['config']} ({settings['model']['backbone']}, {settings['run']['image_size']} px, "
           f"{settings['boxes']['detector']} boxes, gallery_tta {settings['predict']['gallery_tta']}), "
           f"--workers {args.workers}, {subprocess.check_output(['nproc']).decode().strip()} cores")
-    print(f"1. gallery stage: {files} files in {gallery['seconds']:.1f} s ({g_rate * 1000:.1f} ms/file) -> "
-          f"{CATALOGUE:,} photos x {per_photo_files} files: {g_full / 60:.1f} min (extrapolated)")
+    print(f"1. gallery stage: {files} files in {gallery['seconds']:.1f} s ({stage_rate * 1000:.1f} ms/file)"
+          + (f"; the embedding alone on {args.gallery_files:,} files: {g_rate * 1000:.1f} ms/file"
+             if args.gallery_files else "")
+          + f" -> {CATALOGUE:,} photos x {per_photo_files} files: {g_full / 60:.1f} min (extrapolated)")
     print(f"2. batch stage: {photos} photos in {batch['seconds']:.1f} s ({batch['seconds'] / photos:.3f} s/photo) -> "
           f"{BATCH:,} photos: {b_full / 60:.1f} min" + (" (extrapolated)" if photos < BATCH else "")
           + f"; identify command wall time {wall:.1f} s; review.html {size:.1f} MB")
