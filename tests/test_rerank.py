@@ -48,6 +48,16 @@ def test_a_pattern_matches_its_rotated_scaled_copy_and_not_another_pattern(geome
     assert np.median(np.linalg.norm(moved - gxy, axis=1)) < 3
 
 
+def test_without_geometry_every_ratio_test_match_counts():
+    a = pattern(6)
+    fa = keypoints.features(a, "sift", 300)
+    fc = keypoints.features(rotated_scaled(a, 10, 0.9), "sift", 300)
+    prep = [(f[0].astype(np.float32), keypoints.as_float(f[1])) for f in (fa, fc)]
+    qi, _ = rerank.ratio_matches(prep[0][1], prep[1][1], False, 0.8)
+    n, qxy, _ = rerank.Matcher(False, 0.8, "none", 8.0).match(*prep)
+    assert n == len(qi) == len(qxy) and n >= rerank.Matcher(False, 0.8, "homography", 8.0).match(*prep)[0]
+
+
 def test_root_sift_is_unit_length_and_survives_uint8_storage():
     _, desc = keypoints.features(pattern(3), "sift", 50)
     back = keypoints.as_float(desc)

@@ -105,7 +105,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "identify.boxes": ("auto", "detect", "whole"),
     "keypoints.method": ("sift", "orb"),   # (AKAZE left OpenCV 5's main module: not offered)
     "rerank.method": ("none", "local"),
-    "rerank.geometry": ("homography", "similarity"),
+    "rerank.geometry": ("homography", "similarity", "none"),
 }
 # model.head: the names in pipeline/head_names.py, asked when a value is checked (see choices()),
 # so a head registered after import (a plugin, a test's toy head) is accepted.

@@ -76,6 +76,8 @@ def _one_per_gallery_point(qi, gi, dist) -> tuple[np.ndarray, np.ndarray]:
 
 def verify(qxy: np.ndarray, gxy: np.ndarray, geometry: str, px: float) -> np.ndarray:
     """Inlier mask of the matched points under one RANSAC transform (all False when none is found)."""
+    if geometry == "none":  # no verification: every ratio-test match counts (HotSpotter-like scoring)
+        return np.ones(len(qxy), bool)
     if len(qxy) < MIN_MATCHES:
         return np.zeros(len(qxy), bool)
     src, dst = np.float32(qxy).reshape(-1, 1, 2), np.float32(gxy).reshape(-1, 1, 2)
