@@ -23,6 +23,7 @@ import pandas as pd
 from ..preprocess import augment
 from ..learning import heads, inputs
 from ..pipeline import images
+from . import gallery_cache
 from ..pipeline.stage import Run, StageError
 from ..pipeline.stages import TUNED
 from ..pipeline.tables import NEW_WHALE
@@ -153,9 +154,9 @@ def scorer(run: Run, net, gallery: pd.DataFrame, embedded: np.ndarray | None = N
         if embedded is not None:
             return embedded, gallery.Id
         folder = run.upstream("augment", "images")
-        vectors = embedder.encode_files([str(folder / f) for f in gallery.File], run.setting("run.image_size"),
-                                        run.setting("predict.batch_size"), run.session.progress,
-                                        f"[{run.stage.name}] embed gallery")
+        vectors = gallery_cache.vectors(run, list(gallery.File), lambda files: embedder.encode_files(
+            [str(folder / f) for f in files], run.setting("run.image_size"), run.setting("predict.batch_size"),
+            run.session.progress, f"[{run.stage.name}] embed gallery"))
         run.echo(f"gallery: {len(gallery)} files of {gallery.Image.nunique()} photos, {gallery.Id.nunique()} ids")
         return vectors, gallery.Id
 
