@@ -18,6 +18,9 @@ a one-epoch training with --config (a model's quality does not change its speed)
      vectors of the model's embedding size (the only parts of a batch that grow with the catalogue).
 Total for a first batch = 1 (extrapolated) + 2 (extrapolated to 1,000 photos when --batch is smaller) + 3;
 a later batch with the same model = 2 + 3 (the gallery is cached). Prints each part with its inputs.
+With --rerank, on a copy of the work folder evaluated with rerank.method = local (keypoints stage and
+the fusion, not timed): the batch re-ranked by local features. Matching a query with a candidate id
+costs per photo of that id, not per catalogue photo: it grows with photos per id, not with the catalogue.
 """
 import argparse
 import json
@@ -123,10 +126,17 @@ def main():
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--gallery-files", type=int, default=0, help="also time the embedding of this many files")
+    ap.add_argument("--rerank", action="store_true", help="batches re-ranked by local features (rerank.method = local)")
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     work = setup(args.dir, args)
+    if args.rerank:
+        copy = args.dir / "work_rerank"
+        if not copy.is_dir():
+            shutil.copytree(work, copy)
+        whaleid("evaluate", "--work", copy, "--set", "rerank.method=local", "--workers", args.workers, "--quiet")
+        work = copy
     print(f"setup (synth + preprocess + 1 epoch, not part of the timing): {time.perf_counter() - t0:.0f} s")
     folder = batch_folder(args.dir, args.batch)
     shutil.rmtree(work / "identify", ignore_errors=True)
@@ -151,6 +161,7 @@ def main():
     extra, dim = growth(work, CATALOGUE * per_photo_files, files, BATCH, versions, settings["identify"]["top"])
     size = (work / "identify" / folder.name / "review.html").stat().st_size / 1e6
     print(f"config {cfg['config']} ({settings['model']['backbone']}, {settings['run']['image_size']} px, "
+          f"rerank.method {settings['rerank']['method']}, "
           f"{settings['boxes']['detector']} boxes, gallery_tta {settings['predict']['gallery_tta']}), "
           f"--workers {args.workers}, {subprocess.check_output(['nproc']).decode().strip()} cores")
     print(f"1. gallery stage: {files} files in {gallery['seconds']:.1f} s ({stage_rate * 1000:.1f} ms/file)"

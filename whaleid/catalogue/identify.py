@@ -12,12 +12,13 @@ what depends on it and a second batch recomputes nothing it shares with the firs
   identify/<batch>   WORK/identify/<batch>/: every file under DIR (nested folders, any name; files
                      that are not readable photos are skipped and listed in skipped.csv) gets a tail
                      box (identify.boxes: detected as the catalogue's were, or the whole photo when
-                     the catalogue's boxes were imported), a crop, TTA scores against the catalogue (scoring.py, as predict scores:
-                     the same head, merge and re-ranking settings), the new_whale threshold predict
-                     would use, and each candidate's best matching catalogue photo.
+                     the catalogue's boxes were imported), a crop, TTA scores against the catalogue
+                     (scoring.py, as predict scores: the same head and merge; rerank.method = local
+                     re-ranks as predict does, local.py), the new_whale threshold predict would use,
+                     and each candidate's best matching catalogue photo.
 Artifacts of a batch: photos.csv (photo, source path, crop, box), matches.csv (photo, rank, id,
-score, precision, new_individual), vectors.npy, crops/, review.html. No data folder is read: the
-model, augment's crops and WORK's own files are all identify needs.
+score, precision, new_individual, catalogue_photo), vectors.npy, crops/, review.html. No data folder
+is read (CatalogueSession): the model, augment's crops and WORK's own files are all identify needs.
 """
 from __future__ import annotations
 
