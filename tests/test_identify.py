@@ -272,6 +272,7 @@ def card(browser, photo):
 
 def test_review_page_in_a_browser_decides_survives_a_reload_exports_and_is_accepted(catalogue, day1, tmp_path):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     work, _, _ = catalogue
     _, truth, _ = day1
     known_photo = [p for p in truth if truth[p] != UNSEEN][2]   # photos the other tests did not accept
@@ -289,12 +290,22 @@ def test_review_page_in_a_browser_decides_survives_a_reload_exports_and_is_accep
         card(browser, new_photo).find_element(By.CSS_SELECTOR, "button.new").click()
         current = browser.find_element(By.CSS_SELECTOR, ".card.current").get_attribute("data-photo")
         browser.find_element(By.TAG_NAME, "body").send_keys("s")  # keyboard: skip the photo after it
+        # a catalogue id the candidates miss, typed into the name field: "same as" it
+        added = work / "catalogue" / "added.csv"
+        accepted = set(pd.read_csv(added, dtype=str).photo) if added.exists() else set()
+        other = next(p for p in truth if p not in {known_photo, new_photo, current} | accepted)
+        m = pd.read_csv(work / "identify" / "day1" / "matches.csv", dtype=str)
+        missed = sorted(set(pd.read_csv(work / "gallery" / "gallery.csv", dtype=str).Id) - set(m[m.photo == other].id))[0]
+        field = card(browser, other).find_element(By.CSS_SELECTOR, "input.name")
+        field.send_keys(missed)
+        assert card(browser, other).find_element(By.CSS_SELECTOR, "button.new").text == f"same as {missed}"
+        field.send_keys(Keys.ENTER)
         browser.refresh()
         decided = {p: card(browser, p).find_element(By.CSS_SELECTOR, ".decision").text
-                   for p in (known_photo, new_photo, current)}
-        assert decided == {known_photo: f"decision: same as {truth[known_photo]}",
+                   for p in (known_photo, new_photo, current, other)}
+        assert decided == {known_photo: f"decision: same as {truth[known_photo]}", other: f"decision: same as {missed}",
                            new_photo: "decision: new individual W-BROWSER", current: "decision: skip"}, decided
-        assert "3 of 12 photos decided" in browser.find_element(By.ID, "progress").text
+        assert "4 of 12 photos decided" in browser.find_element(By.ID, "progress").text
         shot = tmp_path / "review.png"
         browser.save_screenshot(str(shot))
         print(f"screenshot: {shot}")
@@ -310,11 +321,12 @@ def test_review_page_in_a_browser_decides_survives_a_reload_exports_and_is_accep
     assert exported.is_file(), "the export button downloads decisions.csv"
     assert exported.read_text() == via_js
     rows = pd.read_csv(exported, dtype=str, keep_default_na=False)
-    assert list(rows.columns) == ["photo", "decision", "id", "batch"] and len(rows) == 3
+    assert list(rows.columns) == ["photo", "decision", "id", "batch"] and len(rows) == 4
     out = whaleid("identify", "--work", work, "--accept", exported)
-    assert "accepted 2 photos (1 of known individuals, 1 new individuals)" in out
-    added = pd.read_csv(work / "catalogue" / "added.csv", dtype=str).set_index("photo")
-    assert added.Id[known_photo] == truth[known_photo] and added.Id[new_photo] == "W-BROWSER"
+    assert "accepted 3 photos (2 of known individuals, 1 new individuals)" in out
+    table = pd.read_csv(work / "catalogue" / "added.csv", dtype=str).set_index("photo")
+    assert table.Id[known_photo] == truth[known_photo] and table.Id[new_photo] == "W-BROWSER"
+    assert table.Id[other] == missed
 
 
 def test_a_catalogue_with_imported_boxes_gets_new_photos_cropped_whole(tmp_path):

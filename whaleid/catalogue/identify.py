@@ -251,8 +251,9 @@ def batch_run(run: Run, photos: Path) -> dict:
     matches = pd.DataFrame(matches, columns=["photo", "rank", "id", "score", "precision", "new_individual",
                                              "catalogue_photo"])
     run.write_csv("matches.csv", matches)
+    ids = {i[: -len(augment.FLIP)] if i.endswith(augment.FLIP) else i for i in gallery.Id}
     review.write(run.path("review.html"), run.stage.name.split("/", 1)[1], matches, thumbs, run.work, thr, calib,
-                 run.skipped, drawn, note)
+                 run.skipped, drawn, note, sorted(ids))
     flagged = int(matches.drop_duplicates("photo").new_individual.sum()) if len(matches) else 0
     run.echo(f"{len(table)} photos ranked against {gallery.Id.nunique()} ids ({len(gallery)} catalogue files); "
              f"threshold {thr:.3f}: {flagged} look like new individuals")

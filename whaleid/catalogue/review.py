@@ -4,7 +4,8 @@ works offline (photos embedded as small JPEG data URIs, no script or style from 
 Per photo: its crop beside each candidate id's best matching catalogue photo, the score and what it
 means (the precision on validation photos at that score: of the validation photos whose best score was
 at least this, the share whose best id was right; from evaluate's val_predictions.csv when evaluate
-ran on this model), and buttons "same as <id>", "new individual" (with a name field), "skip". With
+ran on this model), and buttons "same as <id>", "new individual" (with a name field), "skip"; a catalogue id
+typed into the name field is "same as" that id (for an individual the candidates miss). With
 rerank.method = local, also the id's best photo by local features, the matched points joined (local.py).
 Decisions live in the browser's localStorage under a key of this page's batch and photos, so they
 survive reloads, a closed browser and the batch ranked again; "Export decisions.csv" writes photo,decision,id,batch for
@@ -92,10 +93,12 @@ def _uri(data: bytes) -> str:
 
 
 def write(path: Path, batch: str, matches: pd.DataFrame, thumbs: dict[str, bytes], work: Path, threshold: float,
-          calib: Calibration, skipped: list[tuple[str, str]], drawn: dict | None = None, note: str = "") -> None:
+          calib: Calibration, skipped: list[tuple[str, str]], drawn: dict | None = None, note: str = "",
+          ids: list[str] = ()) -> None:
     """review.html for one batch: matches (photo, rank, id, score, new_individual, catalogue_photo under
     WORK), thumbs (photo -> JPEG of its crop), drawn (photo -> {id: (JPEG of the photo and the id's best
-    photo by local features, matched points joined; caption)}, local.py)."""
+    photo by local features, matched points joined; caption)}, local.py), ids (the catalogue's: one typed
+    into the name field makes the decision "same as" it)."""
     drawn = drawn or {}
     pictures, photos = {}, []
     for photo, rows in matches.groupby("photo", sort=False):
@@ -120,6 +123,7 @@ def write(path: Path, batch: str, matches: pd.DataFrame, thumbs: dict[str, bytes
     digest = hashlib.sha1("\n".join(sorted(thumbs)).encode()).hexdigest()[:12]
     data = {"batch": batch, "key": f"whaleid-review:{batch}:{digest}", "threshold": round(float(threshold), 4),
             "calibration": calib.source, "calibration_note": calib.why, "pairs_note": note, "photos": photos,
+            "ids": sorted(ids),
             "pictures": pictures,
             "skipped": [{"photo": p, "reason": r} for p, r in skipped]}
     blob = json.dumps(data).replace("</", "<\\/")
@@ -207,11 +211,12 @@ SCRIPT = r"""
     save(); render(i);
     if (i === current && i + 1 < cards.length) focus(i + 1);
   }
-  function decideNew(i) {
+  const known = new Set(data.ids);
+  function decideNew(i) {  // the name field: a new individual's name, or a catalogue id not among the candidates
     const input = cards[i].querySelector('input.name');
     const name = (input.value || '').trim() || suggested(i);
     input.value = name;
-    decide(i, 'new', name);
+    decide(i, known.has(name) ? 'same' : 'new', name);
   }
   function select(i) {
     cards[current].classList.remove('current');
@@ -251,9 +256,12 @@ SCRIPT = r"""
     });
     card.appendChild(row);
     const actions = el('div', {class: 'actions'});
-    const name = el('input', {type: 'text', class: 'name', placeholder: suggested(i), 'aria-label': 'name of the new individual'});
+    const name = el('input', {type: 'text', class: 'name', placeholder: suggested(i), 'aria-label': 'name of the new individual',
+      title: "a new individual's name, or the id of a catalogue individual the candidates miss"});
     name.addEventListener('keydown', function (e) { if (e.key === 'Enter') { select(i); decideNew(i); name.blur(); } e.stopPropagation(); });
     const nb = el('button', {type: 'button', class: 'new'}, 'new individual');
+    name.addEventListener('input', function () {
+      const v = name.value.trim(); nb.textContent = known.has(v) ? 'same as ' + v : 'new individual'; });
     nb.addEventListener('click', function () { select(i); decideNew(i); });
     const sb = el('button', {type: 'button', class: 'skip'}, 'skip');
     sb.addEventListener('click', function () { select(i); decide(i, 'skip', ''); });
