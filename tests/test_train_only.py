@@ -12,7 +12,7 @@ from whaleid.preprocess import split
 from whaleid.cli import main
 from whaleid.datasets.import_folders import FolderError, import_folders
 
-from conftest import whaleid
+from conftest import ROOT, whaleid
 
 
 def _catalogue(root, names, photos=3, seed=0):
@@ -87,16 +87,24 @@ def test_unseen_ids_are_drawn_from_train_only_first():
     assert set(photos.Id[before == "unseen"]) & {f"k{i}" for i in range(10)}
 
 
-def test_split_stage_reads_train_only_csv(tmp_path):
+@pytest.mark.parametrize("head", ["softmax", "arcface"])
+def test_split_holds_out_train_only_ids_and_predict_never_names_them(tmp_path, head):
     src = _catalogue(tmp_path / "src", [f"t{i}" for i in range(5)], photos=4)
     extra = _catalogue(tmp_path / "extra", [f"x{i}" for i in range(5)], photos=3, seed=1)
     data = tmp_path / "data"
     import_folders(src, data, new_fraction=0.2, query_fraction=0.25, train_only=[extra], progress=False)
     work = tmp_path / "work"
-    whaleid("preprocess", "--data", data, "--work", work, "--boxes", data / "boxes.csv", "--quiet", "--workers", "1",
-            "--set", "run.image_size=32", "--set", "split.unseen_ids=0.3", "--set", "split.validation=0.3")
+    tiny = ["--quiet", "--workers", "1", "--config", ROOT / "configs" / "scratch.toml", "--set", "model.backbone=tiny",
+            "--set", "run.image_size=32", "--set", "train.epochs=1", "--set", f"model.head={head}",
+            "--set", "split.unseen_ids=0.3", "--set", "split.validation=0.3", "--set", "new_whale.threshold=0"]
+    whaleid("preprocess", "--data", data, "--work", work, "--boxes", data / "boxes.csv", *tiny)
     s = pd.read_csv(work / "split" / "split.csv")
     unseen = set(s.Id[s.subset == "unseen"])
     assert len(unseen) == 3 and unseen <= {f"x{i}" for i in range(5)}
     tested = {f"t{i}" for i in range(5)}
     assert not set(s.Id[s.Id.isin(tested) & (s.subset == "unseen")])
+    whaleid("train", "--work", work, *tiny)
+    whaleid("predict", "--work", work, *tiny)
+    named = {label for line in pd.read_csv(work / "submission.csv").Id for label in line.split()}
+    assert named and not named & {f"x{i}" for i in range(5)}, "a train-only individual is never an answer"
+    assert named - {"new_whale"} <= tested

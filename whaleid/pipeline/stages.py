@@ -131,7 +131,8 @@ PREDICT = Stage(
     "predict", "whaleid.scoring.predict:run",
     artifacts=("submission.csv", "predictions.csv"),
     settings=TTA_SETTINGS + ("rerank.*",),
-    data=("sample_submission.csv", "test/"), upstream=("dedup", "format", "boxes", "augment", "train"),
+    data=("sample_submission.csv", "test/", "train_only.csv"), upstream=("dedup", "format", "boxes", "augment",
+                                                                         "train"),
     extra_inputs=_calibration_and_tuned)
 
 BY_COMMAND = {"preprocess": [DEDUP, FORMAT, BOXES, AUGMENT, SPLIT],

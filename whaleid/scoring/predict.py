@@ -1,7 +1,7 @@
 """predict: test-time augmentation, top-5 with a new_whale threshold -> submission.csv (design.md §7).
 
 Inputs:    format/test.csv, boxes/BB_TEST.csv, dedup/known_answers.csv, train/model.keras +
-           classes.json, the data folder's sample_submission.csv and test/, and
+           classes.json, the data folder's sample_submission.csv, test/ and train_only.csv, and
            WORK/tuned_threshold.json when `whaleid evaluate --tune-threshold` wrote one (for this
            head and model); embedding heads: augment/TRAINING_FILE_FINAL.csv + images/ (the gallery)
 Artifacts: submission.csv    Image,Id: one row per sample_submission image, in its order, 5 distinct labels
@@ -10,7 +10,8 @@ Artifacts: submission.csv    Image,Id: one row per sample_submission image, in i
 
 TTA, the gallery of retrieval heads and the threshold: scoring.py (shared with evaluate). The
 gallery holds all known ids, also those split held out of training: a new id needs photos, not a
-retrained model. The test photos are scored in chunks of whole batches, each chunk's answers
+retrained model; but never the train-only ids of the data folder's train_only.csv (`import-folders
+--train-only`): they were only learnt from, and are never an answer. The test photos are scored in chunks of whole batches, each chunk's answers
 committed to predict/.partial/ (Run.save_chunk): a killed predict resumes after its last chunk, and
 every batch goes through the model at the same size, so a resumed run writes the same files.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..preprocess import augment
+from ..preprocess import augment, split
 from ..learning import model as models
 from . import rerank, scoring
 from ..ranking import submission
@@ -52,13 +53,14 @@ class FixedBatch:
         return np.asarray(self.model.predict_on_batch(x))[:n]
 
 
-def scored_chunks(run: Run, model, classes, jobs: list, merge: str, k: int, rerank_chunk=None):
+def scored_chunks(run: Run, model, classes, jobs: list, merge: str, k: int, rerank_chunk=None, never=frozenset()):
     """(image, (ranked ids, their scores) or None, error, top score) per job, in order, chunk by chunk:
     a chunk committed by an interrupted run with the same fingerprint is read back, the others are
     scored and committed. The new_whale threshold is applied afterwards (new_whale.share needs every
     photo's best score). With `rerank_chunk` (rerank.for_predict) each chunk's rankings are re-ranked
-    before it is committed."""
+    before it is committed. Ids in `never` (train-only) score -1, below any answer."""
     batch = run.setting("predict.batch_size")
+    drop = np.array([c in never for c in classes]) if never else None
     fixed = FixedBatch(model, batch * (len(augment.TTA) if run.setting("predict.tta") else 1))
     size = batch * max(1, min(8, -(-len(jobs) // (16 * batch))))  # whole batches, <= 8 of them
     chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
@@ -74,6 +76,8 @@ def scored_chunks(run: Run, model, classes, jobs: list, merge: str, k: int, rera
                 if error:
                     scored.append((image, None, error, 0.0))
                 else:
+                    if drop is not None:
+                        probs = np.where(drop, -1.0, probs)
                     scored.append((image, submission.ranked(probs, classes, merge, depth), None,
                                    float(probs.mean(0).max())))
             if rerank_chunk is not None:
@@ -105,7 +109,8 @@ def run(run: Run) -> dict:
     if run.setting("rerank.method") != "none":
         rerank_chunk = rerank.for_predict(run, run.work / "evaluate" / CALIBRATION,
                                           run.read_csv("format", "train.csv")[["Image", "Id"]])
-    for image, ranking, error, top in scored_chunks(run, model, classes, jobs, merge, k, rerank_chunk):
+    never = split.train_only_ids(run)
+    for image, ranking, error, top in scored_chunks(run, model, classes, jobs, merge, k, rerank_chunk, never):
         if error:
             run.skip(image, error)
         else:
@@ -123,7 +128,7 @@ def run(run: Run) -> dict:
         rows.append((image, " ".join(answers[image]), "known" if image in known else "model", top))
     # photos that could not be read still get a valid row: the most common answer shape
     train_ids = run.read_csv("format", "train.csv").Id.value_counts().index.tolist()
-    fallback = ([NEW_WHALE] + [i for i in train_ids if i != NEW_WHALE])[:k]
+    fallback = ([NEW_WHALE] + [i for i in train_ids if i != NEW_WHALE and i not in never])[:k]
     for image in order.Image:
         if image not in answers:
             answers[image] = submission.known_first(fallback, known.get(image), k)
