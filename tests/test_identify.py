@@ -87,6 +87,7 @@ def test_identify_ranks_known_individuals_first_and_flags_new_ones(catalogue, da
     work, _, _ = catalogue
     out, truth, _ = day1
     assert "[gallery] running" in out and "identify: 12 photos ranked (1 files skipped)" in out
+    assert "vectors from" in out, "the catalogue photos evaluate embedded are not embedded again (gallery_cache)"
     folder = work / "identify" / "day1"
     skipped = pd.read_csv(folder / "skipped.csv")
     assert list(skipped.Image) == ["notes.txt"] and "cannot identify image file" in skipped.reason[0]

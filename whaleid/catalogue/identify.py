@@ -39,7 +39,7 @@ from ..pipeline.stage import Run, Session, Stage, Status
 from ..pipeline.stages import DETECT_SETTINGS, TTA_SETTINGS, TUNED
 from ..preprocess import augment, boxes
 from ..ranking import submission
-from ..scoring import scoring
+from ..scoring import gallery_cache, scoring
 from .accept import ADDED, BATCHES, CATALOGUE, added_files
 
 EMBED_SETTINGS = ("run.image_size", "predict.batch_size", "model.head")
@@ -66,7 +66,9 @@ def gallery_run(run: Run) -> dict:
         raise StageError("the catalogue is empty: augment's files hold no photo of a known id")
     folder = run.upstream("augment", "images")
     net = models.load_model(run.upstream("train", "model.keras"))
-    vectors = _embed(run, net, [str(folder / f) for f in gallery.File], "catalogue")
+    # shared with evaluate and predict (scoring/gallery_cache.py): what they embedded is not embedded again
+    vectors = gallery_cache.vectors(run, list(gallery.File),
+                                    lambda files: _embed(run, net, [str(folder / f) for f in files], "catalogue"))
     run.write_csv("gallery.csv", gallery.assign(path=[f"augment/images/{f}" for f in gallery.File]))
     _save_vectors(run, "vectors.npy", vectors)
     run.echo(f"catalogue: {len(gallery)} files of {gallery.Image.nunique()} photos, {gallery.Id.nunique()} ids")
