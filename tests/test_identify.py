@@ -232,6 +232,24 @@ def test_rerank_local_reranks_a_batch_as_predict_does(catalogue, day1, tmp_path)
     assert np.mean([first.id[p] == t for p, t in truth.items() if t != UNSEEN]) >= 0.75
 
 
+def test_train_only_individuals_are_never_candidates(catalogue, day1, tmp_path):
+    """A data folder's train_only.csv (import-folders --train-only) names individuals learnt from only:
+    as in predict, identify never names them."""
+    work, data, _ = catalogue
+    _, truth, folder = day1
+    copy, data_copy = tmp_path / "work", tmp_path / "data"
+    shutil.copytree(work, copy)
+    shutil.copytree(data, data_copy)
+    record = json.loads((copy / "whaleid.json").read_text())
+    (copy / "whaleid.json").write_text(json.dumps({**record, "data": str(data_copy)}))
+    before = pd.read_csv(work / "identify" / "day1" / "matches.csv", dtype=str)
+    banned = before.id.value_counts().index[0]  # the id named most often
+    pd.DataFrame({"Id": [banned]}).to_csv(data_copy / "train_only.csv", index=False)
+    whaleid("identify", "--work", copy, "--photos", folder, "--top", "3", "--quiet")
+    after = pd.read_csv(copy / "identify" / "day1" / "matches.csv", dtype=str)
+    assert banned not in set(after.id) and set(after.photo) == set(before.photo)
+
+
 def test_calibration_reads_precision_at_a_score_on_constructed_validation():
     from whaleid.catalogue.review import Calibration
     c = Calibration([0.7, 0.9, 0.8], [True, True, False])  # best ids right at 0.9 and 0.7, wrong at 0.8

@@ -37,6 +37,7 @@ from ..pipeline import config, images
 from ..pipeline.files import StageError, work_lock, write_bytes
 from ..pipeline.stage import Run, Session, Stage, Status
 from ..pipeline.stages import DETECT_SETTINGS, TTA_SETTINGS, TUNED
+from ..pipeline.workfolder import read_record
 from ..preprocess import augment, boxes
 from ..ranking import submission
 from ..scoring import gallery_cache, scoring
@@ -120,11 +121,33 @@ def list_photos(folder: Path) -> list[tuple[str, str]]:
     return out
 
 
+def train_only_file(work: Path) -> Path | None:
+    """The train_only.csv of the data folder WORK was run with (`import-folders --train-only`: individuals
+    learnt from only), when it is there: as in predict, they are never a candidate."""
+    data = read_record(work).get("data")
+    path = Path(data) / "train_only.csv" if data else None
+    return path if path is not None and path.is_file() else None
+
+
+def train_only_ids(run: Run) -> set[str]:
+    path = train_only_file(run.work)
+    if path is None:
+        recorded = ((run.session.manifest("split") or {}).get("inputs") or {}).get("data/train_only.csv")
+        if recorded:
+            run.echo("WARNING: the model was trained with a train_only.csv, and the data folder that holds it is not "
+                     "where WORK remembers it: its train-only individuals may be named as candidates")
+        return set()
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    return set(table.Id) if "Id" in table.columns else set()
+
+
 def _extra_inputs(photos: Path, session: Session) -> dict[str, Path]:
     out = {"photos": photos, **_catalogue_inputs(session)}
     for name in (TUNED,):
         if (session.work / name).exists():
             out[name] = session.work / name
+    if train_only_file(session.work) is not None:
+        out["train_only.csv"] = train_only_file(session.work)
     for name in ("metrics.json", "val_predictions.csv"):  # the scores' meaning (review.calibration)
         if (session.dir("evaluate") / name).exists():
             out[f"evaluate/{name}"] = session.dir("evaluate") / name
@@ -220,11 +243,15 @@ def batch_run(run: Run, photos: Path) -> dict:
     jobs = [(r.photo, str(run.dir / r.crop), None) for r in table.itertuples()]
     merge, rankings, reranking = run.setting("predict.merge"), {}, local.enabled(run.setting)
     depth = max(top, run.setting("rerank.candidates")) if reranking else top
+    never = train_only_ids(run)
+    drop = np.array([c in never for c in classes]) if never else None
     for photo, probs, error in scoring.class_scores(run, scorer_model, jobs, run.setting("predict.batch_size"),
                                                     "TTA + model"):
         if error:
             run.skip(photo, error)
         else:
+            if drop is not None:  # scored under any answer, as predict does
+                probs = np.where(drop, -1.0, probs)
             rankings[photo] = submission.ranked(probs, classes, merge, depth)
     table = table[table.photo.isin(rankings)].reset_index(drop=True)
     drawn, note = {}, ""
