@@ -137,7 +137,8 @@ def _has_values(table: pd.DataFrame, column: str) -> bool:
 def _kept_epoch(work: Path, hist: pd.DataFrame) -> tuple[int, str] | None:
     """(1-based epoch whose weights training kept, the metric early stopping followed): from the train
     manifest (counts best_epoch and best_<monitor>); without one, early stopping's rule on the first
-    history column present of val_map5, val_accuracy, accuracy (first maximum), val_loss, loss (minimum)."""
+    history column present of val_map5, val_accuracy, accuracy (the last of the maximal values: a tie
+    keeps the later epoch), val_loss, loss (the first minimum)."""
     m = _read_json(work / "train" / MANIFEST) or {}
     counts = m.get("counts", {}) if isinstance(m.get("counts"), dict) else {}
     recorded = [k[5:] for k in counts if k.startswith("best_") and k != "best_epoch"]
@@ -152,7 +153,7 @@ def _kept_epoch(work: Path, hist: pd.DataFrame) -> tuple[int, str] | None:
     v = hist[monitor].to_numpy(float)
     maximise = "loss" not in monitor
     v = np.where(np.isfinite(v), v, -np.inf if maximise else np.inf)
-    return int(np.argmax(v) if maximise else np.argmin(v)) + 1, monitor
+    return int(len(v) - 1 - np.argmax(v[::-1]) if maximise else np.argmin(v)) + 1, monitor
 
 
 def section_training(work: Path, w: Writer) -> str:
