@@ -31,7 +31,12 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--kaggle-rerank", nargs=argparse.REMAINDER, default=None, metavar="ARGS",
                     help="instead: re-ranking's cost at Kaggle size, extrapolated (scripts/bench_rerank.py ARGS)")
+    ap.add_argument("--no-gallery-cache", action="store_true",
+                    help="embed the gallery on every run, as before scoring/gallery_cache.py")
     args = ap.parse_args()
+    if args.no_gallery_cache:
+        from whaleid.scoring import gallery_cache
+        gallery_cache.key = lambda run: None
     if args.kaggle_rerank is not None:
         import bench_rerank
         return bench_rerank.main(args.kaggle_rerank)
