@@ -24,6 +24,9 @@ def test_preprocess_then_status_then_cached(tiny_set, tmp_path):
     lines = {l.split()[0]: l.split()[1] for l in out.splitlines() if l and not l.startswith(" ")}
     assert [lines[s] for s in ("dedup", "format", "boxes", "augment", "split")] == ["done"] * 5
     assert lines["train"] == "missing"
+    assert lines["keypoints"] == lines["test_keypoints"] == "unused"  # optional: re-ranking only
+    code, out = whaleid("status", "--work", work, "--set", "rerank.method=local")
+    assert "keypoints  missing  never run" in out and "unused" not in out, out
     code, out = whaleid("preprocess", "--work", work, "--quiet")  # data and config remembered
     assert code == 0 and out.count("up to date (cached)") == 5, out
     # a changed setting reruns that stage and what follows, never what precedes it

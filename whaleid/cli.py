@@ -30,7 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from .learning import cluster  # noqa: E402
 from .pipeline import config, stage as stagelib  # noqa: E402
 from .pipeline.files import VERBOSE, quiet_native_startup  # noqa: E402
-from .pipeline.stages import ALL as ALL_STAGES, BY_COMMAND, wanted as wanted_stages  # noqa: E402
+from .pipeline.stages import ALL as ALL_STAGES, BY_COMMAND, status_line, wanted as wanted_stages  # noqa: E402
 from .pipeline.stage import Session, StageError  # noqa: E402
 from .pipeline.tables import TableError  # noqa: E402
 from .pipeline.workfolder import (fallback_rows, is_dir_or_error, open_work, test_photo_warning,  # noqa: E402
@@ -320,14 +320,7 @@ def status(work, data, config_file, overrides):
     seen: dict = {}
     for st in session.stages:
         s = session.status(st, seen)
-        line = f"{st.name:<10} {s.state:<8}"
-        if s.done:
-            m = s.manifest
-            counts = ", ".join(f"{k} {v}" for k, v in m.get("counts", {}).items())
-            line += f" {m['finished']} ({m['seconds']:.1f}s) {counts}"
-        else:
-            line += f" {s.reason}"
-        click.echo(line)
+        click.echo(status_line(st.name, s, session.cfg))
         if s.manifest:
             for name in s.manifest["artifacts"]:
                 click.echo(f"{'':<20}{session.dir(st.name) / name}")

@@ -69,6 +69,23 @@ def wanted(cfg: dict, needed: set[str]) -> set[str]:
         ({TEST_KEYPOINTS.name} if needed & {"split", "predict"} else set())
 
 
+def unused(cfg: dict) -> set[str]:
+    """The optional stages these settings never run (status says so instead of "missing")."""
+    return {KEYPOINTS.name, TEST_KEYPOINTS.name} - wanted(cfg, {"split", "predict"})
+
+
+def status_line(name: str, status, cfg: dict) -> str:
+    """`whaleid status`'s line for one stage; an optional stage these settings never run says so
+    rather than "missing"."""
+    if status.done:
+        m = status.manifest
+        counts = ", ".join(f"{k} {v}" for k, v in m.get("counts", {}).items())
+        return f"{name:<10} {status.state:<8} {m['finished']} ({m['seconds']:.1f}s) {counts}"
+    if name in {KEYPOINTS.name, TEST_KEYPOINTS.name} - wanted(cfg, {"split", "predict"}):
+        return f"{name:<10} {'unused':<8} {status.reason}; runs only with rerank.method = local"
+    return f"{name:<10} {status.state:<8} {status.reason}"
+
+
 DEDUP = Stage(
     "dedup", "whaleid.preprocess.dedup:run",
     artifacts=("p2h.pickle", "h2ps.pickle", "h2p.pickle", "p2size.pickle", "images.csv", "train.csv",
