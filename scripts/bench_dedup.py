@@ -22,10 +22,11 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from whaleid.pipeline import config, images  # noqa: E402
+from whaleid.pipeline import config  # noqa: E402
+from whaleid.data import images
 from whaleid.preprocess import dedup
 from whaleid.datasets import synth
-from whaleid.pipeline.stages import ALL  # noqa: E402
+from whaleid.stages import ALL  # noqa: E402
 from whaleid.pipeline.stage import Session  # noqa: E402
 
 KAGGLE = 33321

@@ -76,10 +76,10 @@ def growth(work: Path, gallery_files: int, small: int, photos: int, versions: in
     """Seconds the batch's catalogue-sized parts take at `gallery_files` minus at `small` files."""
     from whaleid.pipeline.files import quiet_native_startup
     with quiet_native_startup():  # TensorFlow's load-time lines
-        from whaleid.catalogue.identify import best_photos
+        from whaleid.inference.identify import best_photos
         from whaleid.learning import model as models
-        from whaleid.ranking.retrieval import GalleryScorer
-        from whaleid.scoring.scoring import Embedder
+        from whaleid.similarity.gallery import GalleryScorer
+        from whaleid.inference.embedding import Embedder
     embedder = Embedder(models.load_model(work / "train" / "model.keras"))
     dim = int(np.load(work / "gallery" / "vectors.npy").shape[1])
     rng = np.random.default_rng(0)
@@ -108,7 +108,7 @@ def embed_rate(work: Path, settings: dict, n: int) -> float:
     from whaleid.pipeline.files import quiet_native_startup
     with quiet_native_startup():
         from whaleid.learning import model as models
-        from whaleid.scoring.scoring import Embedder
+        from whaleid.inference.embedding import Embedder
     files = pd.read_csv(work / "gallery" / "gallery.csv", dtype=str).File
     paths = [str(work / "augment" / "images" / files[i % len(files)]) for i in range(n)]
     embedder = Embedder(models.load_model(work / "train" / "model.keras"))

@@ -2,7 +2,7 @@
 
     pipeline alone    images/s of whaleid.learning.inputs.train_dataset (read, parallel decode, shuffle, batch,
                       prefetch), iterated without a model
-    train step alone  images/s of the compiled model's training step (whaleid.learning.train.compiled_model) on
+    train step alone  images/s of the compiled model's training step (whaleid.learning.phases.compiled_model) on
                       batches already in memory
     fit from pipeline images/s of model.fit reading the pipeline, as the stage trains
     ratio             pipeline / train step (target >= 3x)
@@ -81,7 +81,7 @@ def main() -> None:
             source = f"{len(paths)} synthetic {size} px JPEGs, {args.ids} classes ({time.perf_counter() - t:.1f}s to write)"
         n_classes = max(labels) + 1
 
-        from whaleid.learning import devices, heads, inputs, train
+        from whaleid.learning import devices, heads, inputs, phases
         strategy = devices.make_strategy(get("train.strategy"))
         precision = devices.choose_precision(get("train.precision"), strategy)
         deterministic = not devices.accelerated(strategy)
@@ -122,7 +122,7 @@ def main() -> None:
 
         with devices.dtype_policy(precision):
             with strategy.scope():
-                net = train.compiled_model(get, heads.from_settings(get), n_classes)
+                net = phases.compiled_model(get, heads.from_settings(get), n_classes)
             k = min(8, steps_per_epoch)
             memory = inputs.train_dataset(paths, labels, size, batch, seed, 0, 1).take(k).cache().repeat()
             t = time.perf_counter()

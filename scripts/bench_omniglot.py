@@ -100,7 +100,7 @@ def write_jpeg(path: Path, rgb: np.ndarray) -> None:
 # ---------------------------------------------------------------- stand-in upstream stages for train
 
 def make_stages(data: Path, train_alphabets: dict[str, Path], record: Path):
-    from whaleid.pipeline.stages import TRAIN
+    from whaleid.stages import TRAIN
 
     def augment(run):
         out = run.path("images")
@@ -289,7 +289,7 @@ def main(argv=None):
     minutes = pickle.loads((args.work / "train" / "MODEL_TIME.pickle").read_bytes()) / 60
 
     from whaleid.learning import model as models
-    from whaleid.scoring.scoring import Embedder
+    from whaleid.inference.embedding import Embedder
     embedder = Embedder(models.load_model(args.work / "train" / "model.keras"))
     if args.runs:
         runs_dir, notes = args.runs, []

@@ -20,7 +20,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from whaleid.pipeline import config  # noqa: E402
-from whaleid.pipeline.stages import ALL  # noqa: E402
+from whaleid.stages import ALL  # noqa: E402
 from whaleid.pipeline.stage import Session  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def main():
                     help="embed the gallery on every run, as before scoring/gallery_cache.py")
     args = ap.parse_args()
     if args.no_gallery_cache:
-        from whaleid.scoring import gallery_cache
+        from whaleid.similarity import gallery_cache
         gallery_cache.key = lambda run: None
     if args.kaggle_rerank is not None:
         import bench_rerank
@@ -73,8 +73,8 @@ def main():
     import multiprocessing.pool
     from functools import partial
     import pandas as pd
-    from whaleid.scoring.predict import photo_jobs
-    from whaleid.scoring.scoring import prepare
+    from whaleid.inference.predict import photo_jobs
+    from whaleid.inference.embedding import prepare
     jobs = photo_jobs(pd.read_csv(args.work / "format/test.csv", dtype={"Image": str}),
                       pd.read_csv(args.work / "boxes/BB_TEST.csv", dtype={"Image": str}).set_index("Image"),
                       Path(rec["data"]) / "test")

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from whaleid.pipeline import config  # noqa: E402
 from whaleid.datasets import synth
 from whaleid.pipeline.stage import STATE, Session  # noqa: E402
-from whaleid.pipeline.stages import BY_COMMAND  # noqa: E402
+from whaleid.stages import BY_COMMAND  # noqa: E402
 
 REAL = ROOT.parent / "shared/data/whales/kaggle2019_train.csv"
 

@@ -49,9 +49,9 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 
 from whaleid.learning import heads as head_registry  # noqa: E402
-from whaleid.ranking import submission
+from whaleid.metrics import submission
 from whaleid.datasets.import_folders import FolderError, import_folders  # noqa: E402
-from whaleid.pipeline.tables import NEW_WHALE  # noqa: E402
+from whaleid.data.tables import NEW_WHALE  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 HEADS = head_registry.names()

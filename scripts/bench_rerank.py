@@ -34,7 +34,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from whaleid.preprocess import keypoints  # noqa: E402
-from whaleid.scoring.rerank import Matcher, Reranker  # noqa: E402
+from whaleid.similarity.local import Matcher, Reranker  # noqa: E402
 
 WHALES = ROOT.parent / "shared" / "data" / "whales"
 KAGGLE_TEST, KAGGLE_TRAIN = 7960, 25361

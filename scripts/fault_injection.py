@@ -39,7 +39,7 @@ one (the control: the pipeline must be deterministic, or no comparison below mea
   copy            the baseline's work and data folders copied with `cp -r` to other paths: nothing reruns.
   touch           every photo of a copy of the data folder touched: nothing reruns.
 
-For the cases, the expected reruns are worked out from the stage declarations (whaleid.pipeline.stages.ALL:
+For the cases, the expected reruns are worked out from the stage declarations (whaleid.stages.ALL:
 data, settings, upstream) and the manifests before and after, by the rule the cache promises: a stage
 reruns when it is forced or directly affected (its artifact is missing, its data or setting changed),
 or when an upstream stage's artifacts now differ from the ones it recorded; never otherwise, so never
@@ -104,7 +104,7 @@ def load_declarations(code: Path) -> None:
     global STAGES, ORDER, COMMAND_OF, PREPROCESS, CODE
     CODE = code
     sys.path.insert(0, str(code))
-    from whaleid.pipeline.stages import ALL, BY_COMMAND  # stage declarations only; no TensorFlow
+    from whaleid.stages import ALL, BY_COMMAND  # stage declarations only; no TensorFlow
     import whaleid
     assert Path(whaleid.__file__).resolve().is_relative_to(code.resolve()), whaleid.__file__
     STAGES = ALL

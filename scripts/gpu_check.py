@@ -90,7 +90,7 @@ def main(argv=None) -> int:
             f"model.weights={args.weights}", "train.precision=auto", "train.strategy=auto", "run.image_size=224"]
     common = ["--work", work, "--config", "default", "--quiet"] + [a for s in sets for a in ("--set", s)]
     try:
-        from whaleid.ranking import submission
+        from whaleid.metrics import submission
         from whaleid.datasets import synth
         if not (data / ".complete").exists():
             synth.generate(data, ids=args.ids, seed=0, workers=os.cpu_count() or 1,
@@ -248,7 +248,7 @@ def throughput_check(work: Path, args) -> None:
     input; then one checkpoint save and load of the model with Adam's state."""
     import numpy as np
     import tensorflow as tf
-    from whaleid.learning import devices, heads, train
+    from whaleid.learning import devices, heads, phases
     from whaleid.learning.checkpoint import Checkpoint
     get = _getter(**{"model.weights": "none", "run.image_size": 224, "train.batch_size": 100})
     strategy = devices.make_strategy("auto")
@@ -258,7 +258,7 @@ def throughput_check(work: Path, args) -> None:
     images = rng.integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
     labels = rng.integers(0, 100, batch).astype("int32")
     with devices.dtype_policy(precision), strategy.scope():
-        net = train.compiled_model(get, heads.from_settings(get), 100, steps)
+        net = phases.compiled_model(get, heads.from_settings(get), 100, steps)
     rates = {}
     for name, x in (("uint8", images), ("float32", images.astype("float32"))):
         ds = tf.data.Dataset.from_tensors((x, labels)).repeat()
@@ -316,7 +316,7 @@ def xla_check(work: Path, args) -> None:
     """train.xla = true: really compiled with XLA without online augmentation, honestly off with it."""
     import numpy as np
     import tensorflow as tf
-    from whaleid.learning import devices, heads, train
+    from whaleid.learning import devices, heads, phases
     dump = Path(os.environ.get("XLA_FLAGS", "").partition("--xla_dump_to=")[2].split(" ")[0] or "/nonexistent")
     strategy = devices.make_strategy("auto")
     settings = {"model.weights": "none", "model.backbone": "MobileNetV3Small", "run.image_size": 96,
@@ -324,7 +324,7 @@ def xla_check(work: Path, args) -> None:
     for augment in (False, True):
         get = _getter(**settings, **{"train.online_augment": augment})
         with devices.dtype_policy(devices.choose_precision("auto", strategy)), strategy.scope():
-            net = train.compiled_model(get, heads.from_settings(get), 10)
+            net = phases.compiled_model(get, heads.from_settings(get), 10)
         on, why = devices.xla_state(net, True)
         if augment:
             check("XLA honestly off with online augmentation", not on and "online_augment" in why, why or "on?")

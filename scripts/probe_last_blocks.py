@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from probe_reid_transfer import load  # noqa: E402
-from whaleid.pipeline.tables import NEW_WHALE  # noqa: E402
+from whaleid.data.tables import NEW_WHALE  # noqa: E402
 
 
 def main(argv=None):

@@ -26,7 +26,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from whaleid.pipeline.tables import NEW_WHALE  # noqa: E402
+from whaleid.data.tables import NEW_WHALE  # noqa: E402
 
 LAYERS = {"head": "head_relu", "block10": "block10_add", "block14": "block14_add", "block15": "block15_project_bn"}
 

@@ -32,7 +32,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from whaleid.pipeline.tables import NEW_WHALE  # noqa: E402
+from whaleid.data.tables import NEW_WHALE  # noqa: E402
 
 PCA_DIMS = 256
 LDA_DIMS = 128

@@ -82,7 +82,7 @@ def test_mirrored_variants_and_their_ids():
 
 
 def test_a_mirrored_version_scores_an_id_by_its_flip_class():
-    from whaleid.scoring.scoring import MirrorFold
+    from whaleid.inference.embedding import MirrorFold
 
     class Fixed:
         def __init__(self, rows):
@@ -106,12 +106,12 @@ def test_a_mirrored_version_scores_an_id_by_its_flip_class():
 
 
 def test_share_threshold_puts_new_whale_first_for_that_share():
-    from whaleid.ranking import submission
+    from whaleid.similarity import answers
     best = [0.9, 0.2, 0.5, 0.7, 0.4, 0.95, 0.3, 0.8, 0.6, 0.1]
-    thr = submission.share_threshold(best, 0.3)
+    thr = answers.share_threshold(best, 0.3)
     assert sum(b < thr for b in best) == 3 and thr == pytest.approx(0.35)
-    assert submission.share_threshold(best, 0.0) == 0.0 and submission.share_threshold(best, 0.999) == 1.01
-    labels = submission.insert_new_whale(["w_a", "w_b"], [0.2, 0.1], thr, 3)
+    assert answers.share_threshold(best, 0.0) == 0.0 and answers.share_threshold(best, 0.999) == 1.01
+    labels = answers.insert_new_whale(["w_a", "w_b"], [0.2, 0.1], thr, 3)
     assert labels[0] == "new_whale"
 
 
@@ -146,7 +146,7 @@ def test_arcface_flip_ids_and_share_threshold_end_to_end(tiny_set, tmp_path):
     import json
     import pandas as pd
     from conftest import ROOT, whaleid
-    from whaleid.ranking import submission
+    from whaleid.metrics import submission
     work = tmp_path / "w"
     sets = ["model.backbone=tiny", "run.image_size=48", "train.epochs=8", "train.batch_size=16",
             "train.learning_rate=0.003", "model.head=arcface", "model.embedding_size=16", "model.arcface_scale=10",

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from whaleid.ranking import submission
+from whaleid.metrics import submission
 from whaleid.pipeline.stage import fingerprint
 
 from conftest import ROOT, cli as whaleid

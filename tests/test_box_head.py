@@ -152,7 +152,7 @@ def test_forked_workers_find_the_boxes_found_in_process(tiny_set):
 
 def test_the_report_names_the_cnn_methods(tmp_path):
     """The report's box sheet shows each photo's method: the learned detector's two are on it."""
-    from whaleid.report import report
+    from whaleid.report import page as report
     assert {"cnn+grabcut", "cnn"} <= set(boxes.METHODS)
     data, work = tmp_path / "data", tmp_path / "work"
     (data / "train").mkdir(parents=True)

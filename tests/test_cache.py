@@ -16,7 +16,7 @@ import toy_pipeline as toy
 from whaleid.pipeline import fingerprints
 from whaleid.pipeline.fingerprints import HashState, digest_folder, fingerprint, legacy_digest_folder
 from whaleid.pipeline.stage import STATE
-from whaleid.pipeline.stages import ALL
+from whaleid.stages import ALL
 
 from conftest import ROOT, cli, whaleid
 
@@ -293,7 +293,8 @@ def test_box_detector_weights_are_an_input_of_boxes_by_content(tmp_path):
     """The cnn detector's fitted weights (box_head_weights.py) fingerprint the boxes stage: weights
     refitted into that file rerun boxes; with another detector they are no input at all."""
     import dataclasses
-    from whaleid.pipeline import config, stages
+    from whaleid.pipeline import config
+    from whaleid import stages
     from whaleid.pipeline.stage import Session
     weights = tmp_path / "box_head_weights.py"
     weights.write_text("W = (1.0,)\n")

@@ -141,7 +141,7 @@ def test_every_command_has_help(command):
 def test_boxes_against_the_generators_true_boxes_and_box_import(tiny_set, tmp_path):
     from whaleid.pipeline import config
     from whaleid.preprocess.boxes import detect_box_file, iou
-    from whaleid.pipeline.stages import DETECT_SETTINGS
+    from whaleid.stages import DETECT_SETTINGS
     work = tmp_path / "work"
     whaleid("preprocess", "--data", tiny_set, "--work", work, "--config", CPU, "--quiet",
             "--set", "boxes.detector=grabcut")

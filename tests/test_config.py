@@ -198,7 +198,7 @@ def test_pyproject_ships_the_configs_and_every_subpackage():
 
 
 def test_average_ranks_with_ties_by_hand():
-    from whaleid.ranking.verification import average_ranks, roc_auc
+    from whaleid.metrics.verification import average_ranks, roc_auc
     # sorted: 10 10 | 20 20 20 | 30 -> ranks 1,2 -> 1.5; 3,4,5 -> 4; 6
     assert average_ranks([10, 20, 10, 30, 20, 20]).tolist() == [1.5, 4.0, 1.5, 6.0, 4.0, 4.0]
     assert average_ranks([3.0, 1.0, 2.0]).tolist() == [3.0, 1.0, 2.0]
@@ -210,7 +210,7 @@ def test_average_ranks_with_ties_by_hand():
 
 
 def test_average_ranks_match_counting():
-    from whaleid.ranking.verification import average_ranks
+    from whaleid.metrics.verification import average_ranks
     rng = np.random.default_rng(0)
     for n, distinct in [(1, 1), (9, 2), (40, 5), (200, 1000)]:
         x = rng.integers(0, distinct, n).astype(float)

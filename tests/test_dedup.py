@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from whaleid.preprocess import dedup
-from whaleid.pipeline import images
+from whaleid.data import images
 
 
 def brute_force(h, k):
@@ -86,7 +86,7 @@ def test_relabel_cases():
 
 def test_synthetic_ground_truth_groups_found_exactly(tiny_set, tmp_path):
     from whaleid.pipeline import config
-    from whaleid.pipeline.stages import ALL
+    from whaleid.stages import ALL
     from whaleid.pipeline.stage import Session
     s = Session(cfg=config.load(None), work=tmp_path / "w", data=tiny_set, stages=ALL, echo=lambda m: None)
     s.run([s.stage("dedup")])
@@ -117,7 +117,7 @@ def test_real_photos_copies_group_with_their_originals_only(shared_data, tmp_pat
     pd.DataFrame({"Image": sorted(x.name for x in (data / "test").iterdir()), "Id": "new_whale"}).to_csv(
         data / "sample_submission.csv", index=False)
     from whaleid.pipeline import config
-    from whaleid.pipeline.stages import ALL
+    from whaleid.stages import ALL
     from whaleid.pipeline.stage import Session
     s = Session(cfg=config.load(None), work=tmp_path / "w", data=data, stages=ALL, echo=lambda m: None)
     s.run([s.stage("dedup")])
@@ -130,7 +130,7 @@ def test_real_photos_copies_group_with_their_originals_only(shared_data, tmp_pat
 def test_equal_hashes_of_different_photos_are_checked_on_pixels(tmp_path, monkeypatch):
     # At 33k photos two different whales can share a phash; the pixels decide when dedup.verify is on.
     from whaleid.pipeline import config
-    from whaleid.pipeline.stages import ALL
+    from whaleid.stages import ALL
     from whaleid.pipeline.stage import Session
     data = tmp_path / "data"
     (data / "train").mkdir(parents=True)

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from whaleid.ranking import submission
+from whaleid.metrics import submission
 
 from conftest import ROOT, whaleid
 

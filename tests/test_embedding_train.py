@@ -35,9 +35,9 @@ def trained(tmp_path_factory):
 def _val_map5(work, head):
     """val_map5 of the saved model, recomputed as the validation callback computes it."""
     from whaleid.learning import model as models
-    from whaleid.ranking import submission
-    from whaleid.scoring.scoring import Embedder
-    from whaleid.ranking.retrieval import GalleryScorer
+    from whaleid.metrics import submission
+    from whaleid.inference.embedding import Embedder
+    from whaleid.similarity.gallery import GalleryScorer
     d = Path(work)
     train = pd.read_csv(d / "split" / "train_files.csv").drop_duplicates("Image")
     val = pd.read_csv(d / "split" / "val_files.csv")

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from whaleid.learning import batches
-from whaleid.ranking import retrieval, submission, verification
-from whaleid.pipeline.tables import NEW_WHALE
+from whaleid.similarity import gallery as retrieval
+from whaleid.metrics import verification
+from whaleid.similarity import answers
+from whaleid.data.tables import NEW_WHALE
 
 
 # ---------------------------------------------------------------- P ids x K photos
@@ -159,9 +161,9 @@ def test_ids_ranked_by_their_best_photo_and_new_whale_by_threshold():
     expect = [(1 + np.cos(np.deg2rad(a))) / 2 for a in (40, 10, 90)]
     np.testing.assert_allclose(scores[0], expect, rtol=1e-6)
     # threshold between w_b (0.996) and w_a (0.883): new_whale second; above all: first; below all: last
-    assert submission.answer(scores, scorer.classes, 0.9, "mean", None, 3) == ["w_b", NEW_WHALE, "w_a"]
-    assert submission.answer(scores, scorer.classes, 0.999, "mean", None, 3) == [NEW_WHALE, "w_b", "w_a"]
-    assert submission.answer(scores, scorer.classes, 0.1, "mean", None, 4) == ["w_b", "w_a", "w_c", NEW_WHALE]
+    assert answers.answer(scores, scorer.classes, 0.9, "mean", None, 3) == ["w_b", NEW_WHALE, "w_a"]
+    assert answers.answer(scores, scorer.classes, 0.999, "mean", None, 3) == [NEW_WHALE, "w_b", "w_a"]
+    assert answers.answer(scores, scorer.classes, 0.1, "mean", None, 4) == ["w_b", "w_a", "w_c", NEW_WHALE]
     # softmax "similarity" is the probability that two photos show the same class
     p = np.array([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
     np.testing.assert_allclose(Softmax(label_smoothing=0.0).similarity(None, p, p), [[0.5, 0.5], [0.5, 1.0]])

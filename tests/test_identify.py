@@ -251,7 +251,7 @@ def test_train_only_individuals_are_never_candidates(catalogue, day1, tmp_path):
 
 
 def test_calibration_reads_precision_at_a_score_on_constructed_validation():
-    from whaleid.catalogue.review import Calibration
+    from whaleid.inference.review import Calibration
     c = Calibration([0.7, 0.9, 0.8], [True, True, False])  # best ids right at 0.9 and 0.7, wrong at 0.8
     assert c.at(0.95) == (None, 0) and c.at(0.9) == (1.0, 1) and c.at(0.85) == (1.0, 1)
     assert c.at(0.75) == (0.5, 2) and c.at(0.1) == (2 / 3, 3) and c.precision(0.1) == 0.6667
@@ -259,7 +259,7 @@ def test_calibration_reads_precision_at_a_score_on_constructed_validation():
 
 
 def test_accepted_photo_names_are_unique_across_batches():
-    from whaleid.catalogue.accept import image_name
+    from whaleid.inference.accept import image_name
     names = {image_name(b, p) for b in ("day1", "day2") for p in ("a.jpg", "x/a.jpg", "A.JPG")}
     assert len(names) == 6 and all(n.endswith(".jpg") and len(n) == 20 for n in names)
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from whaleid.pipeline import images, tables
-from whaleid.pipeline.images import BadImage
+from whaleid.data import images, tables
+from whaleid.data.images import BadImage
 
 
 def _save(path, img, fmt=None, **kw):

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from whaleid.ranking import submission
+from whaleid.metrics import submission
 from whaleid.cli import main
 
 from conftest import ROOT, whaleid

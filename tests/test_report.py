@@ -1,4 +1,4 @@
-"""whaleid.report.report (with report_sheets and plots): the PNG sheets and plots and the index.html that shows
+"""whaleid.report.page (with sheets, predictions and charts): the PNG sheets and plots and the index.html that shows
 them, on a tiny real run and on hand-made work folders (a stage not run, a history without validation, a box
 at a known place); and the plot axes' tick and scale arithmetic."""
 import json
@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from whaleid.report import drawing, report, report_sheets
+from whaleid.report import drawing, page as report, sheets as report_sheets
 from whaleid.datasets import synth
 from whaleid.cli import main
 

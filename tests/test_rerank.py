@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from whaleid.preprocess import keypoints
-from whaleid.scoring import rerank
+from whaleid.similarity import fusion, local as rerank
 
 
 def pattern(seed: int, size=(360, 480)) -> np.ndarray:
@@ -86,15 +86,15 @@ def test_logistic_calibration_on_constructed_scores():
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, 4000)
     truth_a, truth_b = 10.0, -6.0
-    y = rng.uniform(size=x.size) < rerank.sigmoid(truth_a * x + truth_b)
-    a, b = rerank.fit_logistic(x, y)
+    y = rng.uniform(size=x.size) < fusion.sigmoid(truth_a * x + truth_b)
+    a, b = fusion.fit_logistic(x, y)
     assert abs(a - truth_a) < 1.5 and abs(b - truth_b) < 1.0, (a, b)
     # separable data: finite weights, probabilities in the right order
-    a, b = rerank.fit_logistic([0, 0.1, 0.2, 0.8, 0.9, 1.0], [0, 0, 0, 1, 1, 1])
-    assert np.isfinite(a) and a > 0 and rerank.sigmoid(a * 0.9 + b) > 0.8 > 0.2 > rerank.sigmoid(a * 0.1 + b)
+    a, b = fusion.fit_logistic([0, 0.1, 0.2, 0.8, 0.9, 1.0], [0, 0, 0, 1, 1, 1])
+    assert np.isfinite(a) and a > 0 and fusion.sigmoid(a * 0.9 + b) > 0.8 > 0.2 > fusion.sigmoid(a * 0.1 + b)
     # one class only: the (clipped) prior, whatever x
-    a, b = rerank.fit_logistic([0.2, 0.5], [0, 0])
-    assert a == 0 and rerank.sigmoid(b) == pytest.approx(1e-3)
+    a, b = fusion.fit_logistic([0.2, 0.5], [0, 0])
+    assert a == 0 and fusion.sigmoid(b) == pytest.approx(1e-3)
 
 
 def constructed_queries(n=200, ids=30, seed=0):
@@ -116,23 +116,24 @@ def constructed_queries(n=200, ids=30, seed=0):
 
 def test_fusion_lifts_verified_ids_and_is_cross_fitted():
     names, truths, rankings, inliers = constructed_queries()
-    fusion = rerank.fit(rankings, inliers, truths, 10)
-    assert fusion.pairs == 2000 and fusion.same == 200 and fusion.local[0] > 0
-    fused = rerank.cross_fitted(rankings, inliers, truths, names, 10, 5)
+    fitted = fusion.fit(rankings, inliers, truths, 10)
+    assert fitted.pairs == 2000 and fitted.same == 200 and fitted.local[0] > 0
+    fused = fusion.cross_fitted(rankings, inliers, truths, names, 10, 5)
     assert np.mean([labels[0] == t for (labels, _), t in zip(fused, truths)]) > 0.95
     assert np.mean([labels[0] == t for (labels, _), t in zip(rankings, truths)]) < 0.3
     # a query's own label never enters the fusion that scores it: relabelling it changes nothing of its own
     changed = list(truths)
     changed[7] = "nobody"
-    again = rerank.cross_fitted(rankings, inliers, changed, names, 10, 5)
+    again = fusion.cross_fitted(rankings, inliers, changed, names, 10, 5)
     assert again[7] == fused[7]
 
 
 def test_predict_refuses_to_fuse_without_a_validation_calibration(tmp_path):
     from whaleid.pipeline.stage import StageError
-    (tmp_path / "calibration.json").write_text('{"method": "none"}')
+    (tmp_path / "evaluate").mkdir()
+    (tmp_path / "evaluate" / "calibration.json").write_text('{"method": "none"}')
     with pytest.raises(StageError, match="run whaleid evaluate"):
-        rerank.for_predict(None, tmp_path / "calibration.json", None)
+        fusion.read_calibration(tmp_path)
 
 
 def test_batched_scores_equal_photo_by_photo_matching(tmp_path):

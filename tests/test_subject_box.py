@@ -81,7 +81,7 @@ def test_preprocess_and_report_show_the_subject_boxes(tmp_path, lite_cache, monk
     objects' boxes -> the report's box sheet shows them with the subject note."""
     monkeypatch.setenv("WHALEID_CACHE", str(lite_cache))
     from whaleid.datasets.import_folders import import_folders
-    from whaleid.report import report
+    from whaleid.report import page as report
     src, truth = tmp_path / "src", {}
     colours = [(240, 240, 240), (250, 220, 40), (230, 80, 60), (40, 200, 240)]
     for k in range(4):

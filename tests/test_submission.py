@@ -2,8 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from whaleid.ranking import submission as sub
-from whaleid.ranking.submission import SubmissionError
+from whaleid.metrics import submission as sub
+from whaleid.metrics.submission import SubmissionError
+from whaleid.similarity import answers
 
 CLASSES = [f"w_{i}" for i in range(8)]
 
@@ -28,7 +29,7 @@ def test_vote_agreement_wins_over_a_more_probable_single_version():
     probs[0, 3] = 0.9          # one version is very sure of w_3
     probs[1:, 5] = 0.5         # three versions agree on w_5
     probs[1:, 3] = 0.05
-    out = sub.merge_vote(probs, CLASSES, 5)
+    out = answers.merge_vote(probs, CLASSES, 5)
     # then every version's next candidate is w_0, w_1, w_2 (equal probabilities: the lower index first)
     assert out == ["w_5", "w_3", "w_0", "w_1", "w_2"]
 
@@ -43,23 +44,23 @@ def test_vote_fills_every_slot_by_agreement_then_probability():
     probs = np.array([[0.01, 0.40, 0.30, 0.02, 0.20, 0.015, 0.05, 0.005],
                       [0.01, 0.25, 0.45, 0.02, 0.005, 0.15, 0.10, 0.01],
                       [0.01, 0.02, 0.20, 0.50, 0.005, 0.12, 0.03, 0.10]])
-    assert sub.merge_vote(probs, CLASSES, 5) == ["w_3", "w_2", "w_1", "w_5", "w_4"]
+    assert answers.merge_vote(probs, CLASSES, 5) == ["w_3", "w_2", "w_1", "w_5", "w_4"]
     # mean merge: the versions' mean is w_2 .317, w_1 .223, w_3 .180, w_5 .095, w_4 .070, w_6 .060, ...
-    assert sub.merge_mean(probs, CLASSES, 5) == ["w_2", "w_1", "w_3", "w_5", "w_4"]
-    assert sub.merge_mean(probs, CLASSES, 7) == ["w_2", "w_1", "w_3", "w_5", "w_4", "w_6", "w_7"]
+    assert answers.merge_mean(probs, CLASSES, 5) == ["w_2", "w_1", "w_3", "w_5", "w_4"]
+    assert answers.merge_mean(probs, CLASSES, 7) == ["w_2", "w_1", "w_3", "w_5", "w_4", "w_6", "w_7"]
     # through answer(): the mean probabilities decide where new_whale goes (under 0.2: before w_3)
-    assert sub.answer(probs, CLASSES, 0.2, "mean", None, 5) == ["w_2", "w_1", "new_whale", "w_3", "w_5"]
+    assert answers.answer(probs, CLASSES, 0.2, "mean", None, 5) == ["w_2", "w_1", "new_whale", "w_3", "w_5"]
     # vote puts w_3 first, and its mean (.180) is under 0.2: new_whale goes before it
-    assert sub.answer(probs, CLASSES, 0.2, "vote", None, 5) == ["new_whale", "w_3", "w_2", "w_1", "w_5"]
+    assert answers.answer(probs, CLASSES, 0.2, "vote", None, 5) == ["new_whale", "w_3", "w_2", "w_1", "w_5"]
 
 
 def test_vote_without_agreement_takes_the_most_probable_and_never_repeats():
     probs = np.zeros((2, 8))
     probs[0] = np.linspace(0.9, 0.1, 8)            # ranks 0,1,2,...
     probs[1] = np.linspace(0.1, 0.85, 8)           # ranks 7,6,5,...
-    out = sub.merge_vote(probs, CLASSES, 5)
+    out = answers.merge_vote(probs, CLASSES, 5)
     assert out[:2] == ["w_0", "w_7"] and len(set(out)) == 5
-    mean = sub.merge_mean(probs, CLASSES, 5)
+    mean = answers.merge_mean(probs, CLASSES, 5)
     assert len(set(mean)) == 5
 
 
@@ -68,19 +69,19 @@ def test_new_whale_inserted_before_the_first_score_under_threshold(position):
     labels = ["a", "b", "c", "d", "e"]
     scores = [0.9 - 0.1 * i for i in range(5)]
     threshold = scores[position] + 0.01
-    out = sub.insert_new_whale(labels, scores, threshold, 5)
+    out = answers.insert_new_whale(labels, scores, threshold, 5)
     assert out.index("new_whale") == position and len(out) == 5 and len(set(out)) == 5
 
 
 def test_new_whale_takes_last_slot_when_all_scores_clear_the_threshold():
-    assert sub.insert_new_whale(list("abcde"), [0.9] * 5, 0.5, 5) == ["a", "b", "c", "d", "new_whale"]
+    assert answers.insert_new_whale(list("abcde"), [0.9] * 5, 0.5, 5) == ["a", "b", "c", "d", "new_whale"]
 
 
 def test_known_answer_goes_first_without_repeating():
     probs = np.tile(np.linspace(0.5, 0.01, 8), (4, 1))
-    out = sub.answer(probs, CLASSES, 0.3, "vote", "w_2", 5)
+    out = answers.answer(probs, CLASSES, 0.3, "vote", "w_2", 5)
     assert out[0] == "w_2" and len(set(out)) == 5 and out.count("w_2") == 1
-    out = sub.answer(probs, CLASSES, 0.3, "vote", "w_7", 5)
+    out = answers.answer(probs, CLASSES, 0.3, "vote", "w_7", 5)
     assert out[0] == "w_7" and len(out) == 5
 
 
@@ -130,9 +131,9 @@ def test_score_files(tmp_path):
 def test_answers_hold_k_distinct_labels(k):
     probs = np.tile(np.linspace(0.5, 0.01, 8), (4, 1))
     for merge in ("vote", "mean"):
-        out = sub.answer(probs, CLASSES, 0.3, merge, None, k)
+        out = answers.answer(probs, CLASSES, 0.3, merge, None, k)
         assert len(out) == k and len(set(out)) == k
-    assert sub.answer(probs, CLASSES, 0.3, "vote", "w_5", k)[0] == "w_5"
+    assert answers.answer(probs, CLASSES, 0.3, "vote", "w_5", k)[0] == "w_5"
 
 
 def test_validator_counts_the_given_top_k_and_defaults_to_the_shipped_setting():

@@ -69,7 +69,7 @@ def test_a_head_declared_in_a_test_file_trains_through_the_train_stage(tmp_path,
     assert any("toy_cosine head" in line for line in lines), lines
 
     from whaleid.learning import model as models
-    from whaleid.scoring.scoring import Embedder
+    from whaleid.inference.embedding import Embedder
     net = models.load_model(work / "train" / "model.keras")
     e = Embedder(net)
     assert isinstance(e.head, ToyCosine) and e.head.embedding_size == 8

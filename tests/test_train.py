@@ -81,7 +81,7 @@ SPLIT = Stage("split", _split, artifacts=("train_files.csv", "val_files.csv"), s
 
 
 def session(work, overrides=(), echo=lambda m: None):
-    from whaleid.pipeline.stages import TRAIN
+    from whaleid.stages import TRAIN
     cfg = config.load(ROOT / "configs" / "scratch.toml", tuple(BASE) + tuple(overrides))
     return Session(cfg=cfg, work=Path(work), data=None, stages=[AUGMENT, SPLIT, TRAIN], progress=False,
                    echo=echo)
@@ -429,7 +429,7 @@ def test_precision_auto_is_float32_on_cpu_and_mixed_keeps_a_float32_softmax():
 
 
 def test_declaring_the_stages_does_not_load_tensorflow():
-    code = ("import sys, whaleid.pipeline.stages, whaleid.learning.heads, whaleid.pipeline.config; "
+    code = ("import sys, whaleid.stages, whaleid.learning.heads, whaleid.pipeline.config; "
             "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 

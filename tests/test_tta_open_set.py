@@ -1,4 +1,4 @@
-"""Test-time versions (scoring.tta_versions / prepare, augment.TTA) and evaluate's open-set sample
+"""Test-time versions (embedding.tta_versions / prepare, augment.TTA) and evaluate's open-set sample
 (evaluate.open_set), on constructed arrays and tables: no trained model."""
 import numpy as np
 import pandas as pd
@@ -6,8 +6,9 @@ import pytest
 from PIL import Image
 
 from whaleid.preprocess import augment
-from whaleid.scoring import evaluate, scoring
-from whaleid.pipeline.tables import NEW_WHALE
+from whaleid.inference import evaluate
+from whaleid.inference import embedding
+from whaleid.data.tables import NEW_WHALE
 
 SIZE = 48
 
@@ -21,7 +22,7 @@ def _base(seed=0):
 
 def _prepare(path, name, seed=42, tta=True):
     job = (name, str(path), None)  # box None: the file is already a crop (what evaluate passes)
-    image, versions, error = scoring.prepare(job, size=SIZE, margin=0.05, crop_max=20, sigma_max=1.0,
+    image, versions, error = embedding.prepare(job, size=SIZE, margin=0.05, crop_max=20, sigma_max=1.0,
                                              seed=seed, tta=tta)
     assert image == name and error is None
     return versions
@@ -58,7 +59,7 @@ def test_versions_are_deterministic_per_photo_whatever_came_before(tmp_path):
     assert (_prepare(tmp_path / "a.png", "a.png", seed=7)[2] != first[2]).any()
     # as the augment stage's own generator would draw it: (seed + 1, name)
     rng = augment.photo_rng(42 + 1, "a.png")
-    assert (scoring.tta_versions(base, rng, 20, 1.0) == first).all()
+    assert (embedding.tta_versions(base, rng, 20, 1.0) == first).all()
 
 
 def test_prepare_crops_to_the_box_when_given_one(tmp_path):
@@ -66,10 +67,10 @@ def test_prepare_crops_to_the_box_when_given_one(tmp_path):
     big[50:150, 100:250] = 200
     path = tmp_path / "big.jpg"
     Image.fromarray(big).save(path, quality=95)
-    image, versions, error = scoring.prepare(("big.jpg", str(path), (100, 50, 250, 150)), size=SIZE, margin=0.0,
+    image, versions, error = embedding.prepare(("big.jpg", str(path), (100, 50, 250, 150)), size=SIZE, margin=0.0,
                                              crop_max=20, sigma_max=1.0, seed=42, tta=True)
     assert error is None and versions[0].mean() > 190  # the box's bright region fills the crop
-    image, versions, error = scoring.prepare(("gone.jpg", str(tmp_path / "gone.jpg"), None), size=SIZE,
+    image, versions, error = embedding.prepare(("gone.jpg", str(tmp_path / "gone.jpg"), None), size=SIZE,
                                              margin=0.0, crop_max=20, sigma_max=1.0, seed=42, tta=True)
     assert versions is None and "not found" in error
 
@@ -105,7 +106,7 @@ def test_unseen_ids_are_new_whales_and_the_draw_is_seeded():
     assert ev.equals(evaluate.open_set(split, 0.27, seed=42))
     assert not ev.equals(evaluate.open_set(split, 0.27, seed=1))
     # an unseen photo answered new_whale first scores 1; answered with its (never trained) id, 0
-    from whaleid.ranking import submission
+    from whaleid.metrics import submission
     assert submission.map5([unseen.truth.iloc[0]], [[NEW_WHALE, "w_1"]]) == 1.0
     assert submission.map5([unseen.truth.iloc[0]], [[unseen.Id.iloc[0], "w_1"]]) == 0.0
 

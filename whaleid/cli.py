@@ -27,20 +27,18 @@ import click
 # files.quiet_native_startup where a stage module is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from .learning import cluster  # noqa: E402
-from .pipeline import config, stage as stagelib  # noqa: E402
-from .pipeline.files import VERBOSE, quiet_native_startup  # noqa: E402
-from .pipeline.stages import ALL as ALL_STAGES, BY_COMMAND, status_line, wanted as wanted_stages  # noqa: E402
-from .pipeline.stage import Session, StageError  # noqa: E402
-from .pipeline.tables import TableError  # noqa: E402
-from .pipeline.workfolder import (fallback_rows, is_dir_or_error, open_work, test_photo_warning,  # noqa: E402
-                         unusable_test_photos, write_record)
+from whaleid.learning import cluster  # noqa: E402
+from whaleid.pipeline import config, stage as stagelib  # noqa: E402
+from whaleid.pipeline.files import VERBOSE, quiet_native_startup  # noqa: E402
+from whaleid.stages import ALL as ALL_STAGES, BY_COMMAND, status_line, wanted as wanted_stages  # noqa: E402
+from whaleid.pipeline.stage import Session, StageError  # noqa: E402
+from whaleid.data.tables import TableError  # noqa: E402
+from whaleid.metrics.summary import summary_lines  # noqa: E402
+from whaleid.pipeline.workfolder import (fallback_rows, is_dir_or_error, open_work, test_photo_warning,  # noqa: E402
+                                         unusable_test_photos, write_record)
 
 
 # ---------------------------------------------------------------- shared options and the session
-
-SETTINGS_RECORD = stagelib.SETTINGS_RECORD
-
 
 def common(fn):
     @click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("work"),
@@ -183,7 +181,7 @@ def train(**kw):
               help="Also N-way one-shot accuracy (sets evaluate.one_shot; remembered in WORK).")
 def evaluate(tune_threshold, submission_file, solution_file, one_shot, **kw):
     """Open-set MAP@5 on the validation split (held-out ids play the new whales)."""
-    from .ranking import submission
+    from whaleid.metrics import submission
     if submission_file or solution_file:
         if not (submission_file and solution_file):
             raise click.UsageError("--submission and --solution go together")
@@ -196,26 +194,8 @@ def evaluate(tune_threshold, submission_file, solution_file, one_shot, **kw):
         return
     session = run_command("evaluate", kw, (f"evaluate.one_shot={one_shot}",) if one_shot else ())
     m = json.loads((session.dir("evaluate") / "metrics.json").read_text())
-    click.echo(f"open-set validation ({m['images']} images, {m['new_whale_share']:.0%} new whales, "
-               f"merge {m['merge']}, tta {m['tta']}):")
-    click.echo(f"  MAP@5 {m['map5']:.4f}  top-1 {m['top1']:.4f}  at threshold {m['threshold']:.3f}")
-    click.echo(f"  all-new_whale baseline MAP@5 {m['all_new_whale_map5']:.4f}")
-    click.echo(f"  best threshold {m['best_threshold']:.2f}: MAP@5 {m['best_map5']:.4f}")
-    if "share_map5" in m:
-        click.echo(f"  threshold {m['share_threshold']:.3f} by share ({m['share']:.0%} new_whale first): "
-                   f"MAP@5 {m['share_map5']:.4f}")
-    if "summary" in (m.get("rerank") or {}):  # what re-ranking buys (scoring/rerank.py)
-        click.echo(m["rerank"]["summary"])
-    v = m.get("verification") or {}
-    if v.get("auc") is not None:
-        b = v["at_best_threshold"]
-        click.echo(f"  verification ({v['pairs']} query-id pairs): AUC {v['auc']:.4f}; at threshold {b['threshold']:.2f} "
-                   f"precision {b['precision']:.4f} recall {b['recall']:.4f} F1 {b['f1']:.4f}")
-    o = m.get("one_shot")
-    if o:
-        acc = "n/a" if o["accuracy"] is None else f"{o['accuracy']:.4f}"
-        unseen = "" if o["unseen_accuracy"] is None else f"; held-out ids {o['unseen_accuracy']:.4f} ({o['unseen_tasks']} tasks)"
-        click.echo(f"  {o['n_way']}-way one-shot accuracy {acc} ({o['tasks']} tasks{unseen})")
+    for line in summary_lines(m):
+        click.echo(line)
     share = config.get(session.cfg, "new_whale.share")
     if tune_threshold and share:
         click.echo(f"  not tuning the threshold: new_whale.share = {share:g} places it in predict (new_whale first "
@@ -229,9 +209,8 @@ def evaluate(tune_threshold, submission_file, solution_file, one_shot, **kw):
             raise click.ClickException(f"not tuning the threshold: {message}")
         click.secho(f"WARNING: {message}", err=True, fg="yellow", bold=True)
     if tune_threshold:
-        with quiet_native_startup():  # the stage was cached: TensorFlow loads here
-            from .scoring import evaluate as evaluation
-        thr = evaluation.tune(session.work)
+        from whaleid.similarity.threshold import tune
+        thr = tune(session.work)
         click.echo(f"  stored threshold {thr:.2f} in {session.work / 'tuned_threshold.json'}; predict will use it")
 
 
@@ -243,8 +222,8 @@ def evaluate(tune_threshold, submission_file, solution_file, one_shot, **kw):
 def predict(check_file, strict, **kw):
     """TTA top-5 with the new_whale threshold -> WORK/submission.csv. Runs every stage it needs that
     is not up to date first: with --data alone, the whole pipeline (preprocess, train, predict)."""
-    from .ranking import submission
-    from .pipeline.tables import read_test
+    from whaleid.metrics import submission
+    from whaleid.data.tables import read_test
     if check_file:
         session, _ = open_session(**kw)
         if session.data is None:
@@ -290,11 +269,11 @@ def identify(work, photos, batch, top, decisions, into, overrides, workers, quie
         raise click.UsageError("give --photos DIR (identify a batch) or --accept decisions.csv [--into DATA]")
     try:
         if decisions:
-            from .catalogue import accept
+            from whaleid.inference import accept
             accept.accept(work, decisions, into, echo=click.echo)
             return
         with quiet_native_startup():
-            from .catalogue import identify as identification
+            from whaleid.inference import identify as identification
         folder = identification.command(work, photos, batch, top, overrides, workers, quiet, echo=click.echo)
     except (StageError, config.ConfigError) as e:
         raise click.ClickException(str(e)) from None
@@ -339,7 +318,7 @@ def status(work, data, config_file, overrides):
 def report(work, data, out, sample, seed):
     """PNG sheets and plots of WORK's artifacts (boxes, duplicates, training curves, MAP@5 vs threshold,
     predictions) and an index.html that shows them; a stage that has not run is one line of the page."""
-    from .report import report as reportlib
+    from whaleid.report import page as reportlib
     if not Path(work).is_dir():
         raise click.ClickException(f"work folder {work} not found: run whaleid preprocess --work {work} first")
     if data is not None and not Path(data).is_dir():
@@ -364,7 +343,7 @@ def report(work, data, out, sample, seed):
 @click.option("--quiet", is_flag=True)
 def synth(out, ids, seed, photos, real_train_csv, size_scale, workers, quiet):
     """Write a synthetic data set (Kaggle layout + solution.csv, boxes.csv, duplicates.csv)."""
-    from .datasets import synth as synthlib
+    from whaleid.datasets import synth as synthlib
     try:
         summary = synthlib.generate(out, ids=ids, seed=seed, workers=workers, photos=photos,
                                     real_train_csv=real_train_csv, size_scale=size_scale, progress=not quiet)
@@ -390,7 +369,7 @@ def synth(out, ids, seed, photos, real_train_csv, size_scale, workers, quiet):
 @click.option("--quiet", is_flag=True)
 def import_folders(src, out, new_fraction, query_fraction, train_only, seed, quiet):
     """Convert ROOT/<id>/*.jpg|png into the Kaggle layout with a solution.csv."""
-    from .datasets import import_folders as importer
+    from whaleid.datasets import import_folders as importer
     try:
         summary = importer.import_folders(src, out, new_fraction=new_fraction, query_fraction=query_fraction,
                                           seed=seed, progress=not quiet, train_only=train_only)
@@ -399,15 +378,8 @@ def import_folders(src, out, new_fraction, query_fraction, train_only, seed, qui
     click.echo(f"import-folders: wrote {out}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     if summary["skipped"]:
         click.echo(f"  {summary['skipped']} files were not readable photos: see {out / 'skipped.csv'}")
-    click.echo("  next (no new_whale rows in train.csv: split.unseen_ids holds ids out to play the new whales):")
-    click.echo(f"    whaleid preprocess --data {out} --work WORK --config cpu --set boxes.detector=subject "
-               f"--set split.unseen_ids=0.2")
-    click.echo(f"  (boxes.detector=subject boxes the animal in each photo; --boxes {out / 'boxes.csv'} keeps whole photos)")
-    click.echo("    whaleid train --work WORK")
-    click.echo("    whaleid evaluate --work WORK --tune-threshold")
-    click.echo("    whaleid predict --work WORK")
-    click.echo(f"    whaleid evaluate --submission WORK/submission.csv --solution {out / 'solution.csv'}")
-
+    for line in importer.next_steps(out):
+        click.echo(line)
 
 if __name__ == "__main__":
     main()

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..pipeline.files import sha256_file
+from whaleid.pipeline.files import sha256_file
 
 NAME = "EfficientNetLite0"
 MODEL_NAME = "efficientnet_lite0"
@@ -306,7 +306,7 @@ def imagenet_weights_file(variant: str = NAME) -> Path:
     with _lock(directory, variant):
         if _cache_ok(path, sidecar):                     # another process converted meanwhile
             return path
-        from .torch_pickle import TorchPickleError, read_state_dict
+        from whaleid.backbones.torch_pickle import TorchPickleError, read_state_dict
         pth = locate_pth(variant)
         try:
             state = read_state_dict(pth, expected_sha256=v.pth_sha256)

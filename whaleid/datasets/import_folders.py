@@ -36,9 +36,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ..pipeline import images
-from ..pipeline.files import umask
-from ..pipeline.tables import NEW_WHALE
+from whaleid.data import images
+from whaleid.pipeline.files import umask
+from whaleid.data.tables import NEW_WHALE
 
 EXTENSIONS = {".jpg": ".jpg", ".jpeg": ".jpg", ".png": ".png"}
 
@@ -185,3 +185,16 @@ def import_folders(src: Path, out: Path, new_fraction: float = 0.3, query_fracti
             "test_queries": int((photos.role == "query").sum()), "test_new_whale": int((photos.role == "new").sum()),
             "train_only_individuals": int(photos[photos.role == "train-only"].Id.nunique()),
             "train_only_photos": int((photos.role == "train-only").sum()), "skipped": len(skipped)}
+
+
+def next_steps(out: Path) -> list[str]:
+    """What to run on the new data folder (import-folders prints it)."""
+    out = Path(out)
+    return ["  next (no new_whale rows in train.csv: split.unseen_ids holds ids out to play the new whales):",
+            f"    whaleid preprocess --data {out} --work WORK --config cpu --set boxes.detector=subject "
+            f"--set split.unseen_ids=0.2",
+            f"  (boxes.detector=subject boxes the animal in each photo; --boxes {out / 'boxes.csv'} keeps whole photos)",
+            "    whaleid train --work WORK",
+            "    whaleid evaluate --work WORK --tune-threshold",
+            "    whaleid predict --work WORK",
+            f"    whaleid evaluate --submission WORK/submission.csv --solution {out / 'solution.csv'}"]

@@ -18,11 +18,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from . import heads
-from .checkpoint import Checkpoint
-from ..pipeline.files import fault_point
-from .inputs import load_images, padded
-from ..ranking.submission import map5
+from whaleid.learning import heads
+from whaleid.learning.checkpoint import Checkpoint
+from whaleid.pipeline.files import fault_point
+from whaleid.learning.inputs import load_images, padded
+from whaleid.metrics.submission import map5
+from whaleid.similarity.gallery import IdIndex
 
 MAX_ELEMENTS = 1 << 26  # floats in one chunk of query x gallery x dimension (a siamese |q - g|)
 
@@ -97,8 +98,8 @@ class RetrievalValidation(Validation):
         self.gallery_paths, self.gallery_ids = list(gallery_paths), list(gallery_ids)
         self.val_paths, self.val_ids = list(val_paths), list(val_ids)
         self.top_k = top_k
-        self.classes, codes = np.unique(np.asarray(self.gallery_ids).astype(str), return_inverse=True)
-        self.codes = tf.constant(codes.astype(np.int32))
+        self.index = IdIndex(self.gallery_ids)  # the ids by their best photo, as inference ranks them
+        self.classes = self.index.classes
 
     def load(self):
         return load_images(self.gallery_paths + self.val_paths, self.image_size, self.batch_size)
@@ -118,19 +119,15 @@ class RetrievalValidation(Validation):
 
     def ranked(self, G, Q) -> np.ndarray:
         """(nq, top_k) class indices: each id scored by its best gallery photo, best first (ties: the
-        lower index, as a stable sort)."""
-        k = min(self.top_k, len(self.classes))
+        lower index, as a stable sort). Similarities on the device when the head has similarity_ops."""
         per_chunk = max(1, MAX_ELEMENTS // max(1, int(G.shape[0]) * int(G.shape[-1])))
         out = []
         for s in range(0, int(Q.shape[0]), per_chunk):
             q = Q[s:s + per_chunk]
             sim = self.head.similarity_ops(self.model, q, G)
-            if sim is None:
-                sim = tf.constant(self.head.similarity(self.model, np.asarray(q), np.asarray(G)), tf.float32)
-            best = tf.transpose(tf.math.unsorted_segment_max(tf.transpose(tf.cast(sim, tf.float32)), self.codes,
-                                                             len(self.classes)))
-            out.append(tf.math.top_k(best, k=k).indices.numpy())
-        return np.concatenate(out) if out else np.zeros((0, k), np.int64)
+            sim = self.head.similarity(self.model, np.asarray(q), np.asarray(G)) if sim is None else sim
+            out.append(self.index.top(np.asarray(sim, np.float32), self.top_k))
+        return np.concatenate(out) if out else np.zeros((0, min(self.top_k, len(self.classes))), np.int64)
 
 
 class ClassifierValidation(Validation):

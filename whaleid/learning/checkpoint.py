@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..pipeline.files import atomic_path, fault_point
+from whaleid.pipeline.files import atomic_path, fault_point
 
 CHECKPOINT = "checkpoint.npz"
 BEST = "best-{epoch:04d}.npz"

@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..pipeline.files import StageError
+from whaleid.pipeline.files import StageError
 
 TRAIN = "train"
 
@@ -114,7 +114,7 @@ def _check_upstream(session, stages, force, me: Role) -> None:
 def run_worker(session, stage, me: Role) -> dict:
     """A non-chief worker's share of the train stage: the stage's function with a Run whose folder is
     a scratch temp dir (deleted after), no lock, no manifest. Returns the stage's counts."""
-    from ..pipeline.stage import Run  # (light: no TensorFlow)
+    from whaleid.pipeline.stage import Run  # (light: no TensorFlow)
     scratch = tempfile.mkdtemp(prefix=f"whaleid-{me.task_type}{me.index}-")
     session.echo(f"[{stage.name}] running as {me}: training in step with the chief, writing nothing to "
                  f"{session.work} (scratch folder {scratch})")

@@ -22,8 +22,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from . import cluster
-from ..pipeline.files import StageError
+from whaleid.learning import cluster
+from whaleid.pipeline.files import StageError
 
 _MULTIWORKER = None  # a process creates MultiWorkerMirroredStrategy once (it configures the runtime)
 _MIRRORED: dict = {}  # device names -> MirroredStrategy (several in one process: their collective keys clash)

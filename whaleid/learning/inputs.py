@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from . import batches
+from whaleid.learning import batches
 
 
 def _decode(path, image_size: int):

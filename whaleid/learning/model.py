@@ -19,10 +19,10 @@ from pathlib import Path
 
 import keras
 
-from ..backbones import efficientnet_lite
-from . import heads
-from ..pipeline.config import get as setting
-from ..pipeline.stage import StageError
+from whaleid.backbones import efficientnet_lite
+from whaleid.learning import heads
+from whaleid.pipeline.config import get as setting
+from whaleid.pipeline.stage import StageError
 
 TINY = "tiny"                 # a few conv layers: tests and smoke runs, any image size >= 16
 DOWNLOAD_TIMEOUT = 20         # seconds without a byte before an ImageNet weights download gives up

@@ -37,7 +37,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import warnings
 from typing import NamedTuple
 
 import keras
@@ -45,12 +44,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..preprocess import augment
-from . import devices, heads, inputs, model as models
-from .callbacks import (ClassifierValidation, EpochCheckpoint, ResumableEarlyStopping, RetrievalValidation,
-                        StepProgress)
-from .checkpoint import Checkpoint
-from ..pipeline.stage import Run, StageError
+from whaleid.preprocess import augment
+from whaleid.learning import devices, heads, inputs, model as models
+from whaleid.learning.callbacks import ClassifierValidation, EpochCheckpoint, ResumableEarlyStopping, RetrievalValidation, StepProgress
+from whaleid.learning.checkpoint import Checkpoint
+from whaleid.learning.phases import Phase, compile_for, phase_of, phases
+from whaleid.pipeline.stage import Run, StageError
 
 LOGS = "logs"
 
@@ -59,132 +58,198 @@ def run(run: Run) -> dict:
     train, val, classes = read_inputs(run)
     head = heads.from_settings(run.setting)
     head.prepare(np.bincount(train.y, minlength=len(classes)))
-    seed, size = run.setting("run.seed"), run.setting("run.image_size")
-    epochs, patience = run.setting("train.epochs"), run.setting("train.patience")
+    where = Placement.choose(run, fingerprint(run, train, val))  # before anything starts TF's runtime
+    checkpoint = Checkpoint(run.dir, writes=where.workers.chief)
+    with devices.dtype_policy(where.precision):
+        data = TrainingData(run, head, train, where)
+        built = build_and_restore(run, head, classes, where, data, len(val), checkpoint)
+        loop = TrainingLoop(run, head, train, val, len(classes), where, data, built, checkpoint)
+        loop.fit(built.net)
+        if where.workers.chief:
+            save_model(inference_model(built.net, run.setting, head, len(classes)), run.path("model.keras"))
+    return write_outputs(run, loop, classes, where, built)
 
-    # where: the strategy first (a multi-worker strategy must come before anything starts TF's runtime)
-    devices.check_supported(run.setting, run.setting("train.strategy") == "tpu", run.setting("train.precision"))
-    strategy = devices.make_strategy(run.setting("train.strategy"), run.echo)
-    workers = devices.Workers(strategy)
-    precision = devices.choose_precision(run.setting("train.precision"), strategy)
-    deterministic = not devices.accelerated(strategy)
-    devices.seed_everything(seed, deterministic)
-    replicas = strategy.num_replicas_in_sync
-    workers.check_same("the train stage's settings and inputs", fingerprint(run, train, val))
-    shard = inputs.Shard(workers.index * workers.local_replicas, workers.local_replicas, replicas) if workers.several else None
-    monitor = head.monitor if len(val) else "accuracy"
-    checkpoint = Checkpoint(run.dir, writes=workers.chief)
-    with devices.dtype_policy(precision):
-        # inputs: the whole run's batches; epoch e's order depends on (seed, e) only
-        def batches_from(first_epoch):
-            return inputs.training_batches(head, list(train.path), list(train.y), list(train.Image), size,
-                                           run.setting("train.batch_size"), run.setting("train.photos_per_id"),
-                                           seed, first_epoch, epochs, replicas, run.setting("train.batch_per_replica"),
-                                           shard)
 
-        def dataset(first_epoch):
-            if shard is None:  # one worker: Keras cuts each global batch into the replicas' slices
-                return batches_from(first_epoch).dataset
-            return strategy.distribute_datasets_from_function(lambda _: batches_from(first_epoch).dataset)
+class Built(NamedTuple):
+    net: object            # the model, compiled for `phase`
+    phase: "Phase"
+    state: dict | None     # the resumed checkpoint's state (None: a fresh start)
+    best_weights: list | None
+    xla: bool
+
+
+class Placement:
+    """Where training runs: the strategy (created first: a multi-worker strategy must come before
+    anything starts TF's runtime), this worker's part of each batch, the precision, op determinism."""
+
+    def __init__(self, strategy, precision: str):
+        self.strategy, self.precision = strategy, precision
+        self.workers = devices.Workers(strategy)
+        self.replicas = strategy.num_replicas_in_sync
+        self.deterministic = not devices.accelerated(strategy)
+        w = self.workers
+        self.shard = inputs.Shard(w.index * w.local_replicas, w.local_replicas, self.replicas) if w.several else None
+
+    @classmethod
+    def choose(cls, run: Run, fingerprint_: str) -> "Placement":
+        devices.check_supported(run.setting, run.setting("train.strategy") == "tpu", run.setting("train.precision"))
+        strategy = devices.make_strategy(run.setting("train.strategy"), run.echo)
+        where = cls(strategy, devices.choose_precision(run.setting("train.precision"), strategy))
+        devices.seed_everything(run.setting("run.seed"), where.deterministic)
+        where.workers.check_same("the train stage's settings and inputs", fingerprint_)
+        return where
+
+    def describe(self) -> str:
+        text = f"{devices.strategy_name(self.strategy)} with {self.replicas} replica(s)"
+        w = self.workers
+        if w.several:
+            text += f" on {w.count} workers (this one: {w.role.task_type} {w.role.index}" + (", the chief)" if w.chief else ")")
+        return text
+
+
+class TrainingData:
+    """The whole run's batches: epoch e's order depends on (seed, e) only, so a resumed run continues
+    on the same sequence (inputs.py)."""
+
+    def __init__(self, run: Run, head, train: pd.DataFrame, where: Placement):
+        self.run, self.head, self.train, self.where = run, head, train, where
         try:
-            plan = batches_from(0)
+            self.plan = self.from_epoch(0)
         except ValueError as e:  # a batch too small for the head's layout or the replicas
             raise StageError(str(e)) from None
-        where = f"{devices.strategy_name(strategy)} with {replicas} replica(s)"
-        if workers.several:
-            where += f" on {workers.count} workers (this one: {workers.role.task_type} {workers.role.index}" + (
-                ", the chief)" if workers.chief else ")")
 
-        # build, then restore the last checkpoint when resuming (compiled for the phase it was saved in);
-        # several workers: the chief restores and every worker takes its values
-        schedule = phases(run.setting, epochs)
-        with strategy.scope():
-            net = models.build_model(run.setting, len(classes), head)
-        done = workers.from_chief(checkpoint.epochs_done() if run.resume and workers.chief else None)
-        current = phase_of(schedule, done - 1 if done else 0)
-        with strategy.scope():
-            compile_for(net, run.setting, head, len(classes), current, plan.steps)
-        xla, why_not = devices.xla_state(net, run.setting("train.xla"))
-        run.echo(f"{len(classes)} classes, {len(train)} training images, {len(val)} validation images; "
-                 f"{run.setting('model.backbone')} ({run.setting('model.weights')} weights) at {size} px, "
-                 f"{head.name} head, {plan.layout}, up to {epochs} epochs; {where}, {precision}, "
-                 f"xla {'on' if xla else 'off'}, op determinism {'on' if deterministic else 'off'}")
-        if why_not:
-            run.echo(why_not)
-        if not len(val):
-            run.echo("no validation data: early stopping monitors training accuracy instead")
-        restored = checkpoint.load(net) if run.resume and workers.chief else None
-        if restored is None and workers.chief:
-            if run.resume:
-                run.echo("resuming, but no usable checkpoint was left: starting at epoch 1")
-            checkpoint.remove()
-        state, best_weights = restored if restored else (None, None)
-        if workers.several:
-            state = workers.from_chief(state)
-            workers.sync_from_chief(list(net.variables) + list(net.optimizer.variables))
-            if state and not workers.chief:
-                best_weights = net.get_weights()  # a stand-in (this worker writes no model), so that early
-                #                                   stopping keeps the chief's best epoch as the chief does
-        start = state["epochs_done"] if state else 0
-        if state:
-            run.write_csv("history.csv", history_table(state["history"])[1])  # drop rows logged after it
-            run.echo(f"resuming from the checkpoint of epoch {start}: continuing at epoch {start + 1} of {epochs}")
+    def from_epoch(self, first_epoch: int):
+        get, t, w = self.run.setting, self.train, self.where
+        return inputs.training_batches(self.head, list(t.path), list(t.y), list(t.Image), get("run.image_size"),
+                                       get("train.batch_size"), get("train.photos_per_id"), get("run.seed"),
+                                       first_epoch, get("train.epochs"), w.replicas, get("train.batch_per_replica"),
+                                       w.shard)
 
-        # fit, phase by phase (fine-tuning: the backbone frozen, then all of it)
-        every = run.setting("train.validate_every")
-        validation = None
-        if len(val) and head.retrieval_validation:
-            gallery = train[~train.Id.str.endswith(augment.FLIP)].drop_duplicates("Image")
-            validation = RetrievalValidation(gallery.path, gallery.Id, val.path, val.Id, size, eval_batch(plan, replicas),
-                                             every=every, epochs=epochs, workers=workers)
-        elif len(val):
-            validation = ClassifierValidation(val.path, val.y, size, eval_batch(plan, replicas), head, len(classes),
-                                              every=every, epochs=epochs, workers=workers)
-        stopper = ResumableEarlyStopping(monitor, patience, state and state["early_stopping"], best_weights)
-        progress = EpochCheckpoint(checkpoint, stopper, run.echo, epochs, plan.images, state, validation,
-                                   run.setting("train.max_minutes"), run.setting("train.checkpoint_every"),
-                                   run.setting("train.checkpoint_minutes"), workers)
-        bar = StepProgress(plan.steps, plan.size, epochs, enabled=run.session.progress and workers.chief)
-        todo = [p for p in schedule if p.end > start] if not (state and state["stopped"]) else []
+    def dataset(self, first_epoch: int):
+        if self.where.shard is None:  # one worker: Keras cuts each global batch into the replicas' slices
+            return self.from_epoch(first_epoch).dataset
+        return self.where.strategy.distribute_datasets_from_function(lambda _: self.from_epoch(first_epoch).dataset)
+
+
+def build_and_restore(run: Run, head, classes: list[str], where: Placement, data: TrainingData, n_val: int,
+                      checkpoint: Checkpoint) -> Built:
+    """The model built, then the last checkpoint restored when resuming (compiled for the phase it was saved in);
+    several workers: the chief restores and every worker takes its values."""
+    epochs, w = run.setting("train.epochs"), where.workers
+    with where.strategy.scope():
+        net = models.build_model(run.setting, len(classes), head)
+    done = w.from_chief(checkpoint.epochs_done() if run.resume and w.chief else None)
+    phase = phase_of(phases(run.setting, epochs), done - 1 if done else 0)
+    with where.strategy.scope():
+        compile_for(net, run.setting, head, len(classes), phase, data.plan.steps)
+    xla, why_not = devices.xla_state(net, run.setting("train.xla"))
+    run.echo(f"{len(classes)} classes, {len(data.train)} training images, {n_val} validation images; "
+             f"{run.setting('model.backbone')} ({run.setting('model.weights')} weights) at {run.setting('run.image_size')} "
+             f"px, {head.name} head, {data.plan.layout}, up to {epochs} epochs; {where.describe()}, {where.precision}, "
+             f"xla {'on' if xla else 'off'}, op determinism {'on' if where.deterministic else 'off'}")
+    if why_not:
+        run.echo(why_not)
+    if not n_val:
+        run.echo("no validation data: early stopping monitors training accuracy instead")
+    restored = checkpoint.load(net) if run.resume and w.chief else None
+    if restored is None and w.chief:
+        if run.resume:
+            run.echo("resuming, but no usable checkpoint was left: starting at epoch 1")
+        checkpoint.remove()
+    state, best_weights = restored if restored else (None, None)
+    if w.several:
+        state = w.from_chief(state)
+        w.sync_from_chief(list(net.variables) + list(net.optimizer.variables))
+        if state and not w.chief:
+            best_weights = net.get_weights()  # a stand-in (this worker writes no model), so that early
+            #                                   stopping keeps the chief's best epoch as the chief does
+    if state:
+        run.write_csv("history.csv", history_table(state["history"])[1])  # drop rows logged after it
+        run.echo(f"resuming from the checkpoint of epoch {state['epochs_done']}: continuing at epoch "
+                 f"{state['epochs_done'] + 1} of {epochs}")
+    return Built(net, phase, state, best_weights, xla)
+
+
+class TrainingLoop:
+    """The fit, phase by phase (fine-tuning: the backbone frozen, then all of it), with validation,
+    early stopping, checkpoints and progress as callbacks (callbacks.py)."""
+
+    def __init__(self, run: Run, head, train, val, n_classes: int, where: Placement, data: TrainingData, built: Built,
+                 checkpoint: Checkpoint):
+        self.run, self.head, self.n_classes, self.where, self.data = run, head, n_classes, where, data
+        self.state, self.best_weights, self.compiled = built.state, built.best_weights, built.phase
+        state = built.state
+        self.epochs = run.setting("train.epochs")
+        self.monitor = head.monitor if len(val) else "accuracy"
+        self.checkpoint = checkpoint
+        self.validation = validation_for(run, head, train, val, n_classes, data.plan, where)
+        self.stopper = ResumableEarlyStopping(self.monitor, run.setting("train.patience"),
+                                              state and state["early_stopping"], built.best_weights)
+        self.progress = EpochCheckpoint(self.checkpoint, self.stopper, run.echo, self.epochs, data.plan.images, state,
+                                        self.validation, run.setting("train.max_minutes"),
+                                        run.setting("train.checkpoint_every"), run.setting("train.checkpoint_minutes"),
+                                        where.workers)
+        self.bar = StepProgress(data.plan.steps, data.plan.size, self.epochs,
+                                enabled=run.session.progress and where.workers.chief)
+        self.start = state["epochs_done"] if state else 0
+
+    def fit(self, net) -> None:
+        run, state, schedule = self.run, self.state, phases(self.run.setting, self.epochs)
+        current = self.compiled
+        todo = [p for p in schedule if p.end > self.start] if not (state and state["stopped"]) else []
         for i, phase in enumerate(todo):
             if phase != current:
-                with strategy.scope():
-                    compile_for(net, run.setting, head, len(classes), phase, plan.steps)
+                with self.where.strategy.scope():
+                    compile_for(net, run.setting, self.head, self.n_classes, phase, self.data.plan.steps)
                 current = phase
-            first = max(start, phase.first)
+            first = max(self.start, phase.first)
             if len(schedule) > 1:
                 run.echo(f"epochs {first + 1}-{phase.end}: {phase.name}, learning rate {phase.learning_rate:g}")
-            stopper.carry_over(last_fit=i == len(todo) - 1)
-            callbacks = [c for c in (validation, stopper, progress, bar) if c is not None]
-            callbacks += logs(run, state or i > 0, tensorboard=workers.chief)
-            net.fit(dataset(first), epochs=phase.end, initial_epoch=first, steps_per_epoch=plan.steps,
+            self.stopper.carry_over(last_fit=i == len(todo) - 1)
+            callbacks = [c for c in (self.validation, self.stopper, self.progress, self.bar) if c is not None]
+            callbacks += logs(run, state or i > 0, tensorboard=self.where.workers.chief)
+            net.fit(self.data.dataset(first), epochs=phase.end, initial_epoch=first, steps_per_epoch=self.data.plan.steps,
                     callbacks=callbacks, shuffle=False, verbose=0)
             if net.stop_training:
                 break
-        if not todo and best_weights is not None:
-            net.set_weights(best_weights)  # finished before the kill: only the artifacts were missing
-        if workers.chief:
-            save_model(inference_model(net, run.setting, head, len(classes)), run.path("model.keras"))
+        if not todo and self.best_weights is not None:
+            net.set_weights(self.best_weights)  # finished before the kill: only the artifacts were missing
 
-    # save
-    history, table = history_table(progress.rows)
+
+def validation_for(run: Run, head, train, val, n_classes: int, plan, where: Placement):
+    """Heads validated by retrieval rank the validation photos against the training photos (val_map5);
+    the others get val_loss and their metrics; none without validation photos."""
+    size, every, epochs = run.setting("run.image_size"), run.setting("train.validate_every"), run.setting("train.epochs")
+    if not len(val):
+        return None
+    if head.retrieval_validation:
+        gallery = train[~train.Id.str.endswith(augment.FLIP)].drop_duplicates("Image")
+        return RetrievalValidation(gallery.path, gallery.Id, val.path, val.Id, size, eval_batch(plan, where.replicas),
+                                   every=every, epochs=epochs, workers=where.workers)
+    return ClassifierValidation(val.path, val.y, size, eval_batch(plan, where.replicas), head, n_classes,
+                                every=every, epochs=epochs, workers=where.workers)
+
+
+def write_outputs(run: Run, loop: TrainingLoop, classes: list[str], where: Placement, built: Built) -> dict:
+    """The artifacts besides the model, and the counts the manifest records."""
+    history, table = history_table(loop.progress.rows)
     run.write_json("classes.json", classes)
     run.write_pickle("HISTORY.pickle", history)
     run.write_csv("history.csv", table)
-    run.write_pickle("MODEL_TIME.pickle", progress.seconds)
-    checkpoint.remove()
-    best_epoch = stopper.best_epoch + 1
+    run.write_pickle("MODEL_TIME.pickle", loop.progress.seconds)
+    loop.checkpoint.remove()
+    best_epoch, monitor = loop.stopper.best_epoch + 1, loop.monitor
     best = history[monitor][best_epoch - 1]
-    run.echo(f"best {monitor} {best:.4f} at epoch {best_epoch} of {len(progress.rows)}; model in {run.path('model.keras')}")
-    counts = {"epochs": len(progress.rows), "best_epoch": best_epoch, f"best_{monitor}": round(best, 4),
-              "classes": len(classes), "replicas": replicas, "precision": precision, "xla": xla}
-    if workers.several:
-        counts["workers"] = workers.count
-    rates = progress.rates[1:] or progress.rates  # the first epoch of a process includes tracing
+    run.echo(f"best {monitor} {best:.4f} at epoch {best_epoch} of {len(loop.progress.rows)}; model in {run.path('model.keras')}")
+    counts = {"epochs": len(loop.progress.rows), "best_epoch": best_epoch, f"best_{monitor}": round(best, 4),
+              "classes": len(classes), "replicas": where.replicas, "precision": where.precision, "xla": built.xla}
+    if where.workers.several:
+        counts["workers"] = where.workers.count
+    rates = loop.progress.rates[1:] or loop.progress.rates  # the first epoch of a process includes tracing
     if rates:
         counts["images_per_second"] = round(float(np.median(rates)), 1)
-    if state:
-        counts["resumed_from_epoch"] = start
+    if built.state:
+        counts["resumed_from_epoch"] = loop.start
     return counts
 
 
@@ -233,69 +298,6 @@ def read_inputs(run: Run) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
             raise StageError(f"{train.path.iloc[0]} is {im.size[0]}x{im.size[1]}, not run.image_size = {size}: "
                              f"rerun with --force augment")
     return train.reset_index(drop=True), val.reset_index(drop=True), classes
-
-
-class Phase(NamedTuple):
-    name: str
-    first: int            # first epoch (0-based)
-    end: int              # one past the last epoch
-    backbone_frozen: bool
-    learning_rate: float
-
-
-def phases(get, epochs: int) -> list[Phase]:
-    """train.head_epochs > 0 (fine-tuning pretrained weights): those epochs train the head alone on a
-    frozen backbone at train.head_learning_rate, then the whole network trains at train.learning_rate.
-    Otherwise one phase, the whole network."""
-    k = min(get("train.head_epochs"), epochs)
-    out = [Phase("head only (backbone frozen)", 0, k, True, get("train.head_learning_rate"))] if k else []
-    if k < epochs:
-        out.append(Phase("whole network", k, epochs, False, get("train.learning_rate")))
-    return out
-
-
-def phase_of(schedule: list[Phase], epoch: int) -> Phase:
-    return next((p for p in schedule if p.first <= epoch < p.end), schedule[-1])
-
-
-def learning_rate(get, phase: Phase, steps_per_epoch: int | None):
-    """The phase's learning rate, constant, or with train.lr_schedule = cosine: decayed along a half
-    cosine to 0 over the phase (its epochs x steps per epoch), after one epoch of linear warm-up from
-    0. The schedule is a function of the optimizer's step count, which the checkpoint saves: a
-    resumed run continues on the same curve."""
-    lr = phase.learning_rate
-    if get("train.lr_schedule") == "constant" or steps_per_epoch is None:
-        return lr
-    epochs = phase.end - phase.first
-    warmup = steps_per_epoch if epochs > 1 else 0
-    return keras.optimizers.schedules.CosineDecay(
-        0.0 if warmup else lr, decay_steps=max(1, epochs * steps_per_epoch - warmup),
-        warmup_target=lr if warmup else None, warmup_steps=warmup)
-
-
-def compile_for(net, get, head, n_classes: int, phase: Phase, steps_per_epoch: int | None = None) -> None:
-    """Freeze or unfreeze the backbone for the phase, then compile with a new Adam (the phase's
-    learning rate), the head's loss and metrics and the jit setting; the optimizer is built so its
-    variables exist for a checkpoint to fill. Under mixed_float16 the optimizer is wrapped in a loss
-    scale optimizer whose overflow check all replicas agree on (devices.py). Call it inside the
-    strategy's scope."""
-    models.set_trainable(net, not phase.backbone_frozen, get("model.freeze_bn"), get("model.finetune_fraction"))
-    decay = get("train.weight_decay")
-    optimizer = keras.optimizers.Adam(learning_rate(get, phase, steps_per_epoch), weight_decay=decay or None)
-    if net.dtype_policy.name == "mixed_float16":
-        optimizer = devices.loss_scale_optimizer(optimizer)  # (Keras' own, with the overflow check agreed)
-    with warnings.catch_warnings():  # (XLA refused: the stage says so and why, devices.xla_state)
-        warnings.filterwarnings("ignore", message="Model doesn't support `jit_compile=True`")
-        net.compile(optimizer=optimizer, loss=head.loss(), metrics=head.metrics(n_classes),
-                    jit_compile=bool(get("train.xla")))
-    net.optimizer.build(net.trainable_variables)
-
-
-def compiled_model(get, head, n_classes: int, steps_per_epoch: int | None = None):
-    """The model compiled for its first training phase (benchmarks). Inside the strategy's scope."""
-    net = models.build_model(get, n_classes, head)
-    compile_for(net, get, head, n_classes, phases(get, get("train.epochs"))[0], steps_per_epoch)
-    return net
 
 
 def logs(run: Run, append: bool, tensorboard: bool = True) -> list:

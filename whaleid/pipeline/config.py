@@ -21,7 +21,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import head_names
+from whaleid.pipeline import head_names
 
 
 class ConfigError(ValueError):

@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .. import __version__
-from .fingerprints import (BLOCK, LEGACY_TREE, STATE, TREE, HashState, digest_folder,  # noqa: F401
-                           file_digest, fingerprint, legacy_digest_folder, matches, sha256_file)
+from whaleid import __version__
+from whaleid.pipeline.fingerprints import BLOCK, LEGACY_TREE, STATE, TREE, HashState, digest_folder, file_digest, fingerprint, legacy_digest_folder, matches, sha256_file
 
 LOCK = ".whaleid.lock"
 

@@ -35,11 +35,9 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from .config import get as get_setting, shipped_default
-from .files import (LOCK, STATE, HashState, StageError, atomic_path, clear_temp_files, digest_folder,  # noqa: F401
-                    fault_point, fingerprint, matches, quiet_native_startup, sha256_file, versions, work_lock,
-                    write_bytes, write_json)
-from .workers import PARTIAL, PhotoWork
+from whaleid.pipeline.config import get as get_setting, shipped_default
+from whaleid.pipeline.files import LOCK, STATE, HashState, StageError, atomic_path, clear_temp_files, digest_folder, fault_point, fingerprint, matches, quiet_native_startup, sha256_file, versions, work_lock, write_bytes, write_json
+from whaleid.pipeline.workers import PARTIAL, PhotoWork
 
 MANIFEST = "manifest.json"
 RUNNING = ".running.json"

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
-from .files import fault_point, write_bytes
+from whaleid.pipeline.files import fault_point, write_bytes
 
 PARTIAL = ".partial"   # WORK/<stage>/.partial/<map>-<i>.pickle: committed chunks, deleted with the manifest written
 

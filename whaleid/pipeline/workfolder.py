@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import config
-from .files import StageError, write_json
-from .stage import SETTINGS_RECORD, TEXT_COLUMNS, Session
+from whaleid.pipeline import config
+from whaleid.pipeline.files import StageError, write_json
+from whaleid.pipeline.stage import SETTINGS_RECORD, TEXT_COLUMNS, Session
 
 
 @dataclass
@@ -147,7 +147,7 @@ def _table(path: Path) -> pd.DataFrame | None:
 def unusable_test_photos(session: Session) -> tuple[list[str], int, list[Path]]:
     """(names of sample_submission.csv's photos that got no box, i.e. missing or unreadable; how many
     it lists; the skipped.csv files that give their reasons), from dedup's and boxes' artifacts."""
-    from .tables import read_test
+    from whaleid.data.tables import read_test
     if session.data is None or (session.dir("boxes") / "BB_TEST.csv").exists() is False:
         return [], 0, []
     try:

@@ -22,8 +22,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from ..pipeline import images
-from ..pipeline.stage import Run
+from whaleid.data import images
+from whaleid.pipeline.stage import Run
 
 def crop_to_box(rgb: np.ndarray, box, margin: float, size: int) -> np.ndarray:
     """Box plus `margin` (fraction of its size), clipped to the photo, resized to size x size."""

@@ -69,7 +69,7 @@ def tensorflow_here():
     a pool worker's (or a --workers 1 run's), so TensorFlow's start-up lines are hidden as the CLI
     does; with TensorFlow already loaded (threads share this process) stderr is left alone. A pool
     worker runs on one thread (the pool is the parallelism); that must precede TensorFlow's first op."""
-    from ..pipeline.files import quiet_native_startup
+    from whaleid.pipeline.files import quiet_native_startup
     fresh = "tensorflow" not in sys.modules
     with quiet_native_startup() if fresh else contextlib.nullcontext():
         import tensorflow as tf
@@ -86,7 +86,7 @@ def _build():
     with tensorflow_here() as tf:
         import keras
 
-        from ..backbones import efficientnet_lite
+        from whaleid.backbones import efficientnet_lite
         full = efficientnet_lite.build(None, "imagenet", include_top=False)
         model = keras.Model(full.input, full.get_layer(LAYER).output, name="box_features")
         fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
@@ -105,7 +105,7 @@ def network():
 
 def network_input(rgb: np.ndarray) -> np.ndarray:
     """uint8 RGB (any size) -> the network's float input, INPUT_H x INPUT_W x 3."""
-    from ..backbones.efficientnet_lite import preprocess_input
+    from whaleid.backbones.efficientnet_lite import preprocess_input
     small = cv2.resize(rgb, (INPUT_W, INPUT_H), interpolation=cv2.INTER_AREA)
     return preprocess_input(small.astype(np.float32))
 
@@ -239,7 +239,7 @@ def box_from_map(rgb: np.ndarray, p: np.ndarray, grabcut: bool = True):
 
 @functools.lru_cache(maxsize=1)
 def shipped_weights() -> Weights:
-    from . import box_head_weights as bw
+    from whaleid.preprocess import box_head_weights as bw
     return Weights(np.asarray(bw.W, np.float32), float(bw.B), tuple(bw.DESIGN))
 
 

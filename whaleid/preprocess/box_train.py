@@ -14,8 +14,8 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from . import box_head, boxes
-from .box_head import (AUGMENT_COPIES, DESIGN, RIDGE_ALPHA, Weights, design, feature_maps)
+from whaleid.preprocess import box_head, boxes
+from whaleid.preprocess.box_head import AUGMENT_COPIES, DESIGN, RIDGE_ALPHA, Weights, design, feature_maps
 
 
 # ---------------------------------------------------------------- the fit

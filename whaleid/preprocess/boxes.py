@@ -39,11 +39,11 @@ import numpy as np
 import pandas as pd
 from skimage.filters import threshold_multiotsu
 
-from ..pipeline import images
-from . import box_head, subject_box
-from .box_head import iou, main_extent  # noqa: F401 (boxes.iou, boxes.main_extent: used by tests and scripts)
-from ..pipeline.stage import Run
-from ..pipeline.stages import DETECT_SETTINGS
+from whaleid.data import images
+from whaleid.preprocess import box_head, subject_box
+from whaleid.preprocess.box_head import iou, main_extent  # noqa: F401 (boxes.iou, boxes.main_extent: used by tests and scripts)
+from whaleid.pipeline.stage import Run
+from whaleid.stages import DETECT_SETTINGS
 
 METHODS = ("cnn+grabcut", "cnn", "subject", "subject-contrast", "grabcut", "dark", "hsv-low-sat", "hsv-high-sat", "grey", "imported", "full-image")
 COLUMNS = ["Image", "x0", "y0", "x1", "y1", "method"]
@@ -253,7 +253,7 @@ def run(run: Run) -> dict:
         try:
             imported, refused = read_box_csv(run.setting("boxes.import_csv"), sizes)
         except ValueError as e:  # a missing or unreadable file: a message, not a traceback
-            from ..pipeline.stage import StageError
+            from whaleid.pipeline.stage import StageError
             raise StageError(f"{e} (boxes.import_csv: pass --boxes FILE, or --unset boxes.import_csv to "
                              f"detect the boxes)") from None
         run.echo(f"imported {len(imported)} boxes from {run.setting('boxes.import_csv')}; {len(refused)} rows "

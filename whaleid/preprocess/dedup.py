@@ -30,9 +30,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..pipeline import images, tables
-from ..pipeline.stage import Run
-from ..pipeline.tables import NEW_WHALE
+from whaleid.data import images, tables
+from whaleid.pipeline.stage import Run
+from whaleid.data.tables import NEW_WHALE
 
 HASH_DRAFT = (128, 128)  # phash reads a 32x32 greyscale copy; decoding JPEG at >= 128 px keeps the hash
 

@@ -12,9 +12,9 @@ stage writes a second full-size copy of 30k photos just to change its channel co
 from __future__ import annotations
 
 
-from ..pipeline import images
-from ..pipeline.stage import Run
-from ..pipeline.tables import NEW_WHALE
+from whaleid.data import images
+from whaleid.pipeline.stage import Run
+from whaleid.data.tables import NEW_WHALE
 
 COLUMNS = ["Image", "Id", "folder", "width", "height", "mode", "conversion"]
 

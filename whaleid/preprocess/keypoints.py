@@ -24,9 +24,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from . import augment
-from ..pipeline import images
-from ..pipeline.stage import Run, StageError, atomic_path
+from whaleid.preprocess import augment
+from whaleid.data import images
+from whaleid.pipeline.stage import Run, StageError, atomic_path
 
 SIFT_SCALE = 512.0  # RootSIFT components lie in [0, ~0.5]: x 512 fits uint8 with 1/512 steps
 _DETECTORS: dict = {}

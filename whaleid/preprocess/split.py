@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..pipeline.stage import Run, StageError
-from ..pipeline.tables import NEW_WHALE
+from whaleid.pipeline.stage import Run
+from whaleid.data.tables import NEW_WHALE, read_train_only
 
 
 def assign(photos: pd.DataFrame, validation: float, unseen_ids: float, seed: int,
@@ -76,17 +76,6 @@ def unseen_fraction(photos: pd.DataFrame, unseen_ids: float, share: float = 0.0)
                       f"{fraction:g}) to play them; set split.unseen_ids > 0 to choose the share")
 
 
-def train_only_ids(run: Run) -> set[str]:
-    """The ids the data folder's train_only.csv names (none without one)."""
-    path = run.data / "train_only.csv" if run.data is not None else None
-    if path is None or not path.is_file():
-        return set()
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if "Id" not in table.columns:
-        raise StageError(f"{path}: expected a column Id (the train-only individuals, as import-folders writes)")
-    return set(table.Id)
-
-
 def run(run: Run) -> dict:
     files = run.read_csv("augment", "TRAINING_FILE_FINAL.csv")
     photos = files.drop_duplicates("Image")[["Image", "Id"]].sort_values("Image").reset_index(drop=True)
@@ -94,7 +83,7 @@ def run(run: Run) -> dict:
     if note:
         run.echo(note)
     photos["subset"] = assign(photos, run.setting("split.validation"), unseen, run.setting("run.seed"),
-                              train_only_ids(run))
+                              read_train_only(run.data / "train_only.csv" if run.data is not None else None))
     run.write_csv("split.csv", photos)
     side = files.merge(photos[["Image", "subset"]], on="Image")
     train = side[side.subset == "train"][["File", "Image", "Id"]]

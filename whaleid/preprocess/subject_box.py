@@ -30,7 +30,7 @@ import threading
 import cv2
 import numpy as np
 
-from .box_head import main_extent, tensorflow_here
+from whaleid.preprocess.box_head import main_extent, tensorflow_here
 
 DECODE_SIDE = 384          # photos are decoded at most this size (longer side) for this detector
 INPUT = 320                # the network's input: the photo squashed to INPUT x INPUT (a 10 x 10 map)
@@ -49,7 +49,7 @@ def _build():
     with tensorflow_here() as tf:
         import keras
 
-        from ..backbones import efficientnet_lite
+        from whaleid.backbones import efficientnet_lite
         full = efficientnet_lite.build(None, "imagenet", include_top=True)
         model = keras.Model(full.input, [full.get_layer("head_relu").output, full.output], name="subject")
         dense = full.get_layer("predictions").get_weights()[0]            # (1280, 1000)
@@ -71,7 +71,7 @@ def subject_map(rgb: np.ndarray) -> tuple[np.ndarray, float]:
     """(a map over the photo, scaled to 0..1; the animal classes' share of probability, 0 when the
     map is not the CAM). The map is the animal CAM (INPUT/32 cells a side) when it shows an animal
     (see the module's doc), else the colour contrast map (contrast_map)."""
-    from ..backbones.efficientnet_lite import preprocess_input
+    from whaleid.backbones.efficientnet_lite import preprocess_input
     fn, dense = network()
     x = preprocess_input(cv2.resize(rgb, (INPUT, INPUT), interpolation=cv2.INTER_AREA).astype(np.float32))
     features, logits = (np.asarray(t, np.float64)[0] for t in fn(x[None]))

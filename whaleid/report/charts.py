@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .drawing import BLUE, GREEN, GREY, ORANGE, PURPLE, RED
+from whaleid.report.drawing import BLUE, GREEN, GREY, ORANGE, PURPLE, RED
 
 
 def rgb(c: tuple[int, int, int]) -> tuple[float, float, float]:

@@ -1,4 +1,4 @@
-"""The predictions sheet's view of re-ranking (scoring/rerank.py): a test photo and its candidate id's
+"""The predictions sheet's view of re-ranking (similarity/local.py): a test photo and its candidate id's
 best-matching gallery photo side by side, the RANSAC inliers joined by lines, so a user sees which
 pattern points made the match (and can tell a fluke's notch from a matched wave).
 
@@ -10,16 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw
 
-from ..preprocess.keypoints import Store, binary, crop_photo
-from ..scoring.rerank import Matcher, Reranker
-from .drawing import GREEN, ORANGE
-
-GAP = 8          # px between the two photos
-MAX_LINES = 60   # inlier lines drawn (the rest would hide the photos)
+from whaleid.preprocess.keypoints import Store, crop_photo
+from whaleid.report.drawing import pair_image
+from whaleid.similarity.local import reranker
 
 
 class Pairs:
@@ -29,13 +24,7 @@ class Pairs:
         self.data, self.margin, self.side = Path(data), margin, side
         store = Store(work / "keypoints" / "keypoints.npz", work / "test_keypoints" / "keypoints.npz")
         train = pd.read_csv(work / "format" / "train.csv", dtype=str, keep_default_na=False)
-        photos_of: dict[str, list[str]] = {}
-        for image, ident in zip(train.Image, train.Id):
-            photos_of.setdefault(ident, []).append(image)
-        matcher = Matcher(binary(store.method), settings["rerank.ratio"], settings["rerank.geometry"],
-                          settings["rerank.ransac_px"])
-        mirror = bool(settings.get("train.flip_ids") and settings.get("predict.mirror_is_same"))
-        self.reranker = Reranker(store, photos_of, matcher, settings["rerank.candidates"], mirror)
+        self.reranker = reranker(settings.get, store, train)  # as predict built it
         self.boxes = {}
         for name in ("BB_TRAIN.csv", "BB_TEST.csv"):
             df = pd.read_csv(work / "boxes" / name, dtype={"Image": str})
@@ -52,22 +41,6 @@ class Pairs:
             return None
         return pair_image(q[:, ::-1] if mirrored else q, g, qxy, gxy), \
             f"{n} inliers with {photo}" + (" (query mirrored)" if mirrored else "")
-
-
-def pair_image(q: np.ndarray, g: np.ndarray, qxy: np.ndarray, gxy: np.ndarray) -> Image.Image:
-    """Two grey crops side by side (tops aligned), inliers as dots joined by lines."""
-    h = max(q.shape[0], g.shape[0])
-    canvas = Image.new("RGB", (q.shape[1] + GAP + g.shape[1], h), (255, 255, 255))
-    canvas.paste(Image.fromarray(q).convert("RGB"), (0, 0))
-    canvas.paste(Image.fromarray(g).convert("RGB"), (q.shape[1] + GAP, 0))
-    d = ImageDraw.Draw(canvas)
-    shift = q.shape[1] + GAP
-    for i, ((x0, y0), (x1, y1)) in enumerate(zip(qxy, gxy)):
-        if i < MAX_LINES:
-            d.line([(x0, y0), (x1 + shift, y1)], fill=GREEN, width=2)
-        for x, y in ((x0, y0), (x1 + shift, y1)):
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], outline=ORANGE, width=2)
-    return canvas
 
 
 def for_work(work: Path, data: Path | None) -> Pairs | None:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import importlib
 
-from ...pipeline import head_names
-from ...pipeline.head_names import names, register  # noqa: F401 - the heads' public names
+from whaleid.pipeline import head_names
+from whaleid.pipeline.head_names import names, register  # noqa: F401 - the heads' public names
 
 
 def head_class(name: str):

@@ -18,8 +18,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from ...ranking.retrieval import GalleryScorer
-from .base import CosineHead, L2Normalize, labels_of
+from whaleid.similarity.gallery import GalleryScorer
+from whaleid.learning.heads.base import CosineHead, L2Normalize, labels_of
 
 
 @keras.saving.register_keras_serializable(package="whaleid")

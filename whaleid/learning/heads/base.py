@@ -12,7 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from ...ranking.retrieval import GalleryScorer
+from whaleid.similarity.gallery import GalleryScorer
 
 TAG = "head"  # the HeadTag layer's name in every whaleid model
 

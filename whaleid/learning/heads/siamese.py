@@ -14,7 +14,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from .base import Head, as_rows, labels_of, same_and_other, whole_batch
+from whaleid.learning.heads.base import Head, as_rows, labels_of, same_and_other, whole_batch
 
 FEATURES = {"l1": ("absdiff",), "rich": ("sum", "product", "absdiff", "sqdiff")}
 LARGE = 1e9

@@ -6,7 +6,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from .base import Head
+from whaleid.learning.heads.base import Head
 
 
 class Softmax(Head):

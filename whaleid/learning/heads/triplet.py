@@ -7,7 +7,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from .base import CosineHead, L2Normalize, as_rows, labels_of, same_and_other, whole_batch
+from whaleid.learning.heads.base import CosineHead, L2Normalize, as_rows, labels_of, same_and_other, whole_batch
 
 LARGE = 1e9
 

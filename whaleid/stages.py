@@ -1,17 +1,25 @@
-"""Every stage of the pipeline, declared: its inputs (data files, upstream stages, files named by
-settings), the settings it reads and the artifacts it writes (see stage.py for what the cache does
-with them). Each stage's code lives in its own module and is imported only when the stage runs, so
-`whaleid status` reads this page without loading TensorFlow.
+"""Every stage whaleid runs, declared in one place: the pipeline's (preprocess, train, the keypoint
+stages, evaluate, predict) and identify's (gallery, gallery_added, identify/<batch>). Each states its
+inputs (data files, upstream stages, files named by settings), the settings it reads and the
+artifacts it writes (pipeline/stage.py is the engine that caches them). Each stage's code lives in
+its own module, named by a dotted path and imported only when the stage runs, so `whaleid status`
+reads this page without loading TensorFlow.
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
-from .config import get as get_setting
-from .stage import Stage
+from whaleid.pipeline.config import get as get_setting
+from whaleid.pipeline.stage import Stage
+from whaleid.pipeline.workfolder import read_record
 
-CALIBRATION = "calibration.json"  # WORK/evaluate/calibration.json: rerank's fusion, fitted on validation
-TUNED = "tuned_threshold.json"  # WORK/tuned_threshold.json, written by `evaluate --tune-threshold`
+from whaleid.similarity.fusion import CALIBRATION  # WORK/evaluate/calibration.json: re-ranking's fusion
+from whaleid.similarity.threshold import TUNED  # WORK/tuned_threshold.json: `evaluate --tune-threshold`
+
+CATALOGUE = "catalogue"          # WORK/catalogue/: the photos `identify --accept` added so far
+ADDED = "added.csv"              # WORK/catalogue/added.csv: Image, Id, batch, photo, crop, decided, into
+BATCHES = "identify"             # WORK/identify/<batch>/: identify's batches
 # the settings boxes.detect_box_file takes, by the same names: the stage passes them on and fingerprints them
 DETECT_SETTINGS = ("boxes.max_side", "boxes.detector", "boxes.grabcut_side", "boxes.grabcut_max_iter",
                    "boxes.min_fraction", "boxes.open_size")
@@ -139,13 +147,13 @@ TEST_KEYPOINTS = Stage(
     artifacts=("keypoints.npz",), settings=KEYPOINT_SETTINGS, data=("test/",), upstream=("format", "boxes"))
 
 EVALUATE = Stage(
-    "evaluate", "whaleid.scoring.evaluate:run",
+    "evaluate", "whaleid.inference.evaluate:run",
     artifacts=("metrics.json", "threshold_sweep.csv", "val_predictions.csv", CALIBRATION),
     settings=TTA_SETTINGS + ("evaluate.new_whale_share", "evaluate.one_shot", "rerank.*"),
     upstream=("split", "augment", "train"), extra_inputs=lambda session: _keypoints(session, KEYPOINTS))
 
 PREDICT = Stage(
-    "predict", "whaleid.scoring.predict:run",
+    "predict", "whaleid.inference.predict:run",
     artifacts=("submission.csv", "predictions.csv"),
     settings=TTA_SETTINGS + ("rerank.*",),
     data=("sample_submission.csv", "test/", "train_only.csv"), upstream=("dedup", "format", "boxes", "augment",
@@ -157,3 +165,71 @@ BY_COMMAND = {"preprocess": [DEDUP, FORMAT, BOXES, AUGMENT, SPLIT],
               "evaluate": [EVALUATE],
               "predict": [PREDICT]}
 ALL = BY_COMMAND["preprocess"] + [TRAIN, KEYPOINTS, TEST_KEYPOINTS, EVALUATE, PREDICT]  # pipeline order
+
+
+# ---------------------------------------------------------------- identify's stages (inference/identify.py)
+# A researcher's batch of new photos against the catalogue the model was trained on. They come after
+# every pipeline stage and are not a command's own stages: `whaleid identify` runs them on a trained
+# work folder, without its data folder.
+EMBED_SETTINGS = ("run.image_size", "predict.batch_size", "model.head")
+
+
+def _catalogue_inputs(session) -> dict[str, Path]:
+    folder = session.work / CATALOGUE
+    return {f"{CATALOGUE}/{n}": folder / n for n in (ADDED, "crops") if (folder / n).exists()}
+
+
+def train_only_file(work: Path) -> Path | None:
+    """The train_only.csv of the data folder WORK was run with (`import-folders --train-only`: individuals
+    learnt from only), when it is there: as in predict, they are never a candidate."""
+    data = read_record(work).get("data")
+    path = Path(data) / "train_only.csv" if data else None
+    return path if path is not None and path.is_file() else None
+
+
+def _train_only_file(session) -> dict[str, Path]:
+    path = train_only_file(session.work)
+    return {"train_only.csv": path} if path is not None else {}
+
+
+def _batch_inputs(photos: Path, session) -> dict[str, Path]:
+    """A batch reads its photos, what was accepted since training, the tuned threshold, the train-only
+    ids, evaluate's calibration of the scores (review page), and with re-ranking the fusion and the
+    catalogue's local features."""
+    out = {"photos": photos, **_catalogue_inputs(session), **_tuned_file(session), **_train_only_file(session)}
+    for name in ("metrics.json", "val_predictions.csv"):  # the scores' meaning (review.calibration)
+        if (session.dir("evaluate") / name).exists():
+            out[f"evaluate/{name}"] = session.dir("evaluate") / name
+    if get_setting(session.cfg, "rerank.method") == "local":
+        out[CALIBRATION] = session.work / "evaluate" / CALIBRATION
+        out["keypoints.npz"] = session.work / KEYPOINTS.name / KEYPOINTS.artifacts[0]
+    return out
+
+
+GALLERY = Stage(
+    "gallery", "whaleid.inference.identify:gallery_run",
+    artifacts=("gallery.csv", "vectors.npy"),
+    settings=EMBED_SETTINGS + ("predict.gallery_tta", "train.flip_ids"), upstream=("augment", "train"))
+
+GALLERY_ADDED = Stage(
+    "gallery_added", "whaleid.inference.identify:added_run",
+    artifacts=("gallery.csv", "vectors.npy"),
+    settings=EMBED_SETTINGS, upstream=("train", "gallery"), extra_inputs=_catalogue_inputs)
+
+
+def identify_batch(batch: str, photos: Path) -> Stage:
+    """identify/<batch>: the photos under `photos` (an input folder, by content) ranked against the
+    catalogue; rerank.method = local re-ranks them as predict does."""
+    return Stage(
+        f"{BATCHES}/{batch}", "whaleid.inference.identify:batch_run",
+        artifacts=("photos.csv", "matches.csv", "vectors.npy", "crops/", "review.html"),
+        settings=TTA_SETTINGS + DETECT_SETTINGS + ("rerank.*", "keypoints.*", "augment.jpeg_quality",
+                                                   "boxes.import_csv", "identify.*"),
+        upstream=("boxes", "augment", "train", "gallery", "gallery_added"),
+        extra_inputs=partial(_batch_inputs, Path(photos)))
+
+
+def identify_stages(batch: str | None = None, photos: Path | None = None) -> tuple[list[Stage], list[Stage]]:
+    """(every stage, for a session's upstream lookups; identify's own, to run) for one batch."""
+    own = [GALLERY, GALLERY_ADDED] + ([identify_batch(batch, photos)] if batch else [])
+    return ALL + own, own

@@ -83,3 +83,14 @@ def read_test(path: Path) -> tuple[pd.DataFrame, list[str]]:
         notes.append(f"{path}: {int(dup.sum())} repeated images dropped (rows {rows[:10]})")
         df = df[~dup]
     return df.reset_index(drop=True), notes
+
+
+def read_train_only(path: Path | None) -> set[str]:
+    """The ids a data folder's train_only.csv names (`import-folders --train-only`: individuals only
+    learnt from, never an answer); none without the file."""
+    if path is None or not Path(path).is_file():
+        return set()
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "Id" not in table.columns:
+        raise TableError(f"{path}: expected a column Id (the train-only individuals, as import-folders writes)")
+    return set(table.Id)

@@ -18,7 +18,7 @@ of the page, never an error; nothing is unpickled):
                   new_whale shown at its rank when the submission puts it before them
 
 This module has the page and the two plot sections (3, 4); the photo sheets (1, 2, 5) and the artifact
-reading all sections share are in whaleid.report.report_sheets, the matplotlib charts in whaleid.report.charts.
+reading all sections share are in whaleid.report.sheets (the predictions sheet in whaleid.report.predictions), the matplotlib charts in whaleid.report.charts.
 
 Photos are decoded at reduced size (JPEG draft mode) through whaleid.pipeline.images; an unreadable photo is
 left out and counted. Drawing uses Pillow only. Every PNG and the page are written atomically; PNGs a
@@ -36,11 +36,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..pipeline import images
-from . import charts
-from .report_sheets import (Missing, figure, join_html, note, read_table, section_boxes, section_dedup,
-                            section_predictions, unfinished_note)
-from ..pipeline.stage import MANIFEST, SETTINGS_RECORD, atomic_path
+from whaleid.data import images
+from whaleid.report import charts
+from whaleid.report.predictions import section_predictions
+from whaleid.report.sheets import Missing, figure, join_html, note, read_table, section_boxes, section_dedup, unfinished_note
+from whaleid.pipeline.stage import MANIFEST, SETTINGS_RECORD, atomic_path
 
 PREFIXES = ("boxes_", "dedup_", "training_curves", "threshold_map5", "predictions")  # the PNGs a report writes
 

@@ -1,15 +1,15 @@
-"""Scoring photos with a trained model, shared by predict and evaluate: test-time versions of each
-photo, a score per known id for each version, the gallery for heads that rank by retrieval, and
-which new_whale threshold applies.
+"""The embedding step of the ranking path (inference/ranking.py): test-time versions of each photo and
+a score per known id for each version, as the trained model's head scores them.
 
 Each photo is cropped to its box and resized once, then 4 versions are made (augment.TTA):
 original, left-right flip, a random 1..crop_max px crop resized back, and that crop flipped and
 blurred (deterministic per photo for the seed). All versions of a batch go through the model in one
 forward pass; photo decoding runs in --workers processes ahead of the model.
 
-Heads that rank by retrieval embed the gallery (known ids' photos) once; a version's score for an id
-is its best gallery photo's similarity (retrieval.py). From there TTA merge, new_whale threshold and
-answers are the same for every head.
+Heads that rank by retrieval embed the gallery (known ids' photos) once (similarity/gallery_cache.py
+keeps the vectors between runs); a version's score for an id is its best gallery photo's similarity
+(similarity/gallery.py). From there TTA merge, new_whale threshold and answers are the same for
+every head.
 """
 from __future__ import annotations
 
@@ -20,13 +20,12 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from ..preprocess import augment
-from ..learning import heads, inputs
-from ..pipeline import images
-from . import gallery_cache
-from ..pipeline.stage import Run, StageError
-from ..pipeline.stages import TUNED
-from ..pipeline.tables import NEW_WHALE
+from whaleid.data import images
+from whaleid.learning import heads, inputs
+from whaleid.pipeline.stage import Run, StageError
+from whaleid.preprocess import augment
+from whaleid.similarity import gallery_cache
+
 
 def tta_versions(base: np.ndarray, rng: np.random.Generator, crop_max: int, sigma_max: float,
                  tta: bool = True) -> np.ndarray:
@@ -82,6 +81,20 @@ def class_scores(run: Run, model, jobs: list, batch_size: int, desc: str):
         yield from flush()
 
 
+class FixedBatch:
+    """A model whose every call sees `rows` rows (a short batch padded with zeros): one traced shape,
+    and a photo's scores do not depend on which chunk ended where."""
+
+    def __init__(self, model, rows: int):
+        self.model, self.rows = model, rows
+
+    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
+        n = len(x)
+        if n < self.rows:
+            x = np.concatenate([x, np.zeros((self.rows - n,) + x.shape[1:], x.dtype)])
+        return np.asarray(self.model.predict_on_batch(x))[:n]
+
+
 class Embedder:
     """A trained model as retrieval needs it: its head (recorded in the model), images -> vectors,
     and the head's similarity between vectors. Works on a model being trained too."""
@@ -102,21 +115,6 @@ class Embedder:
 
     def pair_similarity(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
         return self.head.pair_similarity(self.net, A, B)
-
-
-def gallery_files(files: pd.DataFrame, photos, all_variants: bool, flips: bool = False) -> pd.DataFrame:
-    """File, Image, Id of the gallery: augment's files (TRAINING_FILE_FINAL) of `photos` (None: every
-    photo of a known id); the original only (each photo's first file) unless all_variants. With
-    flips (train.flip_ids), mirrored files are photos of <id>_flip, and the gallery holds the first
-    mirrored file of each photo too."""
-    g = files[files.Id != NEW_WHALE]
-    if photos is not None:
-        g = g[g.Image.isin(set(photos))]
-    if flips:
-        g = augment.flip_ids(g, dict(zip(g.File, g.variant)))
-    if not all_variants:
-        g = g.drop_duplicates(["Image", "Id"])
-    return g[["File", "Image", "Id"]].reset_index(drop=True)
 
 
 class MirrorFold:
@@ -166,31 +164,3 @@ def scorer(run: Run, net, gallery: pd.DataFrame, embedded: np.ndarray | None = N
         model = MirrorFold(model, list(ids), versions, run.setting("predict.mirror_is_same"))
         return model, model.classes
     return model, ids
-
-
-def model_digest(run: Run) -> str | None:
-    """The sha256 of the trained model, as train's manifest records it."""
-    m = run.session.manifest("train") or {}
-    return m.get("artifacts", {}).get("model.keras")
-
-
-def threshold(run: Run) -> float:
-    """The tuned threshold when evaluate tuned it for this head and model, else new_whale.threshold: a
-    threshold on softmax probabilities means nothing for embedding similarities, and vice versa."""
-    tuned = run.work / TUNED
-    configured = run.setting("new_whale.threshold")
-    if tuned.exists():
-        info = json.loads(tuned.read_text())
-        value = float(info["threshold"])
-        head, model, fused = info.get("head"), info.get("model"), info.get("rerank", "none")
-        if head not in (None, run.setting("model.head")) or model not in (None, model_digest(run)) or \
-                fused != run.setting("rerank.method"):  # fused scores (rerank.py) are another scale
-            what = (f"the {head} head" if head != run.setting("model.head") else
-                    f"rerank.method = {fused}" if fused != run.setting("rerank.method") else "another trained model")
-            run.echo(f"{tuned} was tuned for {what}: ignoring it, using new_whale.threshold = {configured} "
-                     f"(run whaleid evaluate --tune-threshold again)")
-            return configured
-        run.echo(f"using the tuned new_whale threshold {value:.3f} from {tuned} "
-                 f"(delete it to use new_whale.threshold = {configured})")
-        return value
-    return configured

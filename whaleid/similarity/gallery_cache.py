@@ -14,8 +14,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..pipeline.files import write_bytes
-from ..pipeline.stage import Run
+from whaleid.pipeline.files import write_bytes
+from whaleid.pipeline.stage import Run
 
 FOLDER = "gallery_cache"
 

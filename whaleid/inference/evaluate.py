@@ -5,8 +5,9 @@ The validation photos of known ids keep their id; the photos of ids held out of 
 `evaluate.new_whale_share` of the set (~27%, as in the Kaggle test set). Each photo's box crop
 (augment's original variant) goes through the same TTA and merge as predict.
 
-Embedding heads rank the training photos' ids by similarity (predict.py, retrieval.py); the gallery
-is the training split's photos, so the held-out ids really are new.
+The photos are ranked by inference/ranking.py, as predict and identify rank theirs; the gallery is
+the training split's photos, so the held-out ids really are new. With rerank.method = local the
+fusion is fitted here (cross-fitted on validation halves) and written for predict and identify.
 
 Every head also gets the verification view of seeds 002/003 (verification.py): the AUC of (query, id)
 pairs (each known photo with its true id; every photo, new whales too, with a random id not its own)
@@ -22,26 +23,26 @@ Artifacts: metrics.json          MAP@5, top-1, the all-new_whale baseline, at th
            val_predictions.csv   Image, truth, answer; top_id, top_score: the embedding's best id and score
                                  (before the threshold), what identify's review page says a score means
            calibration.json      rerank.method = local: the fusion fitted on these validation queries
-                                 (rerank.py; predict reads it); metrics.json's "rerank" compares
+                                 (similarity/fusion.py; predict and identify read it); metrics.json's "rerank" compares
                                  MAP@5 and top-1 without and with re-ranking (cross-fitted halves)
 `whaleid evaluate --tune-threshold` copies the best threshold to WORK/tuned_threshold.json, which
 predict then uses (and says so).
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
-from ..learning import model as models
-from . import rerank, scoring
-from ..ranking import submission, verification
-from .scoring import Embedder, gallery_files
-from ..pipeline.stage import Run, StageError, write_json
-from ..pipeline.stages import CALIBRATION, TUNED
-from ..pipeline.tables import NEW_WHALE
+from whaleid.data.tables import NEW_WHALE
+from whaleid.inference import ranking
+from whaleid.inference.embedding import Embedder
+from whaleid.learning import model as models
+from whaleid.metrics import submission, verification
+from whaleid.pipeline.stage import Run, StageError
+from whaleid.similarity import answers, local
+from whaleid.similarity.fusion import CALIBRATION
+from whaleid.similarity.gallery import gallery_files
+from whaleid.similarity.threshold import model_digest
 
 # 0.00 .. 1.00, and 1.01: above every score (probabilities and similarities reach 1.0 in float32),
 # new_whale first everywhere (then the model's first ids), which scores at least the all-new_whale
@@ -61,74 +62,81 @@ def open_set(split: pd.DataFrame, share: float, seed: int) -> pd.DataFrame:
 
 
 def answers_at(rankings: list[tuple[list[str], list[float]]], thr: float, k: int) -> list[list[str]]:
-    return [submission.insert_new_whale(labels, scores, thr, k) for labels, scores in rankings]
+    return [answers.insert_new_whale(labels, scores, thr, k) for labels, scores in rankings]
 
 
 def run(run: Run) -> dict:
-    head, n_way = run.setting("model.head"), run.setting("evaluate.one_shot")
     split = run.read_csv("split", "split.csv")
     evalset = open_set(split, run.setting("evaluate.new_whale_share"), run.setting("run.seed"))
     if evalset.empty:
         raise StageError("the split has no validation photos to evaluate on (too few photos per id?)")
-    folder = run.upstream("augment", "images")
     net = models.load_model(run.upstream("train", "model.keras"))
     files = run.read_csv("augment", "TRAINING_FILE_FINAL.csv")
     gallery = gallery_files(files, split.Image[split.subset == "train"], run.setting("predict.gallery_tta"),
                             run.setting("train.flip_ids"))
-    model, classes = scoring.scorer(run, net, gallery)
-    original = originals(files)
+    signals = ranking.signals(run, gallery, fitted=True)
+    ranker = ranking.Ranker(run, net, gallery, run.setting("predict.top_k"), signals=signals)
+    folder, original = run.upstream("augment", "images"), originals(files)
     jobs = [(r.Image, str(folder / original[r.Image]), None) for r in evalset.itertuples()]
-    probs, truths, names = [], [], []
     truth_of = dict(zip(evalset.Image, evalset.truth))
-    for image, p, error in scoring.class_scores(run, model, jobs, run.setting("predict.batch_size"), "TTA + model"):
-        if error:
-            run.skip(image, error)
-            continue
-        probs.append(p)
-        truths.append(truth_of[image])
-        names.append(image)
-    merge, k = run.setting("predict.merge"), run.setting("predict.top_k")
-    rankings = [submission.ranked(p, classes, merge, k) for p in probs]  # merged once, thresholds after
-    rerank_info, plain = {"method": "none"}, rankings  # plain: the embedding's (identify's scores)
-    if run.setting("rerank.method") != "none":  # (rerank.py) fused, fitted on the other half of the queries
-        rankings, fusion = rerank.evaluated(run, probs, classes, truths, names, gallery, merge, k)
+    ranked = ranker.rank(jobs, truths=truth_of, keep_scores=True)
+    for r in ranked:
+        if r.error:
+            run.skip(r.image, r.error)
+    ranked = [r for r in ranked if r.error is None]
+    truths = [truth_of[r.image] for r in ranked]
+    known_ids = int(evalset[evalset.truth != NEW_WHALE].truth.nunique())
+    metrics = measure(run, ranked, truths, ranker.classes, signals, known_ids)
+    if run.setting("evaluate.one_shot"):
+        metrics["one_shot"] = one_shot(run, net, split, run.setting("evaluate.one_shot"), original)
+    return write(run, metrics, ranked, truths)
+
+
+def measure(run: Run, ranked: list, truths: list[str], classes: list[str], signals: list, known_ids: int) -> dict:
+    """metrics.json's figures (and the sweep and answers it writes) from the ranked validation photos."""
+    k, configured = run.setting("predict.top_k"), run.setting("new_whale.threshold")
+    rankings, plain = [r.ranking for r in ranked], [r.plain for r in ranked]  # plain: the embedding's
+    rerank_info = {"method": "none"}
+    if signals:  # (similarity/local.py) fused, fitted on the other half of the queries
         rerank_info = {"method": "local", "candidates": run.setting("rerank.candidates"),
-                       "without": best_of(plain, truths, k), "with": best_of(rankings, truths, k), "fusion": fusion}
-        rerank_info["summary"] = rerank.summary_line(rerank_info)
+                       "without": best_of(plain, truths, k), "with": best_of(rankings, truths, k),
+                       "fusion": {"method": "local", **signals[0].fitted.to_json()}}
+        rerank_info["summary"] = local.summary_line(rerank_info)
     sweep = pd.DataFrame([(float(thr), submission.map5(truths, answers_at(rankings, thr, k))) for thr in SWEEP],
                          columns=["threshold", "map5"])
     best = sweep.loc[sweep.map5.idxmax()]
-    configured = run.setting("new_whale.threshold")
-    preds = answers_at(rankings, configured, k)
-    at_configured = submission.scores(truths, preds)
     at_best = submission.scores(truths, answers_at(rankings, float(best.threshold), k))
     # new_whale.share's rule (predict), here with the share of new whales the validation set has
     share = run.setting("new_whale.share") or run.setting("evaluate.new_whale_share")
-    by_share = submission.share_threshold([scores[0] for _, scores in rankings], share)
+    by_share = answers.share_threshold([scores[0] for _, scores in rankings], share)
     at_share = submission.scores(truths, answers_at(rankings, by_share, k))
-    metrics = {"threshold": configured, **at_configured,
-               "best_threshold": float(best.threshold), "best_map5": at_best["map5"],
-               "best_top1": at_best["top1"], "share": share, "share_threshold": by_share,
-               "share_map5": at_share["map5"], "merge": merge, "tta": run.setting("predict.tta"),
-               "known_ids_in_eval": int(evalset[evalset.truth != NEW_WHALE].truth.nunique()),
-               "head": head, "model": scoring.model_digest(run)}
-    metrics["rerank"] = rerank_info
-    metrics["verification"] = verify(probs, truths, classes, configured, float(best.threshold), run.setting("run.seed"))
-    if n_way:
-        metrics["one_shot"] = one_shot(run, net, split, n_way, original)
+    return {"threshold": configured, **submission.scores(truths, answers_at(rankings, configured, k)),
+            "best_threshold": float(best.threshold), "best_map5": at_best["map5"],
+            "best_top1": at_best["top1"], "share": share, "share_threshold": by_share,
+            "share_map5": at_share["map5"], "merge": run.setting("predict.merge"), "tta": run.setting("predict.tta"),
+            "known_ids_in_eval": known_ids, "head": run.setting("model.head"), "model": model_digest(run), "rerank": rerank_info,
+            "verification": verify([r.scores for r in ranked], truths, classes, configured, float(best.threshold),
+                                   run.setting("run.seed")),
+            "_sweep": sweep}
+
+
+def write(run: Run, metrics: dict, ranked: list, truths: list[str]) -> dict:
+    sweep, k = metrics.pop("_sweep"), run.setting("predict.top_k")
+    preds = answers_at([r.ranking for r in ranked], metrics["threshold"], k)
+    rerank_info = metrics["rerank"]
     run.write_json("metrics.json", metrics)
     run.write_json(CALIBRATION, rerank_info.get("fusion", {"method": "none"}))
     run.write_csv("threshold_sweep.csv", sweep)
-    run.write_csv("val_predictions.csv", pd.DataFrame({"Image": names, "truth": truths,
+    run.write_csv("val_predictions.csv", pd.DataFrame({"Image": [r.image for r in ranked], "truth": truths,
                                                        "answer": [" ".join(p) for p in preds],
-                                                       "top_id": [r[0][0] for r in plain],
-                                                       "top_score": [round(float(r[1][0]), 4) for r in plain]}))
+                                                       "top_id": [r.plain[0][0] for r in ranked],
+                                                       "top_score": [round(float(r.plain[1][0]), 4) for r in ranked]}))
     out = {"map5": metrics["map5"], "best_threshold": metrics["best_threshold"], "best_map5": metrics["best_map5"],
            **{f"{w}_rerank_{m}": rerank_info[w][m] for w in ("without", "with") if w in rerank_info
               for m in ("map5", "closed_top1")},
            "share_map5": metrics["share_map5"], "images": len(truths), "auc": metrics["verification"]["auc"]}
-    if n_way:
-        out[f"one_shot_{n_way}_way"] = metrics["one_shot"]["accuracy"]
+    if "one_shot" in metrics:
+        out[f"one_shot_{metrics['one_shot']['n_way']}_way"] = metrics["one_shot"]["accuracy"]
     return out
 
 
@@ -193,13 +201,3 @@ def one_shot(run: Run, net, split: pd.DataFrame, n_way: int, original: dict[str,
     out.update(accuracy=_rounded(hit.mean()), unseen_tasks=int(unseen.sum()),
                unseen_accuracy=_rounded(hit[unseen].mean()) if unseen.any() else None)
     return out
-
-
-def tune(work: Path) -> float:
-    """Store the sweep's best threshold where predict looks for it."""
-    metrics = json.loads((Path(work) / "evaluate" / "metrics.json").read_text())
-    write_json(Path(work) / TUNED, {"threshold": metrics["best_threshold"], "map5": metrics["best_map5"],
-                                    "head": metrics.get("head"), "model": metrics.get("model"),
-                                    "rerank": metrics.get("rerank", {}).get("method", "none"),
-                                    "source": str(Path(work) / "evaluate" / "threshold_sweep.csv")})
-    return metrics["best_threshold"]

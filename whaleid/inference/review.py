@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from ..pipeline.files import write_bytes
+from whaleid.pipeline.files import write_bytes
 
 THUMB = 160          # px: the side of the crops shown (and embedded) in the page
 QUALITY = 80

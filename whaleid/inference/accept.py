@@ -30,15 +30,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..pipeline.files import StageError, atomic_path, work_lock, write_bytes
-from ..pipeline.tables import NEW_WHALE
-from ..pipeline.workfolder import read_record
-from ..preprocess.augment import FLIP
+from whaleid.pipeline.files import StageError, atomic_path, work_lock, write_bytes
+from whaleid.data.tables import NEW_WHALE
+from whaleid.pipeline.workfolder import read_record
+from whaleid.preprocess.augment import FLIP
+from whaleid.stages import ADDED, BATCHES, CATALOGUE
 
 DECISIONS = ("same", "new", "skip")
-CATALOGUE = "catalogue"          # WORK/catalogue/: the photos accepted so far
-ADDED = "added.csv"              # WORK/catalogue/added.csv: Image, Id, batch, photo, crop, decided, into
-BATCHES = "identify"             # WORK/identify/<batch>/: identify's batches
 
 
 def added_files(work: Path) -> pd.DataFrame:

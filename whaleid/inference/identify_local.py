@@ -1,61 +1,31 @@
-"""identify with rerank.method = local: a batch re-ranked as predict re-ranks test photos
-(scoring/rerank.py): the batch photos' local features (preprocess/keypoints.py, at keypoints.* from
-each photo's box) verified against the catalogue's (the keypoints stage's), by RANSAC inliers, and
-fused with the embedding score by the calibration evaluate fitted on validation. Photos accepted since
+"""identify with rerank.method = local: the batch photos' own local features (preprocess/keypoints.py,
+at keypoints.* from each photo's box), which the ranking path (inference/ranking.py) matches against
+the catalogue's (the keypoints stage's) as it does for predict's test photos. Photos accepted since
 training (gallery_added) have no local features: their inliers count 0, the embedding alone ranks them.
 
 For the review page, the best matching catalogue photo by local features of each of the first PAIRS
-candidates is drawn beside the new photo with the inliers joined (report/match_pairs.py's drawing),
+candidates is drawn beside the new photo with the inliers joined (report/drawing.py's pair_image),
 when the data folder the catalogue's photos are in is where WORK remembers it.
 """
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..pipeline import images
-from ..pipeline.stage import Run, StageError
-from ..pipeline.stages import CALIBRATION
-from ..pipeline.workfolder import read_record
-from ..preprocess import keypoints
-from ..preprocess.augment import FLIP
-from ..report.match_pairs import pair_image
-from ..scoring import rerank
-from .review import jpeg_bytes
+from whaleid.data import images
+from whaleid.inference.review import jpeg_bytes
+from whaleid.pipeline.stage import Run
+from whaleid.pipeline.workfolder import read_record
+from whaleid.preprocess import keypoints
+from whaleid.report.drawing import pair_image
 
 STORE = "keypoints.npz"   # WORK/identify/<batch>/keypoints.npz: the batch photos' local features
 PREFIX = "batch:"         # batch photos' names in the store (never a catalogue photo's name)
 PAIR_SIDE = 400           # px: the longer side of a drawn pair in the review page
 PAIRS = 3                 # candidates per photo drawn (each pair ~15 kB in the page)
-
-
-def enabled(get) -> bool:
-    """`get(dotted_key)`: is local re-ranking on (and does this whaleid have it)?"""
-    try:
-        return get("rerank.method") == "local"
-    except KeyError:
-        return False
-
-
-def inputs(session) -> dict[str, Path]:
-    """What a re-ranked batch reads besides its stages: evaluate's fusion and the catalogue's features."""
-    return {CALIBRATION: session.work / "evaluate" / CALIBRATION, "keypoints.npz": session.work / "keypoints" / STORE}
-
-
-def fusion(run: Run) -> rerank.Fusion:
-    path = run.work / "evaluate" / CALIBRATION
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        data = {}
-    if data.get("method") != "local":
-        raise StageError(f"rerank.method = local fuses scores by the calibration evaluate fits on validation, and {path} "
-                         f"has none: run whaleid evaluate --work {run.work} --set rerank.method=local first")
-    return rerank.Fusion.from_json(data)
 
 
 def batch_features(run: Run, table: pd.DataFrame) -> Path:
@@ -70,26 +40,6 @@ def batch_features(run: Run, table: pd.DataFrame) -> Path:
         if error is None:
             results.append((name, *got))
     return keypoints.write_store(run, STORE, keypoints.pack(results, method, mirror))
-
-
-def reranked(run: Run, rankings: dict, table: pd.DataFrame, gallery: pd.DataFrame, k: int):
-    """({photo: (ids, fused scores), k best}, the Reranker) from {photo: (ids, embedding scores)} of
-    rerank.candidates+ ids."""
-    fused_by = fusion(run)
-    store = keypoints.Store(keypoints.store_path(run.session, "keypoints"), batch_features(run, table))
-    photos_of: dict[str, list[str]] = {}
-    plain = gallery[~gallery.Id.str.endswith(FLIP)].drop_duplicates("Image")
-    for image, ident in zip(plain.Image, plain.Id):
-        photos_of.setdefault(str(ident), []).append(str(image))
-    matcher = rerank.Matcher(keypoints.binary(store.method), run.setting("rerank.ratio"),
-                             run.setting("rerank.geometry"), run.setting("rerank.ransac_px"))
-    mirror = run.setting("train.flip_ids") and run.setting("predict.mirror_is_same")
-    reranker = rerank.Reranker(store, photos_of, matcher, run.setting("rerank.candidates"), mirror)
-    names = list(rankings)
-    counts = rerank.local_scores(run, reranker, [PREFIX + p for p in names], [rankings[p] for p in names])
-    run.echo(f"re-ranked by local features: median {np.median([c[0] for c in counts]) if counts else 0:.0f} "
-             f"inliers for the first candidate")
-    return {p: rerank.fused_ranking(rankings[p], n, fused_by, k) for p, n in zip(names, counts)}, reranker
 
 
 def _pair(job, reranker, boxes: dict, train: Path, margin: float, side: int):

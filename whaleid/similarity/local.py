@@ -1,31 +1,24 @@
-"""Re-ranking the embedding's top ids by local-feature verification, fused with the embedding score.
+"""Local matching: the embedding's top ids verified by local features (keypoints), as a re-ranking signal.
 
 For a query and each of its `rerank.candidates` best ids by the embedding: descriptor matches
 (keypoints.py's features) against each gallery photo of that id, Lowe's ratio test, then RANSAC
 geometric verification (a homography, or a similarity transform); the id's local score is the inlier
 count of its best photo (with predict.mirror_is_same and train.flip_ids, of the query's mirror image
 too). This is what HotSpotter-style photo-ID does; the embedding alone misses what SIFT sees.
-
-Fusion as WildFusion (Cermak et al. 2024): each score is mapped to a match probability by a logistic
-fit on validation (query, candidate id) pairs, same id or not, and the two probabilities are
-averaged. Evaluate fits it (never on test photos) and writes calibration.json; predict reads it.
-The new_whale threshold then works on the fused score.
+The inliers are fused with the embedding's score by similarity/fusion.py.
 """
 from __future__ import annotations
 
-import json
-import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 
-from ..pipeline.stage import StageError
-from ..preprocess.augment import FLIP
-from ..preprocess.keypoints import Store, as_float, binary, store_path
-from ..ranking import submission
+from whaleid.preprocess.keypoints import Store, as_float, binary
+from whaleid.similarity.fusion import Fusion, cross_fitted, fit, fused_ranking
+from whaleid.similarity.gallery import photos_of
 
 MIN_MATCHES = 6   # fewer ratio-test matches: no RANSAC, 0 inliers (4 fit any homography exactly: noise)
 BLOCK = 64        # gallery photos per matrix product (64 x 300 keypoints: ~10 MB of similarities)
@@ -167,17 +160,12 @@ class Reranker:
         return out
 
 
-def for_run(run, photos, stages=("keypoints",)) -> Reranker:
-    """The Reranker of an evaluate / predict run; `photos`: a table of gallery photos (Image, Id);
-    `stages`: the keypoint stages whose features it reads (predict: the test photos' too)."""
-    store = Store(*(store_path(run.session, s) for s in stages))
-    photos_of: dict[str, list[str]] = {}
-    for image, ident in zip(photos.Image, photos.Id):
-        photos_of.setdefault(str(ident), []).append(str(image))
-    matcher = Matcher(binary(store.method), run.setting("rerank.ratio"), run.setting("rerank.geometry"),
-                      run.setting("rerank.ransac_px"))
-    mirror = run.setting("train.flip_ids") and run.setting("predict.mirror_is_same")
-    return Reranker(store, photos_of, matcher, run.setting("rerank.candidates"), mirror)
+def reranker(get, store: Store, gallery: pd.DataFrame) -> Reranker:
+    """The one way a Reranker is built (evaluate, predict, identify, the report's drawings): `get(key)`
+    reads the rerank settings, `gallery` (Image, Id) holds the candidates' photos."""
+    matcher = Matcher(binary(store.method), get("rerank.ratio"), get("rerank.geometry"), get("rerank.ransac_px"))
+    mirror = bool(get("train.flip_ids") and get("predict.mirror_is_same"))
+    return Reranker(store, photos_of(gallery), matcher, get("rerank.candidates"), mirror)
 
 
 def local_scores(run, reranker: Reranker, queries: list[str], rankings: list) -> list[np.ndarray]:
@@ -186,149 +174,38 @@ def local_scores(run, reranker: Reranker, queries: list[str], rankings: list) ->
     return list(run.map(partial(Reranker.scores, reranker), jobs, "verify local features", chunksize=4))
 
 
-# ---------------------------------------------------------------- calibration and fusion
+# ---------------------------------------------------------------- the signal the ranking path adds
 
-def sigmoid(z):
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -40, 40)))
+class LocalSignal:
+    """Re-ranking as one signal of the ranking path (inference/ranking.py): each query's first
+    `candidates` ids verified by local features, the inliers fused with the embedding score. With the
+    queries' truths (evaluate), the fusion is fitted on them and each query re-ranked by the fusion of
+    the other half (cross-fitted), and `fitted` keeps the fusion of all of them for calibration.json;
+    without (predict, identify), `fusion` is evaluate's. `prefix`: the queries' names in the store."""
 
+    def __init__(self, reranker: Reranker, fusion: Fusion | None = None, prefix: str = ""):
+        self.reranker, self.fusion, self.prefix = reranker, fusion, prefix
+        self.candidates = reranker.candidates
+        self.fitted: Fusion | None = None
+        self.inliers: list[np.ndarray] = []
 
-def fit_logistic(x, y, l2: float = 1e-2, iters: int = 50) -> tuple[float, float]:
-    """(a, b) of P(same | x) = sigmoid(a x + b), by Newton's method with a small ridge on a (so that
-    separable data still gives finite weights); one class only: a = 0 and b its clipped log odds."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    prior = float(np.clip(y.mean() if len(y) else 0.5, 1e-3, 1 - 1e-3))
-    if len(y) == 0 or y.min() == y.max():
-        return 0.0, float(np.log(prior / (1 - prior)))
-    X = np.stack([x, np.ones_like(x)], axis=1)
-    w = np.array([0.0, np.log(prior / (1 - prior))])
-    ridge = np.diag([l2, 1e-9])
-    for _ in range(iters):
-        p = sigmoid(X @ w)
-        grad = X.T @ (p - y) + ridge @ w
-        hess = (X * (p * (1 - p))[:, None]).T @ X + ridge
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.abs(step).max() < 1e-8:
-            break
-    return float(w[0]), float(w[1])
+    def rerank(self, run, queries: list[str], rankings: list, k: int, truths: list[str] | None = None) -> list:
+        inliers = local_scores(run, self.reranker, [self.prefix + q for q in queries], rankings)
+        self.inliers = inliers
+        if truths is None:
+            if self.fusion is None:
+                raise ValueError("LocalSignal without a fusion needs the queries' truths to fit one")
+            return [fused_ranking(r, n, self.fusion, k) for r, n in zip(rankings, inliers)]
+        self.fitted = fit(rankings, inliers, truths, self.candidates)
+        f = self.fitted
+        run.echo(f"rerank: fusion fitted on {f.pairs} validation (query, id) pairs, {f.same} of the same id: "
+                 f"embedding {f.embedding[0]:.2f}x{f.embedding[1]:+.2f}, "
+                 f"local {f.local[0]:.2f}x log(1+inliers){f.local[1]:+.2f}")
+        return cross_fitted(rankings, inliers, truths, queries, self.candidates, k)
 
-
-def local_feature(inliers):
-    return np.log1p(np.asarray(inliers, np.float64))
-
-
-@dataclass(frozen=True)
-class Fusion:
-    """Two calibrations (a, b) and their average: what a (query, id) pair's fused score is."""
-    embedding: tuple[float, float]
-    local: tuple[float, float]
-    pairs: int = 0
-    same: int = 0
-
-    def p_embedding(self, scores):
-        return sigmoid(self.embedding[0] * np.asarray(scores, np.float64) + self.embedding[1])
-
-    def p_local(self, inliers):
-        return sigmoid(self.local[0] * local_feature(inliers) + self.local[1])
-
-    def fused(self, scores, inliers) -> np.ndarray:
-        return 0.5 * (self.p_embedding(scores) + self.p_local(inliers))
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> "Fusion":
-        return cls(tuple(data["embedding"]), tuple(data["local"]), int(data.get("pairs", 0)), int(data.get("same", 0)))
-
-    @classmethod
-    def read(cls, path: Path) -> "Fusion":
-        return cls.from_json(json.loads(Path(path).read_text()))
-
-
-def pairs(rankings: list, inliers: list, truths: list[str], candidates: int):
-    """(embedding scores, inliers, same?) of every (query, verified candidate id) pair."""
-    e, n, y = [], [], []
-    for (labels, scores), counts, truth in zip(rankings, inliers, truths):
-        m = min(candidates, len(labels))
-        e += list(scores[:m])
-        n += list(counts[:m])
-        y += [lab == truth for lab in labels[:m]]
-    return np.array(e, np.float64), np.array(n, np.float64), np.array(y, bool)
-
-
-def fit(rankings: list, inliers: list, truths: list[str], candidates: int) -> Fusion:
-    """The fusion fitted on labelled (validation) queries: new whales too, as negatives only."""
-    e, n, y = pairs(rankings, inliers, truths, candidates)
-    return Fusion(fit_logistic(e, y), fit_logistic(local_feature(n), y), int(len(y)), int(y.sum()))
-
-
-def fused_ranking(ranking: tuple, inliers: np.ndarray, fusion: Fusion, k: int) -> tuple[list[str], list[float]]:
-    """The ids re-ranked by fused score (ids past the verified ones count 0 inliers), k best."""
-    labels, scores = ranking
-    counts = np.zeros(len(labels))
-    counts[: len(inliers)] = inliers[: len(labels)]
-    fused = fusion.fused(scores, counts)
-    order = np.argsort(-fused, kind="stable")[:k]
-    return [labels[i] for i in order], [float(fused[i]) for i in order]
-
-
-def cross_fitted(rankings: list, inliers: list, truths: list[str], names: list[str], candidates: int,
-                 k: int) -> list[tuple[list[str], list[float]]]:
-    """Re-ranked validation queries, each scored by a fusion fitted on the other half of the queries
-    (2-fold, halves by photo name), so evaluate's figures are not measured on the pairs they were fit on."""
-    fold = np.array([zlib.crc32(n.encode()) % 2 for n in names], int)
-    out: list = [None] * len(rankings)
-    for f in (0, 1):
-        train = np.flatnonzero(fold != f)
-        fusion = fit([rankings[i] for i in train], [inliers[i] for i in train], [truths[i] for i in train], candidates)
-        for i in np.flatnonzero(fold == f):
-            out[i] = fused_ranking(rankings[i], inliers[i], fusion, k)
-    return out
-
-
-# ---------------------------------------------------------------- evaluate and predict
 
 def summary_line(r: dict) -> str:
     """evaluate's line on what re-ranking buys (metrics.json's "rerank")."""
     a, b = r["without"], r["with"]
     return (f"  re-ranking {r['candidates']} ids by local features: best MAP@5 {a['map5']:.4f} -> {b['map5']:.4f}, "
             f"closed-set top-1 {a['closed_top1']} -> {b['closed_top1']} (cross-fitted on validation halves)")
-
-
-def evaluated(run, probs: list, classes, truths: list[str], names: list[str], gallery, merge: str, k: int):
-    """evaluate: (re-ranked validation queries (cross-fitted), the fusion fitted on all of them, as JSON).
-    `gallery`: the training split's files (File, Image, Id), whose photos are the candidates' photos."""
-    c = run.setting("rerank.candidates")
-    deep = [submission.ranked(p, classes, merge, max(k, c)) for p in probs]
-    photos = gallery[~gallery.Id.str.endswith(FLIP)].drop_duplicates("Image")
-    inliers = local_scores(run, for_run(run, photos), names, deep)
-    fusion = fit(deep, inliers, truths, c)
-    run.echo(f"rerank: fusion fitted on {fusion.pairs} validation (query, id) pairs, {fusion.same} of the same id: "
-             f"embedding {fusion.embedding[0]:.2f}x{fusion.embedding[1]:+.2f}, "
-             f"local {fusion.local[0]:.2f}x log(1+inliers){fusion.local[1]:+.2f}")
-    return cross_fitted(deep, inliers, truths, names, c, k), {"method": "local", **fusion.to_json()}
-
-
-def for_predict(run, calibration: Path, photos):
-    """predict: a function re-ranking a chunk of scored test photos [(image, ranking, error, top)] by
-    evaluate's fusion (never fitted here: test photos have no labels to fit on)."""
-    try:
-        data = json.loads(Path(calibration).read_text())
-    except (OSError, ValueError):
-        data = {}
-    if data.get("method") != "local":
-        raise StageError(f"rerank.method = local fuses scores by the calibration evaluate fits on validation, and "
-                         f"{calibration} has none: run whaleid evaluate with the same settings first")
-    fusion, k = Fusion.from_json(data), run.setting("predict.top_k")
-    reranker = for_run(run, photos, ("keypoints", "test_keypoints"))
-
-    def apply(scored: list) -> list:
-        ok = [i for i, s in enumerate(scored) if s[2] is None]
-        counts = local_scores(run, reranker, [scored[i][0] for i in ok], [scored[i][1] for i in ok])
-        out = list(scored)
-        for i, n in zip(ok, counts):
-            ranking = fused_ranking(scored[i][1], n, fusion, k)
-            out[i] = (scored[i][0], ranking, None, ranking[1][0] if ranking[1] else 0.0)
-        return out
-    return apply

@@ -1,5 +1,5 @@
-"""report_sheets: the report's photo contact sheets (sections 1, 2 and 5 of whaleid.report.report: tail boxes,
-duplicate groups, test predictions), and the artifact reading and HTML pieces all sections share.
+"""The report's photo contact sheets (sections 1 and 2 of whaleid.report.page: tail boxes,
+duplicate groups; the test predictions' sheet is predictions.py), and the artifact reading and HTML pieces all sections share.
 
 Kept apart from report.py (the page, its two plot sections, and the Photos and Writer it hands each
 section) so neither module is long; the shared pieces live here because report.py imports this module,
@@ -17,13 +17,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from . import match_pairs
-from .drawing import BG, BLUE, GREEN, GREY, INK, PANEL, RED, fit, font, scalable
-from ..pipeline.stage import MANIFEST
-from ..pipeline.tables import NEW_WHALE
+from whaleid.report.drawing import BG, BLUE, GREY, INK, PANEL, RED, fit, font, scalable
+from whaleid.pipeline.stage import MANIFEST
+from whaleid.data.tables import NEW_WHALE
 
-if TYPE_CHECKING:  # annotations only: report.py imports this module
-    from .report import Photos, Writer
+if TYPE_CHECKING:  # annotations only: page.py imports this module
+    from whaleid.report.page import Photos, Writer
 
 FULL_IMAGE = "full-image"    # the box method of a photo whose tail was not found (boxes.py)
 SUBJECT = "subject"          # boxes.detector = subject (preprocess/subject_box.py): methods subject, subject-contrast
@@ -324,88 +323,4 @@ def section_dedup(work: Path, photos: Photos, w: Writer) -> str:
         name = w.png(f"dedup_{k}.png", sheet(title, page, "blue frame: the preferred (kept) photo; "
                                                           "red id: a conflicting id"))
         parts.append(figure(name, title))
-    return join_html(parts)
-
-
-def section_predictions(work: Path, data: Path | None, photos: Photos, w: Writer, sample: int,
-                        rng: np.random.Generator) -> str:
-    preds = read_table(work, "predict", "predictions.csv", ("Image", "Id"))
-    if photos.data is None:
-        raise Missing("no data folder is known for this work folder, so there are no photos to show.")
-    parts = [unfinished_note(work, "predict")]
-    try:
-        train = read_table(work, "format", "train.csv", ("Image", "Id"))
-    except Missing as e:
-        train = pd.DataFrame(columns=["Image", "Id"])
-        parts.append(note(f"No training photos to show for the predicted ids: {e}"))
-    box_of, pairs = {"train": {}, "test": {}}, match_pairs.for_work(work, data)
-    full_train = set()
-    for name, split in BOX_FILES:
-        try:
-            df = _box_table(work, name, split)
-        except Missing:
-            parts.append(note(f"No {name}: photos are shown uncropped."))
-            continue
-        box_of[split] = dict(zip(df.Image, zip(df.x0, df.y0, df.x1, df.y1)))
-        if split == "train":
-            full_train = set(df.Image[df.method == FULL_IMAGE])
-    # one training photo per id: the first in format/train.csv with a detected (not full-image) box
-    train = train.assign(_full=train.Image.isin(full_train)).sort_values("_full", kind="stable")
-    photo_of = dict(train.drop_duplicates("Id")[["Id", "Image"]].itertuples(index=False, name=None))
-    truth = {}
-    if data is not None and (data / "solution.csv").is_file():  # synthetic sets carry their answers
-        try:
-            sol = pd.read_csv(data / "solution.csv")
-            truth = dict(zip(sol.Image.astype(str), sol.Id.astype(str)))
-        except (pd.errors.ParserError, AttributeError, ValueError):
-            truth = {}
-    n = min(sample, len(preds))
-    rows = []
-    want = 2 * max(TILE)
-    for r in _sample(preds, n, rng).itertuples():
-        image = str(r.Image)
-        loaded = photos.load(image, "test", want)
-        if loaded is None:
-            continue
-        score = getattr(r, "top_score", None)
-        source = getattr(r, "source", "")
-        info = f"{source}" + (f", top score {float(score):.3f}" if isinstance(score, (int, float)) and np.isfinite(score) else "")
-        t = truth.get(image)
-        q = _tile(_crop(loaded, _valid_box(box_of["test"].get(image))),
-                  [f"query {image}", info, f"truth {t}" if t else ""], frame=INK, nlines=3)
-        tiles = [q]
-        shown = 0
-        for k, ident in enumerate(str(r.Id).split(), 1):
-            if shown == TOP_SHOWN:
-                break  # the top-3 known ids' photos, and new_whale at its rank when it comes before them
-            shown += ident != NEW_WHALE
-            hit = t is not None and ident == t
-            frame = GREEN if hit else None
-            mark = "  = truth" if hit else ""
-            if ident == NEW_WHALE:
-                tiles.append(_tile(None, [f"#{k} new_whale{mark}", "no known individual"], placeholder=NEW_WHALE,
-                                   frame=frame, line_colors={0: GREEN} if hit else None, nlines=3))
-                continue
-            drawn = pairs.draw(image, ident) if pairs else None  # re-ranked: the inliers with its best photo
-            if drawn is not None:
-                tiles.append(_tile(drawn[0], [f"#{k} {ident}{mark}", drawn[1]], frame=frame, nlines=3,
-                                   size=(2 * TILE[0], TILE[1]), line_colors={0: GREEN} if hit else None))
-                continue
-            photo = photo_of.get(ident)
-            got = photos.load(photo, "train", want) if photo else None
-            if got is None:
-                tiles.append(_tile(None, [f"#{k} {ident}{mark}", "no training photo" if not photo else f"{photo} unreadable"],
-                                   placeholder="no photo", frame=frame, nlines=3))
-                continue
-            tiles.append(_tile(_crop(got, _valid_box(box_of["train"].get(photo))),
-                               [f"#{k} {ident}{mark}", f"train photo {photo}"],
-                               frame=frame, line_colors={0: GREEN} if hit else None, nlines=3))
-        rows.append(tile_row(tiles, sep_after=0))
-    if not rows:
-        raise Missing(f"none of the {n} chosen test photos could be read.")
-    title = f"Test predictions: {len(rows)} of {len(preds)} photos, top-{TOP_SHOWN} ids"
-    sub = "query cropped to its box | #rank in the submission: one training photo per predicted id, cropped to its box" + \
-          ("; green: the true id (solution.csv)" if truth else "")
-    name = w.png("predictions.png", sheet(title, rows, sub))
-    parts.append(figure(name, title))
     return join_html(parts)

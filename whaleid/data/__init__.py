@@ -1,0 +1,1 @@
+"""Reading photos and the Kaggle tables: what every step takes in."""
