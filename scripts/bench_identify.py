@@ -76,7 +76,7 @@ def growth(work: Path, gallery_files: int, small: int, photos: int, versions: in
     """Seconds the batch's catalogue-sized parts take at `gallery_files` minus at `small` files."""
     from whaleid.pipeline.files import quiet_native_startup
     with quiet_native_startup():  # TensorFlow's load-time lines
-        from whaleid.inference.identify import best_photos
+        from whaleid.inference.ranking import best_photos
         from whaleid.learning import model as models
         from whaleid.similarity.gallery import GalleryScorer
         from whaleid.inference.embedding import Embedder
@@ -96,7 +96,7 @@ def growth(work: Path, gallery_files: int, small: int, photos: int, versions: in
             scores = scorer.scores(Q[s:s + 256])
             np.argsort(-scores, axis=1)[:, :top]
         cands = [list(scorer.classes[:top])] * photos
-        best_photos(embedder, Q[:photos], G, ids, cands)
+        best_photos(embedder.similarity, Q[:photos], G, ids, cands)
         return time.perf_counter() - t
 
     return timed(gallery_files) - timed(small), dim

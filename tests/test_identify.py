@@ -365,3 +365,51 @@ def test_a_catalogue_with_imported_boxes_gets_new_photos_cropped_whole(tmp_path)
     assert set(pd.read_csv(work / "identify" / "day" / "photos.csv").method) == {"whole-photo"}
     first = first_rows(work, "day")
     assert np.mean([first.id[p] == t for p, t in truth.items()]) >= 0.75
+
+
+def test_one_ranking_path_a_signal_added_once_reranks_evaluate_predict_and_identify(catalogue, day1, tmp_path,
+                                                                                     monkeypatch):
+    """inference/ranking.py is the one ranking path of the three commands: a stub signal injected there
+    once (it reverses each photo's candidate ids) re-ranks evaluate's, predict's and identify's answers
+    alike, and each command writes what the signal returned."""
+    from whaleid.inference import ranking
+    work, data, _ = catalogue
+    _, truth, folder = day1
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy)
+    shutil.rmtree(copy / "identify" / "day1")
+    seen: dict[str, dict[str, list[str]]] = {}
+
+    class Reverse:
+        name, candidates = "stub", 4
+
+        def rerank(self, run, queries, rankings, k, truths=None):
+            out = [(list(reversed(ids))[:k], [1.0 - 0.01 * i for i in range(min(k, len(ids)))]) for ids, _ in rankings]
+            seen.setdefault(run.stage.name.split("/")[0], {}).update({q: o[0] for q, o in zip(queries, out)})
+            return out
+
+        def calibration(self):
+            return {"method": self.name}
+
+    monkeypatch.setattr(ranking, "signals", lambda run, *args, **kwargs: [Reverse()])
+    whaleid("evaluate", "--work", copy, "--data", data, "--force", "evaluate", "--quiet")
+    whaleid("predict", "--work", copy, "--data", data, "--quiet")
+    whaleid("identify", "--work", copy, "--photos", folder, "--top", "3", "--quiet")
+    assert set(seen) == {"evaluate", "predict", "identify"}, set(seen)
+
+    def follows(answer: str, stub: list[str]) -> bool:  # new_whale inserted by the threshold, ids as the stub ranked them
+        ids = [i for i in answer.split() if i != "new_whale"]
+        return len(ids) >= 2 and ids == stub[:len(ids)]
+
+    val = pd.read_csv(copy / "evaluate" / "val_predictions.csv", dtype=str)
+    assert len(val) and all(follows(r.answer, seen["evaluate"][r.Image]) for r in val.itertuples())
+    assert json.loads((copy / "evaluate" / "metrics.json").read_text())["rerank"]["method"] == "stub"
+    preds = pd.read_csv(copy / "predict" / "predictions.csv", dtype=str)
+    model = preds[preds.source == "model"]
+    assert len(model) and all(follows(r.Id, seen["predict"][r.Image]) for r in model.itertuples())
+    matches = pd.read_csv(copy / "identify" / "day1" / "matches.csv", dtype={"photo": str, "id": str})
+    got = matches.sort_values(["photo", "rank"]).groupby("photo").id.apply(list).to_dict()
+    assert got == {p: seen["identify"][p][:3] for p in got} and set(got) == set(truth)
+    plain = pd.read_csv(work / "identify" / "day1" / "matches.csv", dtype={"photo": str, "id": str})
+    plain = plain.sort_values(["photo", "rank"]).groupby("photo").id.apply(list).to_dict()
+    assert any(plain[p] != got[p] for p in got), "the stub changed identify's ranking"

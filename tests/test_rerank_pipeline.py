@@ -7,7 +7,7 @@ import signal
 import pandas as pd
 
 from whaleid.pipeline.stage import PARTIAL
-from whaleid.report import match_pairs, report
+from whaleid.report import match_pairs, page as report
 
 from conftest import ROOT, whaleid
 from test_resume import artifacts, kill_group, preprocess_args, start

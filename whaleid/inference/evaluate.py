@@ -98,9 +98,9 @@ def measure(run: Run, ranked: list, truths: list[str], classes: list[str], signa
     rankings, plain = [r.ranking for r in ranked], [r.plain for r in ranked]  # plain: the embedding's
     rerank_info = {"method": "none"}
     if signals:  # (similarity/local.py) fused, fitted on the other half of the queries
-        rerank_info = {"method": "local", "candidates": run.setting("rerank.candidates"),
+        rerank_info = {"method": signals[0].name, "candidates": signals[0].candidates,
                        "without": best_of(plain, truths, k), "with": best_of(rankings, truths, k),
-                       "fusion": {"method": "local", **signals[0].fitted.to_json()}}
+                       "fusion": signals[0].calibration()}
         rerank_info["summary"] = local.summary_line(rerank_info)
     sweep = pd.DataFrame([(float(thr), submission.map5(truths, answers_at(rankings, thr, k))) for thr in SWEEP],
                          columns=["threshold", "map5"])

@@ -187,10 +187,8 @@ def batch_run(run: Run) -> dict:
     table, thumbs, n_files = crop_batch(run, photos)
     gallery, G = catalogue(run)
     net = models.load_model(run.upstream("train", "model.keras"))
-    signals = []
-    if run.setting("rerank.method") != "none":  # the batch's own local features, beside the catalogue's
-        signals = ranking.signals(run, gallery, extra_store=identify_local.batch_features(run, table),
-                                  prefix=identify_local.PREFIX)
+    signals = ranking.signals(run, gallery, extra_store=lambda: identify_local.batch_features(run, table),
+                              prefix=identify_local.PREFIX)  # re-ranking: the batch's own local features too
     ranker = ranking.Ranker(run, net, gallery[["File", "Image", "Id"]], run.setting("identify.top"), vectors=G,
                             never=train_only_ids(run), signals=signals)
     ranked = {}
@@ -200,7 +198,8 @@ def batch_run(run: Run) -> dict:
         else:
             ranked[r.image] = r.ranking
     table = table[table.photo.isin(ranked)].reset_index(drop=True)
-    drawn, note = identify_local.pairs(run, signals[0].reranker, table, ranked) if signals else ({}, "")
+    matcher = getattr(signals[0], "reranker", None) if signals else None
+    drawn, note = identify_local.pairs(run, matcher, table, ranked) if matcher else ({}, "")
     thr = choose_threshold(run, [s[0] for _, s in ranked.values()])
     Q = _embed(run, net, [str(run.dir / c) for c in table.crop], "batch")
     _save_vectors(run, "vectors.npy", Q)

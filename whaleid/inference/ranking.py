@@ -83,13 +83,16 @@ class Ranker:
 
 def signals(run: Run, gallery: pd.DataFrame, stores: tuple[str, ...] = ("keypoints",), extra_store=None,
             fitted: bool = False, prefix: str = "") -> list:
-    """The re-ranking signals the settings ask for (rerank.method = local: LocalSignal). `gallery`
-    (Image, Id): the candidates' photos; `stores`: the keypoint stages whose features are read (and
-    `extra_store`, a batch's own file); `fitted`: the fusion is fitted on the queries' truths
-    (evaluate), else evaluate's calibration is read; `prefix`: the queries' names in the store."""
+    """The re-ranking signals the settings ask for, the one place that says which (rerank.method =
+    local: LocalSignal). A signal has `name`, `candidates` (how many ids it re-ranks),
+    `rerank(run, queries, rankings, k, truths)` and `calibration()` (what evaluate records). `gallery`
+    (Image, Id): the candidates' photos; `stores`: the keypoint stages whose features are read, and
+    `extra_store()`, a batch's own features (called only when needed); `fitted`: the fusion is fitted
+    on the queries' truths (evaluate), else evaluate's calibration is read; `prefix`: the queries'
+    names in the store."""
     if run.setting("rerank.method") == "none":
         return []
-    store = Store(*(store_path(run.session, s) for s in stores), *([extra_store] if extra_store else []))
+    store = Store(*(store_path(run.session, s) for s in stores), *([extra_store()] if extra_store else []))
     reranker = local.reranker(run.setting, store, gallery)
     return [local.LocalSignal(reranker, None if fitted else read_calibration(run.work), prefix)]
 

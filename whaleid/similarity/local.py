@@ -183,6 +183,8 @@ class LocalSignal:
     the other half (cross-fitted), and `fitted` keeps the fusion of all of them for calibration.json;
     without (predict, identify), `fusion` is evaluate's. `prefix`: the queries' names in the store."""
 
+    name = "local"  # rerank.method
+
     def __init__(self, reranker: Reranker, fusion: Fusion | None = None, prefix: str = ""):
         self.reranker, self.fusion, self.prefix = reranker, fusion, prefix
         self.candidates = reranker.candidates
@@ -195,6 +197,8 @@ class LocalSignal:
         if truths is None:
             if self.fusion is None:
                 raise ValueError("LocalSignal without a fusion needs the queries' truths to fit one")
+            run.echo(f"re-ranked by local features: median {np.median([c[0] for c in inliers]) if inliers else 0:.0f} "
+                     f"inliers for the first candidate")
             return [fused_ranking(r, n, self.fusion, k) for r, n in zip(rankings, inliers)]
         self.fitted = fit(rankings, inliers, truths, self.candidates)
         f = self.fitted
@@ -202,6 +206,10 @@ class LocalSignal:
                  f"embedding {f.embedding[0]:.2f}x{f.embedding[1]:+.2f}, "
                  f"local {f.local[0]:.2f}x log(1+inliers){f.local[1]:+.2f}")
         return cross_fitted(rankings, inliers, truths, queries, self.candidates, k)
+
+    def calibration(self) -> dict:
+        """What evaluate writes to calibration.json: the fusion fitted on all validation queries."""
+        return {"method": self.name, **self.fitted.to_json()}
 
 
 def summary_line(r: dict) -> str:
