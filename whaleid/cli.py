@@ -34,6 +34,7 @@ from whaleid.stages import ALL as ALL_STAGES, BY_COMMAND, status_line, wanted as
 from whaleid.pipeline.stage import Session, StageError  # noqa: E402
 from whaleid.data.tables import TableError  # noqa: E402
 from whaleid.metrics.summary import summary_lines  # noqa: E402
+from whaleid.similarity import threshold  # noqa: E402
 from whaleid.pipeline.workfolder import (fallback_rows, is_dir_or_error, open_work, test_photo_warning,  # noqa: E402
                                          unusable_test_photos, write_record)
 
@@ -196,22 +197,17 @@ def evaluate(tune_threshold, submission_file, solution_file, one_shot, **kw):
     m = json.loads((session.dir("evaluate") / "metrics.json").read_text())
     for line in summary_lines(m):
         click.echo(line)
-    share = config.get(session.cfg, "new_whale.share")
-    if tune_threshold and share:
-        click.echo(f"  not tuning the threshold: new_whale.share = {share:g} places it in predict (new_whale first "
-                   f"for that share of the test photos); set new_whale.share = 0 to use a tuned one")
+    placed, untunable = threshold.tuning_obstacles(config.get(session.cfg, "new_whale.share"), m["new_whale_share"])
+    if tune_threshold and placed:
+        click.echo(f"  not tuning the threshold: {placed}")
         return
-    if not m["new_whale_share"]:
-        message = ("the validation has no new whales (no new_whale rows and no held-out ids), so MAP@5 says nothing "
-                   "about the new_whale threshold; set split.unseen_ids, e.g. --set split.unseen_ids=0.2, or "
-                   "new_whale.share")
+    if untunable:
         if tune_threshold:
-            raise click.ClickException(f"not tuning the threshold: {message}")
-        click.secho(f"WARNING: {message}", err=True, fg="yellow", bold=True)
+            raise click.ClickException(f"not tuning the threshold: {untunable}")
+        click.secho(f"WARNING: {untunable}", err=True, fg="yellow", bold=True)
     if tune_threshold:
-        from whaleid.similarity.threshold import tune
-        thr = tune(session.work)
-        click.echo(f"  stored threshold {thr:.2f} in {session.work / 'tuned_threshold.json'}; predict will use it")
+        thr = threshold.tune(session.work)
+        click.echo(f"  stored threshold {thr:.2f} in {session.work / threshold.TUNED}; predict will use it")
 
 
 @main.command(short_help="WORK/submission.csv, running every stage it needs first (the whole pipeline).")

@@ -45,7 +45,7 @@ def _box_model(session) -> dict[str, Path]:
     scripts/fit_box_head.py rerun boxes, as a changed setting would."""
     if get_setting(session.cfg, "boxes.detector") != "cnn":
         return {}
-    return {"box_head_weights.py": Path(__file__).parents[1] / "preprocess" / "box_head_weights.py"}
+    return {"box_head_weights.py": Path(__file__).parent / "preprocess" / "box_head_weights.py"}
 
 
 def _tuned_file(session) -> dict[str, Path]:

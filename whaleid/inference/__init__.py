@@ -1,1 +1,1 @@
-"""The photo-ID researcher's loop: identify new photos against the catalogue, review them, accept them."""
+"""The trained model at work: the embedding, the one ranking path, and evaluate, predict and identify."""

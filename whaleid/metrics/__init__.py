@@ -1,1 +1,1 @@
-"""Ranking math in NumPy: ids by similarity, Kaggle answers and MAP@5, verification metrics."""
+"""What is measured: MAP@5 and the Kaggle file check, verification and one-shot metrics, evaluate's summary."""

@@ -1,1 +1,1 @@
-"""The stage cache and settings: stage declarations, fingerprints, workers, the typed config."""
+"""The stage engine: Stage, Session, Run, fingerprints, atomic files, workers, the typed settings."""

@@ -1,1 +1,1 @@
-"""Scoring photos against the gallery: shared by evaluate and predict."""
+"""Comparing photos, in NumPy: the gallery and its best photo per id, answers, local matching, fusion, the threshold."""

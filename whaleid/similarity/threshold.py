@@ -52,6 +52,17 @@ def choose_threshold(run, best_scores: list[float]) -> float:
     return tuned_or_configured(run)
 
 
+def tuning_obstacles(share: float, validation_new_share: float) -> tuple[str | None, str | None]:
+    """(why a tuned threshold would not be used: new_whale.share places it; why the sweep says nothing
+    about the threshold: the validation has no new whales), each None when it does not apply."""
+    placed = (f"new_whale.share = {share:g} places it in predict (new_whale first for that share of the test "
+              f"photos); set new_whale.share = 0 to use a tuned one") if share else None
+    untunable = None if validation_new_share else (
+        "the validation has no new whales (no new_whale rows and no held-out ids), so MAP@5 says nothing about the "
+        "new_whale threshold; set split.unseen_ids, e.g. --set split.unseen_ids=0.2, or new_whale.share")
+    return placed, untunable
+
+
 def tune(work: Path) -> float:
     """Store evaluate's best threshold of the sweep where predict and identify look for it."""
     metrics = json.loads((Path(work) / "evaluate" / "metrics.json").read_text())
