@@ -36,6 +36,7 @@ import json
 import statistics
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -112,6 +113,17 @@ def seed_summary(results: dict[int, list[tuple]]) -> list[str]:
     return lines
 
 
+SIGHTING = r"^(\d+)_"  # nyala: <sighting>_leftphoto.jpg and <sighting>_rightphoto.jpg, taken together
+
+
+def encounter_pattern(value: str, roots: list[Path]) -> str | None:
+    """--encounter: a regex as given, or with "auto" SIGHTING when every photo's name matches it."""
+    if value != "auto":
+        return value or None
+    names = [p.name for r in roots for p in Path(r).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+    return SIGHTING if names and all(re.match(SIGHTING, n) for n in names) else None
+
+
 def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(t) for t in text.split(",") if t.strip()]
@@ -144,6 +156,12 @@ def main(argv=None):
     ap.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction, default=True,
                     help="pretrained: batch-norm layers keep the ImageNet statistics")
     ap.add_argument("--patience", type=int, default=10)
+    ap.add_argument("--encounter", default="auto", metavar="REGEX",
+                    help="photos' encounters, as import-folders --encounter takes them; auto: '^(\\d+)_' when every "
+                         "file name matches it (nyala's <sighting>_leftphoto.jpg), else none")
+    ap.add_argument("--leaky", action="store_true",
+                    help="the protocol before encounters: queries chosen photo by photo, so a query may meet its own "
+                         "sighting's other photo in the gallery")
     ap.add_argument("--work", type=Path, default=None, help="default: <tmp>/whaleid-bench-reid-<src name>")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="any other whaleid setting for every head, e.g. --set model.pair_features=rich")
@@ -153,6 +171,8 @@ def main(argv=None):
     if bad:
         raise SystemExit(f"--heads {', '.join(bad)}: expected some of {', '.join(HEADS)}")
     seeds = [args.seed] if args.seed is not None else parse_seeds(args.seeds)
+    args.encounter = None if args.leaky else encounter_pattern(args.encounter, [args.src, *args.extra_train])
+    print(f"protocol: {'leaky (photo by photo)' if args.encounter is None else 'across encounters, ' + repr(args.encounter)}")
     kind = "scratch" if args.scratch else f"{args.backbone}-{Path(args.weights).name}"
     work = args.work or Path(tempfile.gettempdir()) / f"whaleid-bench-reid-{args.src.resolve().name}-{kind}"
     results = {}
@@ -176,12 +196,14 @@ def run_seed(args, heads: list[str], seed: int, work: Path) -> list[tuple]:
               "query_fraction": args.query_fraction, "seed": seed}
     if extra:
         wanted["train_only"] = [str(r) for r in extra]
+    if args.encounter is not None:
+        wanted["encounter"] = args.encounter
     record = work / "import.json"
     if not (record.exists() and json.loads(record.read_text()) == wanted and data.is_dir()):
         shutil.rmtree(data, ignore_errors=True)
         try:
             summary = import_folders(args.src, data, args.new_fraction, args.query_fraction, seed, progress=False,
-                                     train_only=extra)
+                                     train_only=extra, encounter=args.encounter)
         except FolderError as e:
             raise SystemExit(str(e))
         record.write_text(json.dumps(wanted))

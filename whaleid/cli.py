@@ -361,14 +361,17 @@ def synth(out, ids, seed, photos, real_train_csv, size_scale, workers, quiet):
               type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Another catalogue ROOT/<id>/*.jpg|png whose individuals are only learnt from: all their photos "
                    "go to train.csv, none is tested (repeatable).")
+@click.option("--encounter", "encounter", default=None, metavar="REGEX",
+              help="The encounter of each photo, as the first group of REGEX on its file name (e.g. '^(\\d+)_' for "
+                   "<sighting>_leftphoto.jpg): photos of one encounter are never split between gallery and queries.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True)
-def import_folders(src, out, new_fraction, query_fraction, train_only, seed, quiet):
+def import_folders(src, out, new_fraction, query_fraction, train_only, encounter, seed, quiet):
     """Convert ROOT/<id>/*.jpg|png into the Kaggle layout with a solution.csv."""
     from whaleid.datasets import import_folders as importer
     try:
         summary = importer.import_folders(src, out, new_fraction=new_fraction, query_fraction=query_fraction,
-                                          seed=seed, progress=not quiet, train_only=train_only)
+                                          seed=seed, progress=not quiet, train_only=train_only, encounter=encounter)
     except importer.FolderError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"import-folders: wrote {out}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))

@@ -124,7 +124,7 @@ SPLIT = Stage(
     "split", "whaleid.preprocess.split:run",
     artifacts=("split.csv", "train_files.csv", "val_files.csv", "split_report.json"),
     settings=("split.validation", "split.unseen_ids", "run.seed", "new_whale.share"),
-    data=("train_only.csv",), upstream=("augment",))
+    data=("train_only.csv", "encounters.csv"), upstream=("augment",))
 
 TRAIN = Stage(
     "train", "whaleid.learning.train:run",
@@ -156,8 +156,8 @@ PREDICT = Stage(
     "predict", "whaleid.inference.predict:run",
     artifacts=("submission.csv", "predictions.csv"),
     settings=TTA_SETTINGS + ("rerank.*",),
-    data=("sample_submission.csv", "test/", "train_only.csv"), upstream=("dedup", "format", "boxes", "augment",
-                                                                         "train"),
+    data=("sample_submission.csv", "test/", "train_only.csv", "encounters.csv"),
+    upstream=("dedup", "format", "boxes", "augment", "train"),
     extra_inputs=_calibration_and_tuned)
 
 BY_COMMAND = {"preprocess": [DEDUP, FORMAT, BOXES, AUGMENT, SPLIT],

@@ -94,3 +94,33 @@ def read_train_only(path: Path | None) -> set[str]:
     if "Id" not in table.columns:
         raise TableError(f"{path}: expected a column Id (the train-only individuals, as import-folders writes)")
     return set(table.Id)
+
+
+ENCOUNTERS = "encounters.csv"  # DATA/encounters.csv: Image, Encounter (import-folders --encounter writes it)
+
+
+def read_encounters(data: Path | None) -> dict[str, str]:
+    """Image -> encounter (photos taken together: one animal, one place, minutes apart) from the data
+    folder's encounters.csv, else from an Encounter column of its train.csv; {} when neither says:
+    then every photo is its own encounter (Kaggle's layout)."""
+    if data is None:
+        return {}
+    path = Path(data) / ENCOUNTERS
+    if not path.is_file():
+        train = Path(data) / "train.csv"
+        if not train.is_file():
+            return {}
+        table = pd.read_csv(train, dtype=str, keep_default_na=False)
+        if "Encounter" not in table.columns:
+            return {}
+        path = train
+    else:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in ("Image", "Encounter") if c not in table.columns]
+    if missing:
+        raise TableError(f"{path}: expected columns Image, Encounter (missing {', '.join(missing)})")
+    blank = table[table.Encounter.str.strip() == ""]
+    if len(blank):
+        raise TableError(f"{path}, row {blank.index[0] + 2}: photo {blank.Image.iloc[0]} has no encounter; give every "
+                         f"photo one (its own name when it was taken alone)")
+    return dict(zip(table.Image, table.Encounter))

@@ -1,4 +1,4 @@
-"""import-folders: a catalogue laid out as ROOT/<individual>/*.jpg|png -> the Kaggle layout whaleid reads.
+r"""import-folders: a catalogue laid out as ROOT/<individual>/*.jpg|png -> the Kaggle layout whaleid reads.
 
 Re-identification sets (and users' own catalogues) come one folder per individual. This writes a new
 data folder with the competition's shape and its answers, so the whole pipeline and its scoring run
@@ -17,6 +17,10 @@ Output (a new folder; the source folder is only read):
                    detector has nothing to find on other animals)
     sources.csv    Image, source (path under ROOT), individual, role (gallery | query | new | train-only)
     train_only.csv Id: the individuals of the train_only catalogues (read by the split stage)
+    encounters.csv Image, Encounter: with --encounter REGEX, each photo's encounter (the regex's first
+                   group on its file name, e.g. '^(\d+)_' for nyala's <sighting>_leftphoto.jpg): the
+                   photos of one encounter are all gallery or all queries, never both, and the split
+                   and scoring stages keep them apart in the same way
     skipped.csv    source, reason: files that are not readable photos (left out)
 Photo names are a hash of the source path, so the name says nothing about the individual. The
 individual is the name of the folder holding the photo (spaces become "_"); two folders of one name in
@@ -38,7 +42,7 @@ from tqdm import tqdm
 
 from whaleid.data import images
 from whaleid.pipeline.files import umask
-from whaleid.data.tables import NEW_WHALE
+from whaleid.data.tables import ENCOUNTERS, NEW_WHALE
 
 EXTENSIONS = {".jpg": ".jpg", ".jpeg": ".jpg", ".png": ".png"}
 
@@ -84,8 +88,32 @@ def scan(src: Path, progress: bool = True) -> tuple[pd.DataFrame, list[tuple[str
     return photos, skipped
 
 
-def assign(photos: pd.DataFrame, new_fraction: float, query_fraction: float, seed: int) -> pd.Series:
-    """role per photo: new (held-out individual), query (test photo of a known one) or gallery."""
+def encounters_of(photos: pd.DataFrame, pattern: str | None) -> pd.Series | None:
+    """Each photo's encounter: the first group of `pattern` on its file name (None without a pattern)."""
+    if pattern is None:
+        return None
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise FolderError(f"--encounter {pattern!r}: not a regular expression ({e})") from None
+    if rx.groups < 1:
+        raise FolderError(f"--encounter {pattern!r}: needs a group, the part of the file name that names the "
+                          f"encounter, e.g. '^(\\d+)_'")
+    out = []
+    for source in photos.source:
+        m = rx.search(Path(source).name)
+        if m is None or not m.group(1):
+            raise FolderError(f"{source}: --encounter {pattern!r} does not match its file name; every photo needs "
+                              f"an encounter (rename the file, or use a pattern that matches every name)")
+        out.append(m.group(1))
+    return pd.Series(out, index=photos.index)
+
+
+def assign(photos: pd.DataFrame, new_fraction: float, query_fraction: float, seed: int,
+           encounter: pd.Series | None = None) -> pd.Series:
+    """role per photo: new (held-out individual), query (test photo of a known one) or gallery. With
+    encounters, whole encounters become queries (about query_fraction of the photos, one encounter
+    always staying in the gallery)."""
     if not 0 <= new_fraction < 1:
         raise FolderError(f"--new-fraction {new_fraction}: expected 0 <= fraction < 1")
     if not 0 <= query_fraction < 1:
@@ -103,10 +131,28 @@ def assign(photos: pd.DataFrame, new_fraction: float, query_fraction: float, see
         if ident in new:
             continue
         idx = np.sort(photos.index[photos.Id == ident].to_numpy())
+        if encounter is not None:
+            role[query_encounters(encounter[idx], query_fraction, rng)] = "query"
+            continue
         n_query = min(len(idx) - 1, int(round(query_fraction * len(idx))))
         if n_query > 0:
             role[rng.choice(idx, size=n_query, replace=False)] = "query"
     return role
+
+
+def query_encounters(encounter: pd.Series, fraction: float, rng: np.random.Generator) -> list:
+    """The photos (index labels) of one individual's encounters chosen as queries: encounters in a random
+    order until `fraction` of its photos, never its last encounter."""
+    groups = sorted(set(encounter))
+    if len(groups) < 2:
+        return []
+    want, out = fraction * len(encounter), []
+    for g in rng.permutation(groups)[:-1]:
+        members = list(encounter.index[encounter == g])
+        if len(out) + len(members) / 2 > want:
+            break
+        out += members
+    return out
 
 
 def _train_only(roots, main: pd.DataFrame, progress: bool) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
@@ -128,7 +174,7 @@ def _train_only(roots, main: pd.DataFrame, progress: bool) -> tuple[pd.DataFrame
 
 
 def import_folders(src: Path, out: Path, new_fraction: float = 0.3, query_fraction: float = 0.3,
-                   seed: int = 0, progress: bool = True, train_only=()) -> dict:
+                   seed: int = 0, progress: bool = True, train_only=(), encounter: str | None = None) -> dict:
     src, out, roots = Path(src), Path(out), [Path(r) for r in train_only]
     for flag, folder in [("--src", src)] + [("--train-only", r) for r in roots]:
         if not folder.is_dir():
@@ -140,10 +186,12 @@ def import_folders(src: Path, out: Path, new_fraction: float = 0.3, query_fracti
     photos, skipped = scan(src, progress)
     if photos.empty:
         raise FolderError(f"--src {src}: no readable .jpg/.jpeg/.png photos in its sub-folders")
-    photos["role"] = assign(photos, new_fraction, query_fraction, seed)
+    photos["role"] = assign(photos, new_fraction, query_fraction, seed, encounters_of(photos, encounter))
     photos["key"] = photos.source
     extra, extra_skipped = _train_only(roots, photos, progress)
     photos = pd.concat([photos, extra], ignore_index=True)
+    if encounter is not None:
+        photos["Encounter"] = encounters_of(photos, encounter)
     skipped += extra_skipped
     names = [hashlib.sha1(s.encode()).hexdigest()[:12] + EXTENSIONS[Path(s).suffix.lower()] for s in photos.key]
     if len(set(names)) != len(names):
@@ -174,6 +222,8 @@ def import_folders(src: Path, out: Path, new_fraction: float = 0.3, query_fracti
         pd.DataFrame(skipped, columns=["source", "reason"]).to_csv(tmp / "skipped.csv", index=False)
         pd.DataFrame({"Id": sorted(photos[photos.role == "train-only"].Id.unique())}).to_csv(
             tmp / "train_only.csv", index=False)
+        if encounter is not None:
+            photos[["Image", "Encounter"]].to_csv(tmp / ENCOUNTERS, index=False)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
@@ -184,7 +234,8 @@ def import_folders(src: Path, out: Path, new_fraction: float = 0.3, query_fracti
             "new": int(photos[photos.role == "new"].Id.nunique()), "train_photos": len(train),
             "test_queries": int((photos.role == "query").sum()), "test_new_whale": int((photos.role == "new").sum()),
             "train_only_individuals": int(photos[photos.role == "train-only"].Id.nunique()),
-            "train_only_photos": int((photos.role == "train-only").sum()), "skipped": len(skipped)}
+            "train_only_photos": int((photos.role == "train-only").sum()), "skipped": len(skipped),
+            **({"encounters": int(photos.Encounter.nunique())} if encounter is not None else {})}
 
 
 def next_steps(out: Path) -> list[str]:

@@ -25,6 +25,7 @@ from whaleid.learning import heads, inputs
 from whaleid.pipeline.stage import Run, StageError
 from whaleid.preprocess import augment
 from whaleid.similarity import gallery_cache
+from whaleid.similarity.gallery import GalleryScorer
 
 
 def tta_versions(base: np.ndarray, rng: np.random.Generator, crop_max: int, sigma_max: float,
@@ -51,9 +52,10 @@ def prepare(job, size: int, margin: float, crop_max: int, sigma_max: float, seed
     return image, tta_versions(base, augment.photo_rng(seed + 1, image), crop_max, sigma_max, tta), None
 
 
-def class_scores(run: Run, model, jobs: list, batch_size: int, desc: str):
+def class_scores(run: Run, model, jobs: list, batch_size: int, desc: str, on_batch=None):
     """Yield (image, scores (versions, classes) or None, error) in job order; versions of a whole batch
-    go through the model in one call (the last batch padded to the first one's size)."""
+    go through the model in one call (the last batch padded to the first one's size). `on_batch(rows)`
+    hears the photo of each row before the call (the ranking path's same-encounter rule)."""
     work = partial(prepare, size=run.setting("run.image_size"), margin=run.setting("augment.margin"),
                    crop_max=run.setting("augment.crop_max"), sigma_max=run.setting("augment.blur_sigma_max"),
                    seed=run.setting("run.seed"), tta=run.setting("predict.tta"))
@@ -63,6 +65,8 @@ def class_scores(run: Run, model, jobs: list, batch_size: int, desc: str):
         nonlocal rows
         stack = np.concatenate([v for _, v in pending]).astype(np.float32)
         rows = rows or len(stack)
+        if on_batch is not None:
+            on_batch([image for image, v in pending for _ in range(len(v))])
         out = np.asarray(model.predict_on_batch(inputs.padded(stack, rows)), dtype=np.float32)
         i = 0
         for image, v in pending:
@@ -79,6 +83,14 @@ def class_scores(run: Run, model, jobs: list, batch_size: int, desc: str):
             yield from flush()
     if pending:
         yield from flush()
+
+
+def gallery_scorer(model):
+    """The GalleryScorer inside a scorer's wrappers (FixedBatch, MirrorFold, arcface's CentreMix), or
+    None for a head that scores its own classes (softmax)."""
+    while model is not None and not isinstance(model, GalleryScorer):
+        model = getattr(model, "retrieval", None) or getattr(model, "model", None)
+    return model
 
 
 class FixedBatch:

@@ -6,7 +6,9 @@ The validation photos of known ids keep their id; the photos of ids held out of 
 (augment's original variant) goes through the same TTA and merge as predict.
 
 The photos are ranked by inference/ranking.py, as predict and identify rank theirs; the gallery is
-the training split's photos, so the held-out ids really are new. With rerank.method = local the
+the training split's photos, so the held-out ids really are new. With encounters (split.csv's
+Encounter column) no query is scored by a photo of its own encounter, so the threshold and the
+fusion are fitted across encounters, as a researcher's new photos come. With rerank.method = local the
 fusion is fitted here (cross-fitted on validation halves) and written for predict and identify.
 
 Every head also gets the verification view of seeds 002/003 (verification.py): the AUC of (query, id)
@@ -74,8 +76,9 @@ def run(run: Run) -> dict:
     files = run.read_csv("augment", "TRAINING_FILE_FINAL.csv")
     gallery = gallery_files(files, split.Image[split.subset == "train"], run.setting("predict.gallery_tta"),
                             run.setting("train.flip_ids"))
-    signals = ranking.signals(run, gallery, fitted=True)
-    ranker = ranking.Ranker(run, net, gallery, run.setting("predict.top_k"), signals=signals)
+    encounters = dict(zip(split.Image, split.Encounter)) if "Encounter" in split.columns else None
+    signals = ranking.signals(run, gallery, fitted=True, encounters=encounters)
+    ranker = ranking.Ranker(run, net, gallery, run.setting("predict.top_k"), signals=signals, encounters=encounters)
     folder, original = run.upstream("augment", "images"), originals(files)
     jobs = [(r.Image, str(folder / original[r.Image]), None) for r in evalset.itertuples()]
     truth_of = dict(zip(evalset.Image, evalset.truth))

@@ -39,12 +39,14 @@ class Ranker:
     catalogue, with its `vectors` already embedded); `never`: ids that are never an answer (train-only:
     they score -1, under any answer); `signals`: re-rankers of the first `candidates` ids (`signals`
     below builds them from the settings); `fixed_rows`: every forward pass at one batch size (predict's
-    chunks, so that a resumed run writes the same files)."""
+    chunks, so that a resumed run writes the same files); `encounters` (photo -> encounter, queries and
+    gallery): a query is never scored by a gallery photo of its own encounter."""
 
     def __init__(self, run: Run, net, gallery: pd.DataFrame, k: int, vectors: np.ndarray | None = None,
-                 never=frozenset(), signals=(), fixed_rows: bool = False):
+                 never=frozenset(), signals=(), fixed_rows: bool = False, encounters: dict | None = None):
         self.run, self.k, self.signals = run, k, list(signals)
         self.model, self.classes = embedding.scorer(run, net, gallery, vectors)
+        self.on_batch = self.same_encounter_rule(gallery, encounters) if encounters else None
         self.drop = np.array([c in never for c in self.classes]) if never else None
         self.depth = max([k] + [s.candidates for s in self.signals])
         self.merge, self.batch = run.setting("predict.merge"), run.setting("predict.batch_size")
@@ -57,7 +59,7 @@ class Ranker:
         """jobs: (image, path, box or None) as embedding.prepare takes them; truths: each image's id,
         for a signal that fits on labelled queries (evaluate). Returns one Ranked per job, in order."""
         out = []
-        for image, scores, error in embedding.class_scores(self.run, self.model, jobs, self.batch, desc):
+        for image, scores, error in embedding.class_scores(self.run, self.model, jobs, self.batch, desc, self.on_batch):
             if error:
                 out.append(Ranked(image, error=error))
                 continue
@@ -68,6 +70,16 @@ class Ranker:
             out.append(Ranked(image, deep, float(scores.mean(0).max()), None, plain, scores if keep_scores else None))
         self.apply_signals([r for r in out if r.error is None], truths)
         return out
+
+    def same_encounter_rule(self, gallery: pd.DataFrame, encounters: dict):
+        """The on_batch hook that has the gallery leave out each query's own encounter."""
+        scorer = embedding.gallery_scorer(self.model)
+        if scorer is None:
+            self.run.echo("the softmax head scores its classes, not gallery photos: a query's own encounter cannot be "
+                          "left out of its scores (a retrieval head, arcface, triplet or siamese, can)")
+            return None
+        scorer.exclude_encounters([encounters.get(i, i) for i in gallery.Image], encounters)
+        return lambda owners: setattr(scorer, "owners", owners)
 
     def apply_signals(self, ranked: list[Ranked], truths: dict[str, str] | None) -> None:
         if not self.signals or not ranked:
@@ -82,18 +94,18 @@ class Ranker:
 
 
 def signals(run: Run, gallery: pd.DataFrame, stores: tuple[str, ...] = ("keypoints",), extra_store=None,
-            fitted: bool = False, prefix: str = "") -> list:
+            fitted: bool = False, prefix: str = "", encounters: dict | None = None) -> list:
     """The re-ranking signals the settings ask for, the one place that says which (rerank.method =
     local: LocalSignal). A signal has `name`, `candidates` (how many ids it re-ranks),
     `rerank(run, queries, rankings, k, truths)` and `calibration()` (what evaluate records). `gallery`
     (Image, Id): the candidates' photos; `stores`: the keypoint stages whose features are read, and
     `extra_store()`, a batch's own features (called only when needed); `fitted`: the fusion is fitted
     on the queries' truths (evaluate), else evaluate's calibration is read; `prefix`: the queries'
-    names in the store."""
+    names in the store; `encounters`: no query is matched with a photo of its own encounter."""
     if run.setting("rerank.method") == "none":
         return []
     store = Store(*(store_path(run.session, s) for s in stores), *([extra_store()] if extra_store else []))
-    reranker = local.reranker(run.setting, store, gallery)
+    reranker = local.reranker(run.setting, store, gallery, encounters)
     return [local.LocalSignal(reranker, None if fitted else read_calibration(run.work), prefix)]
 
 

@@ -7,10 +7,15 @@ fraction of the ids (`unseen_ids`) is held out of training entirely: at evaluati
 new whales, as ~27% of the test set does, so the new_whale threshold can be tuned honestly. When
 the data folder names train-only individuals (train_only.csv, from `import-folders --train-only`:
 individuals to learn from that are never tested), the unseen ids are drawn from them first, so the
-individuals being tested keep all their photos in the gallery.
+individuals being tested keep all their photos in the gallery. When the data folder gives encounters
+(encounters.csv, or an Encounter column of train.csv: photos taken together), validation takes whole
+encounters: a validation photo never has a photo of its own encounter in training, where it would
+be matched by the shared background, and only ids with two or more encounters are validated.
 
-Inputs:    augment/TRAINING_FILE_FINAL.csv, the data folder's train_only.csv (Id) when it exists
-Artifacts: split.csv     Image, Id, subset (train | val | unseen | new_whale), one row per photo
+Inputs:    augment/TRAINING_FILE_FINAL.csv, the data folder's train_only.csv (Id) and encounters.csv
+           when they exist
+Artifacts: split.csv     Image, Id, subset (train | val | unseen | new_whale), one row per photo; and
+                         Encounter when encounters are known (evaluate keeps them apart too)
            train_files.csv, val_files.csv   File, Image, Id  (what the train stage reads)
            split_report.json                class coverage
 """
@@ -20,13 +25,14 @@ import numpy as np
 import pandas as pd
 
 from whaleid.pipeline.stage import Run
-from whaleid.data.tables import NEW_WHALE, read_train_only
+from whaleid.data.tables import NEW_WHALE, read_encounters, read_train_only
 
 
 def assign(photos: pd.DataFrame, validation: float, unseen_ids: float, seed: int,
-           unseen_first=frozenset()) -> pd.Series:
+           unseen_first=frozenset(), encounter: pd.Series | None = None) -> pd.Series:
     """subset of each photo (Image, Id rows, one per photo); deterministic for a seed. The unseen ids
-    come from `unseen_first` (train-only individuals) as far as it has ids with 2+ photos."""
+    come from `unseen_first` (train-only individuals) as far as it has ids with 2+ photos. With
+    `encounter` (per photo), validation takes whole encounters of ids with 2+ of them."""
     rng = np.random.default_rng(seed)
     subset = pd.Series("train", index=photos.index)
     subset[photos.Id == NEW_WHALE] = "new_whale"
@@ -45,6 +51,13 @@ def assign(photos: pd.DataFrame, validation: float, unseen_ids: float, seed: int
         if ident in unseen:
             continue
         idx = known.index[known.Id == ident].to_numpy()
+        if encounter is not None:
+            groups = sorted(set(encounter[idx]))
+            n_val = min(len(groups) - 1, max(1, int(round(validation * len(groups))))) if validation > 0 else 0
+            if n_val:
+                chosen = set(rng.choice(groups, size=n_val, replace=False))
+                subset[idx[encounter[idx].isin(chosen).to_numpy()]] = "val"
+            continue
         n_val = min(len(idx) - 1, max(1, int(round(validation * len(idx))))) if validation > 0 else 0
         if n_val:
             subset[rng.choice(np.sort(idx), size=n_val, replace=False)] = "val"
@@ -82,8 +95,13 @@ def run(run: Run) -> dict:
     unseen, note = unseen_fraction(photos, run.setting("split.unseen_ids"), run.setting("new_whale.share"))
     if note:
         run.echo(note)
+    known = read_encounters(run.data)
+    encounter = photos.Image.map(lambda i: known.get(i, i)) if known else None
     photos["subset"] = assign(photos, run.setting("split.validation"), unseen, run.setting("run.seed"),
-                              read_train_only(run.data / "train_only.csv" if run.data is not None else None))
+                              read_train_only(run.data / "train_only.csv" if run.data is not None else None), encounter)
+    if encounter is not None:
+        photos["Encounter"] = encounter
+        run.echo(f"encounters: {encounter.nunique()} for {len(photos)} photos; validation takes whole encounters")
     run.write_csv("split.csv", photos)
     side = files.merge(photos[["Image", "subset"]], on="Image")
     train = side[side.subset == "train"][["File", "Image", "Id"]]

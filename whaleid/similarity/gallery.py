@@ -63,8 +63,23 @@ class GalleryScorer:
             raise ValueError("gallery vectors and ids differ in length")
         self.classes = [str(c) for c in self.index.classes]
 
+    owners: list | None = None       # the photo of each row of the next batch (set by the ranking path)
+    gallery_encounters: np.ndarray | None = None
+
+    def exclude_encounters(self, gallery_encounters, encounter_of: dict[str, str]) -> None:
+        """From now on a query photo's score for an id leaves out the gallery photos of the query's own
+        encounter (photos taken with it share its background: a match between them proves nothing).
+        `gallery_encounters`: per gallery row; `encounter_of`: query photo -> encounter."""
+        self.gallery_encounters = np.asarray(gallery_encounters, dtype=object)
+        self.encounter_of = encounter_of
+
     def scores(self, vectors: np.ndarray) -> np.ndarray:
-        return self.index.best(self.compare(vectors, self.gallery))
+        S = self.compare(vectors, self.gallery)
+        if self.gallery_encounters is not None and self.owners is not None:
+            rows = list(self.owners[:len(S)]) + [None] * max(0, len(S) - len(self.owners))
+            own = np.array([self.encounter_of.get(o, o) if o is not None else None for o in rows], dtype=object)
+            S = np.where(own[:, None] == self.gallery_encounters[None, :], -1.0, S)  # under any similarity
+        return self.index.best(S)
 
     def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
         return self.scores(self.encode(images))

@@ -109,10 +109,19 @@ class Reranker:
     """Local scores of a query's candidate ids against their gallery photos (features from a Store)."""
 
     def __init__(self, store: Store, photos_of: dict[str, list[str]], matcher: Matcher, candidates: int,
-                 mirror: bool):
+                 mirror: bool, encounters: dict[str, str] | None = None):
         self.store, self.photos_of, self.matcher = store, photos_of, matcher
         self.candidates, self.mirror = candidates, mirror and store.mirrored
+        self.encounters = encounters or {}
         self._cache: dict = {}
+
+    def apart(self, query: str, photo: str) -> bool:
+        """May `photo` verify `query`? Not itself (a validation photo is never its own gallery photo),
+        and not a photo of its own encounter (the same background would match)."""
+        if photo == query:
+            return False
+        e = self.encounters
+        return not e or e.get(query, query) != e.get(photo, photo)
 
     def features(self, image: str, mirror: bool = False) -> tuple[np.ndarray, np.ndarray]:
         pts, desc = self.store.get(image, mirror)
@@ -124,7 +133,7 @@ class Reranker:
         views = [self.features(query)] + ([self.features(query, True)] if self.mirror else [])
         out = (0, None, False, np.zeros((0, 2)), np.zeros((0, 2)))
         for photo in self.photos_of.get(ident, []) if photos is None else photos:
-            if photo == query:
+            if not self.apart(query, photo):
                 continue  # a validation photo is never its own gallery photo (split keeps them apart)
             g = self.features(photo)
             for mirrored, q in enumerate(views):
@@ -140,7 +149,7 @@ class Reranker:
         if query not in self.store:
             return out
         pairs = [(i, photo) for i, ident in enumerate(ids[: self.candidates])
-                 for photo in self.photos_of.get(ident, []) if photo != query]
+                 for photo in self.photos_of.get(ident, []) if self.apart(query, photo)]
         if self.matcher.is_binary:  # Hamming matching, photo by photo
             for i, photo in pairs:
                 out[i] = max(out[i], self.best(query, ident=None, photos=[photo])[0])
@@ -160,12 +169,13 @@ class Reranker:
         return out
 
 
-def reranker(get, store: Store, gallery: pd.DataFrame) -> Reranker:
+def reranker(get, store: Store, gallery: pd.DataFrame, encounters: dict | None = None) -> Reranker:
     """The one way a Reranker is built (evaluate, predict, identify, the report's drawings): `get(key)`
-    reads the rerank settings, `gallery` (Image, Id) holds the candidates' photos."""
+    reads the rerank settings, `gallery` (Image, Id) holds the candidates' photos; `encounters` (photo
+    -> encounter): a query is never matched with a photo of its own encounter."""
     matcher = Matcher(binary(store.method), get("rerank.ratio"), get("rerank.geometry"), get("rerank.ransac_px"))
     mirror = bool(get("train.flip_ids") and get("predict.mirror_is_same"))
-    return Reranker(store, photos_of(gallery), matcher, get("rerank.candidates"), mirror)
+    return Reranker(store, photos_of(gallery), matcher, get("rerank.candidates"), mirror, encounters or {})
 
 
 def local_scores(run, reranker: Reranker, queries: list[str], rankings: list) -> list[np.ndarray]:
