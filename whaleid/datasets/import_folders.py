@@ -95,15 +95,15 @@ def encounters_of(photos: pd.DataFrame, pattern: str | None) -> pd.Series | None
     try:
         rx = re.compile(pattern)
     except re.error as e:
-        raise FolderError(f"--encounter {pattern!r}: not a regular expression ({e})") from None
+        raise FolderError(f"--encounter '{pattern}': not a regular expression ({e})") from None
     if rx.groups < 1:
-        raise FolderError(f"--encounter {pattern!r}: needs a group, the part of the file name that names the "
+        raise FolderError(f"--encounter '{pattern}': needs a group, the part of the file name that names the "
                           f"encounter, e.g. '^(\\d+)_'")
     out = []
     for source in photos.source:
         m = rx.search(Path(source).name)
         if m is None or not m.group(1):
-            raise FolderError(f"{source}: --encounter {pattern!r} does not match its file name; every photo needs "
+            raise FolderError(f"{source}: --encounter '{pattern}' does not match its file name; every photo needs "
                               f"an encounter (rename the file, or use a pattern that matches every name)")
         out.append(m.group(1))
     return pd.Series(out, index=photos.index)
