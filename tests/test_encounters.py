@@ -137,3 +137,19 @@ def test_predict_never_scores_a_test_photo_by_its_own_encounter(tiny_set, tmp_pa
         same = {t.Id for t in train.itertuples() if enc.get(t.Image) == enc.get(r.Image)}
         assert r.Id in same and r.Id not in after.Id[r.Image].split(), (r.Image, after.Id[r.Image])
     assert named > 0.5, f"without encounters the true id is named for {named:.0%} of the known test photos"
+
+
+def test_id_batches_pair_photos_across_encounters():
+    """P x K batches (triplet, siamese): with encounters, an id's chunk of K photos takes K different
+    encounters where it has them, so a photo's positives do not share its background."""
+    from whaleid.learning import batches
+    photos = [f"{i}_{e}_{s}.jpg" for i in range(4) for e in range(3) for s in range(2)]
+    labels = [int(p.split("_")[0]) for p in photos]
+    encounters = ["_".join(p.split("_")[:2]) for p in photos]
+    for epoch in range(3):
+        index, _ = batches.epoch_plan(labels, photos, 8, 2, seed=0, epoch=epoch, encounters=encounters)
+        pairs = index.reshape(-1, 2)
+        assert all(encounters[a] != encounters[b] for a, b in pairs), "both photos of a chunk from one encounter"
+        assert set(index) == set(range(len(photos)))
+        plain, _ = batches.epoch_plan(labels, photos, 8, 2, seed=0, epoch=epoch)
+        assert any(encounters[a] == encounters[b] for a, b in plain.reshape(-1, 2)), "without: pairs may share one"

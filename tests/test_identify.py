@@ -413,3 +413,30 @@ def test_one_ranking_path_a_signal_added_once_reranks_evaluate_predict_and_ident
     plain = pd.read_csv(work / "identify" / "day1" / "matches.csv", dtype={"photo": str, "id": str})
     plain = plain.sort_values(["photo", "rank"]).groupby("photo").id.apply(list).to_dict()
     assert any(plain[p] != got[p] for p in got), "the stub changed identify's ranking"
+
+
+def test_a_batch_photo_is_never_matched_with_a_catalogue_photo_of_its_own_encounter(catalogue, day1, tmp_path):
+    """DIR/encounters.csv (photo, Encounter) says a batch photo was taken with a catalogue photo (here:
+    the one it matched best, each catalogue photo being its own encounter): that photo is then set aside,
+    in the scores and as the candidate's photo shown, and the review page says how many were."""
+    work, _, _ = catalogue
+    _, truth, folder = day1
+    copy, batch = tmp_path / "work", tmp_path / "day1"
+    shutil.copytree(work, copy)
+    shutil.rmtree(copy / "identify" / "day1")
+    shutil.copytree(folder, batch)
+    before = first_rows(work, "day1")
+    photo = next(p for p in truth if before.catalogue_photo[p])
+    best = before.catalogue_photo[photo].split("/")[-1]  # augment/images/<Image>_<variant>.jpg
+    image = pd.read_csv(work / "gallery" / "gallery.csv", dtype=str).set_index("File").Image[best]
+    pd.DataFrame({"photo": [photo], "Encounter": [image]}).to_csv(batch / "encounters.csv", index=False)
+    out = whaleid("identify", "--work", copy, "--photos", batch, "--top", "3", "--quiet")
+    assert "encounters.csv" not in out, "the batch's own table is not a photo to skip"
+    m = pd.read_csv(copy / "identify" / "day1" / "matches.csv", dtype=str)
+    shown = {p.split("/")[-1] for p in m[m.photo == photo].catalogue_photo if p}
+    gallery = pd.read_csv(copy / "gallery" / "gallery.csv", dtype=str)
+    assert not shown & set(gallery.File[gallery.Image == image]), "a photo of its own encounter is never shown"
+    assert set(m.photo) == set(truth)
+    assert "1 catalogue photo(s) were set aside as the same encounter" in (copy / "identify" / "day1" / "review.html").read_text()
+    plain = (work / "identify" / "day1" / "review.html").read_text()
+    assert "its own new encounter: no catalogue photo was set aside" in plain

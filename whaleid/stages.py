@@ -194,12 +194,14 @@ def _train_only_file(session) -> dict[str, Path]:
 
 def _batch_inputs(photos: Path, session) -> dict[str, Path]:
     """A batch reads its photos, what was accepted since training, the tuned threshold, the train-only
-    ids, evaluate's calibration of the scores (review page), and with re-ranking the fusion and the
-    catalogue's local features."""
+    ids, evaluate's calibration of the scores (review page), the catalogue's encounters when the batch
+    gives its own (DIR/encounters.csv), and with re-ranking the fusion and the catalogue's local features."""
     out = {"photos": photos, **_catalogue_inputs(session), **_tuned_file(session), **_train_only_file(session)}
     for name in ("metrics.json", "val_predictions.csv"):  # the scores' meaning (review.calibration)
         if (session.dir("evaluate") / name).exists():
             out[f"evaluate/{name}"] = session.dir("evaluate") / name
+    if (photos / "encounters.csv").is_file() and (session.dir("split") / "split.csv").is_file():
+        out["split.csv"] = session.dir("split") / "split.csv"  # the catalogue photos' encounters
     if get_setting(session.cfg, "rerank.method") == "local":
         out[CALIBRATION] = session.work / "evaluate" / CALIBRATION
         out["keypoints.npz"] = session.work / KEYPOINTS.name / KEYPOINTS.artifacts[0]

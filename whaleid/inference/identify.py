@@ -97,14 +97,37 @@ def batch_name(name: str) -> str:
     return name
 
 
+BATCH_ENCOUNTERS = "encounters.csv"  # DIR/encounters.csv: photo, Encounter (the batch says which were taken with which)
+
+
 def list_photos(folder: Path) -> list[tuple[str, str]]:
-    """(name relative to folder, path) of every file under it, nested folders included, hidden ones not."""
+    """(name relative to folder, path) of every file under it, nested folders included, hidden ones and
+    the batch's own encounters.csv not."""
     folder = Path(folder)
     out = []
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder)
-        if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts) and rel.as_posix() != BATCH_ENCOUNTERS:
             out.append((rel.as_posix(), str(p.resolve())))
+    return out
+
+
+def encounters(run: Run, photos: Path, batch: list[str]) -> dict | None:
+    """photo -> encounter for the ranking path, or None: a batch is one new encounter per photo (nothing
+    in the catalogue to set aside) unless DIR/encounters.csv (photo, Encounter) puts its photos in
+    encounters the catalogue's photos belong to (split.csv's Encounter, from the data folder's table)."""
+    path = photos / BATCH_ENCOUNTERS
+    split_csv = run.session.dir("split") / "split.csv"
+    if not path.is_file():
+        return None
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if not {"photo", "Encounter"} <= set(table.columns):
+        raise StageError(f"{path}: expected columns photo, Encounter (a photo as identify names it: its path under "
+                         f"--photos)")
+    known = pd.read_csv(split_csv, dtype=str, keep_default_na=False) if split_csv.is_file() else pd.DataFrame()
+    out = dict(zip(known.Image, known.Encounter)) if "Encounter" in known.columns else {}
+    given = dict(zip(table.photo, table.Encounter))
+    out.update({p: given.get(p, f"{BATCH_ENCOUNTERS}:{p}") for p in batch})
     return out
 
 
@@ -189,8 +212,9 @@ def batch_run(run: Run) -> dict:
     net = models.load_model(run.upstream("train", "model.keras"))
     signals = ranking.signals(run, gallery, extra_store=lambda: identify_local.batch_features(run, table),
                               prefix=identify_local.PREFIX)  # re-ranking: the batch's own local features too
+    same = encounters(run, photos, list(table.photo))
     ranker = ranking.Ranker(run, net, gallery[["File", "Image", "Id"]], run.setting("identify.top"), vectors=G,
-                            never=train_only_ids(run), signals=signals)
+                            never=train_only_ids(run), signals=signals, encounters=same)
     ranked = {}
     for r in ranker.rank([(r.photo, str(run.dir / r.crop), None) for r in table.itertuples()]):
         if r.error:
@@ -203,8 +227,8 @@ def batch_run(run: Run) -> dict:
     thr = choose_threshold(run, [s[0] for _, s in ranked.values()])
     Q = _embed(run, net, [str(run.dir / c) for c in table.crop], "batch")
     _save_vectors(run, "vectors.npy", Q)
-    best = ranking.best_photos(Embedder(net).similarity, Q, G, gallery.Id.to_numpy(),
-                               [ranked[p][0] for p in table.photo]) if len(table) else []
+    best = ranking.best_photos(Embedder(net).similarity, Q, G, gallery.Id.to_numpy(), [ranked[p][0] for p in table.photo],
+                               ranking.same_encounter(same, list(table.photo), gallery.Image)) if len(table) else []
     calib = (review.Calibration(why="scores fused with local features (rerank.method = local): evaluate's "
                                     "validation precision is for the embedding's scores, so none is shown")
              if signals else review.calibration(run.work, model_digest(run)))
@@ -215,12 +239,21 @@ def batch_run(run: Run) -> dict:
                            columns=["photo", "rank", "id", "score", "precision", "new_individual", "catalogue_photo"])
     run.write_csv("matches.csv", matches)
     ids = {i[: -len(augment.FLIP)] if i.endswith(augment.FLIP) else i for i in gallery.Id}
+    set_aside = int(ranking.same_encounter(same, list(table.photo), gallery.Image.unique()).sum()) if same else 0
     review.write(run.path("review.html"), run.stage.name.split("/", 1)[1], matches, thumbs, run.work, thr, calib,
-                 run.skipped, drawn, note, sorted(ids))
+                 run.skipped, drawn, note, sorted(ids), encounter_note(same is not None, set_aside))
     flagged = int(matches.drop_duplicates("photo").new_individual.sum()) if len(matches) else 0
     run.echo(f"{len(table)} photos ranked against {gallery.Id.nunique()} ids ({len(gallery)} catalogue files); "
              f"threshold {thr:.3f}: {flagged} look like new individuals")
     return {"photos": len(table), "files": n_files, "new_individuals": flagged, "threshold": round(float(thr), 4)}
+
+
+def encounter_note(given: bool, set_aside: int) -> str:
+    """The review page's line on encounters: how many (photo, catalogue photo) pairs were set aside."""
+    if not given:
+        return "Each photo of this batch is its own new encounter: no catalogue photo was set aside"
+    return (f"{set_aside} catalogue photo(s) were set aside as the same encounter as a photo of this batch "
+            f"({BATCH_ENCOUNTERS}): a match with them would prove nothing")
 
 
 class CatalogueSession(Session):

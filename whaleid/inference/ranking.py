@@ -109,14 +109,28 @@ def signals(run: Run, gallery: pd.DataFrame, stores: tuple[str, ...] = ("keypoin
     return [local.LocalSignal(reranker, None if fitted else read_calibration(run.work), prefix)]
 
 
-def best_photos(similarity, Q: np.ndarray, G: np.ndarray, gallery_ids, candidates: list[list[str]]) -> list[list[int]]:
+def same_encounter(encounters: dict | None, queries: list[str], gallery_images) -> np.ndarray:
+    """(queries, gallery rows) bool: the gallery photo is of the query's own encounter."""
+    if not encounters:
+        return np.zeros((len(queries), len(gallery_images)), bool)
+    q = np.array([encounters.get(i, i) for i in queries], dtype=object)
+    g = np.array([encounters.get(i, i) for i in gallery_images], dtype=object)
+    return q[:, None] == g[None, :]
+
+
+def best_photos(similarity, Q: np.ndarray, G: np.ndarray, gallery_ids, candidates: list[list[str]],
+                set_aside: np.ndarray | None = None) -> list[list[int]]:
     """For each query and each of its candidate ids: the gallery row of that id's photo most similar
-    to the query (-1 for an id without one), by `similarity(Q, G)` (the head's)."""
+    to the query (-1 for an id without one), by `similarity(Q, G)` (the head's); `set_aside` (queries x
+    gallery rows, bool): photos never shown for that query (its own encounter's)."""
     index = IdIndex(gallery_ids)
     column = {c: i for i, c in enumerate(index.classes)}
     out = []
     for s in range(0, len(Q), 256):
-        rows = index.best_photo(similarity(Q[s:s + 256], G))
+        S = similarity(Q[s:s + 256], G)
+        if set_aside is not None and set_aside.any():
+            S = np.where(set_aside[s:s + 256], -np.inf, S)
+        rows = index.best_photo(S)
         for i, ids in enumerate(candidates[s:s + 256]):
             out.append([int(rows[i, column[c]]) if c in column else -1 for c in ids])
     return out

@@ -94,7 +94,7 @@ def _uri(data: bytes) -> str:
 
 def write(path: Path, batch: str, matches: pd.DataFrame, thumbs: dict[str, bytes], work: Path, threshold: float,
           calib: Calibration, skipped: list[tuple[str, str]], drawn: dict | None = None, note: str = "",
-          ids: list[str] = ()) -> None:
+          ids: list[str] = (), encounter_note: str = "") -> None:
     """review.html for one batch: matches (photo, rank, id, score, new_individual, catalogue_photo under
     WORK), thumbs (photo -> JPEG of its crop), drawn (photo -> {id: (JPEG of the photo and the id's best
     photo by local features, matched points joined; caption)}, local.py), ids (the catalogue's: one typed
@@ -122,7 +122,8 @@ def write(path: Path, batch: str, matches: pd.DataFrame, thumbs: dict[str, bytes
     # catalogue, another model) keeps the decisions made on it
     digest = hashlib.sha1("\n".join(sorted(thumbs)).encode()).hexdigest()[:12]
     data = {"batch": batch, "key": f"whaleid-review:{batch}:{digest}", "threshold": round(float(threshold), 4),
-            "calibration": calib.source, "calibration_note": calib.why, "pairs_note": note, "photos": photos,
+            "calibration": calib.source, "calibration_note": calib.why, "pairs_note": note, "encounter_note": encounter_note,
+            "photos": photos,
             "ids": sorted(ids),
             "pictures": pictures,
             "skipped": [{"photo": p, "reason": r} for p, r in skipped]}
@@ -279,7 +280,8 @@ SCRIPT = r"""
     '; the model flags a photo as a new individual when its best score is under ' + data.threshold + '.';
   document.getElementById('meaning').textContent = (data.calibration ?
     'Scores are read on validation (' + data.calibration + ').' : data.calibration_note) +
-    (data.pairs_note ? ' ' + data.pairs_note + '.' : '');
+    (data.pairs_note ? ' ' + data.pairs_note + '.' : '') +
+    (data.encounter_note ? ' ' + data.encounter_note + '.' : '');
   if (data.skipped.length) {
     const s = document.getElementById('skipped');
     s.appendChild(el('h2', {}, data.skipped.length + ' files skipped (not usable photos)'));

@@ -69,7 +69,25 @@ def _interleave(groups: list[np.ndarray], rng: np.random.Generator) -> np.ndarra
     return np.array(out, np.int64)
 
 
-def epoch_plan(labels, photos, batch_size: int, per_id: int, seed: int, epoch: int
+def _by_encounter(members: np.ndarray, photos: np.ndarray, encounters: np.ndarray, rng) -> np.ndarray:
+    """One id's files encounter by encounter in turn (each encounter's photos interleaved as
+    _interleave does), so a chunk of K files holds min(K, encounters) different encounters: the
+    positives a photo meets in its batch come from other encounters where the id has several, and do
+    not share its background."""
+    enc = encounters[members]
+    lists = []
+    for e in np.unique(enc):
+        inside = members[enc == e]
+        _, photo_of = np.unique(photos[inside], return_inverse=True)
+        lists.append(_interleave([inside[photo_of == j] for j in range(photo_of.max() + 1)], rng))
+    lists = [lists[i] for i in rng.permutation(len(lists))]
+    out = []
+    for j in range(max(len(g) for g in lists)):
+        out.extend(int(g[j]) for g in lists if j < len(g))
+    return np.array(out, np.int64)
+
+
+def epoch_plan(labels, photos, batch_size: int, per_id: int, seed: int, epoch: int, encounters=None
                ) -> tuple[np.ndarray, np.ndarray]:
     """(index (steps*P*K,) int32, uniforms (steps*P*K, 3) float32): consecutive P*K slots are one batch.
 
@@ -78,6 +96,7 @@ def epoch_plan(labels, photos, batch_size: int, per_id: int, seed: int, epoch: i
     augmentation and the offline variants make two views). The chunks of all ids are ordered by a
     stratified key, (j + u) / chunks for the id's j-th chunk, so a large id is spread evenly over the
     epoch instead of filling the last batches alone. The last batch is completed with the epoch's first chunks.
+    With `encounters` (per file), an id's chunks take its encounters in turn (_by_encounter).
     """
     labels, photos = np.asarray(labels), np.asarray(photos)
     if len(labels) != len(photos) or len(labels) == 0:
@@ -88,8 +107,11 @@ def epoch_plan(labels, photos, batch_size: int, per_id: int, seed: int, epoch: i
     chunks, keys = [], []
     for i in range(len(ids)):
         members = np.flatnonzero(inverse == i)
-        _, photo_of = np.unique(photos[members], return_inverse=True)
-        order = _interleave([members[photo_of == j] for j in range(photo_of.max() + 1)], rng)
+        if encounters is not None:
+            order = _by_encounter(members, photos, np.asarray(encounters), rng)
+        else:
+            _, photo_of = np.unique(photos[members], return_inverse=True)
+            order = _interleave([members[photo_of == j] for j in range(photo_of.max() + 1)], rng)
         n = int(_chunks_per_id(np.array([len(order)]), k)[0])
         order = np.resize(order, n * k)  # repeats the id's first files to fill the last chunk
         for j in range(n):

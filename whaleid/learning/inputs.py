@@ -94,7 +94,8 @@ def train_dataset(paths: list[str], labels: list[int], image_size: int, batch_si
 
 
 def id_batch_dataset(paths: list[str], labels: list[int], photos: list[str], image_size: int, batch_size: int,
-                     per_id: int, seed: int, first_epoch: int, epochs: int, shard: Shard | None = None):
+                     per_id: int, seed: int, first_epoch: int, epochs: int, shard: Shard | None = None,
+                     encounters: list[str] | None = None):
     """The embedding heads' batches (batches.epoch_plan: P ids x K photos, a pure function of (seed,
     epoch)) for epochs first_epoch .. epochs-1; y per photo is (label, u_pos, u_neg, u_hard). With
     a shard: this worker's rows only, per replica."""
@@ -106,7 +107,7 @@ def id_batch_dataset(paths: list[str], labels: list[int], photos: list[str], ima
     slots = batches.steps_per_epoch(labels_np, batch_size, per_id) * p * k
 
     def plan(epoch):
-        return batches.epoch_plan(labels_np, photos_np, batch_size, per_id, seed, int(epoch))
+        return batches.epoch_plan(labels_np, photos_np, batch_size, per_id, seed, int(epoch), encounters)
 
     def load(i, u):
         y = tf.concat([tf.gather(labels_t, i)[None], u], axis=0)
@@ -168,14 +169,16 @@ class Batches(NamedTuple):
 
 def training_batches(head, paths: list[str], labels: list[int], photos: list[str], image_size: int,
                      batch_size: int, per_id: int, seed: int, first_epoch: int, epochs: int,
-                     replicas: int = 1, per_replica: bool = False, shard: Shard | None = None) -> Batches:
+                     replicas: int = 1, per_replica: bool = False, shard: Shard | None = None,
+                     encounters: list[str] | None = None) -> Batches:
     """Epochs first_epoch .. epochs-1 in the layout the head trains on: shuffled files, or P ids x K
     photos (batch_size rounded down to a multiple of K; P to a multiple of the replicas), for
-    `replicas` replicas (global batches; with a shard, this worker's per-replica batches)."""
+    `replicas` replicas (global batches; with a shard, this worker's per-replica batches). `encounters`
+    (per file): P x K batches take an id's encounters in turn (batches.epoch_plan)."""
     per = f" ({{}} per replica)" if replicas > 1 else ""
     if head.per_id_batches:
         p, k = batches.replica_layout(batch_size, per_id, replicas, per_replica)
-        ds = id_batch_dataset(paths, labels, photos, image_size, p * k, k, seed, first_epoch, epochs, shard)
+        ds = id_batch_dataset(paths, labels, photos, image_size, p * k, k, seed, first_epoch, epochs, shard, encounters)
         n_steps = batches.steps_per_epoch(labels, p * k, k)
         return Batches(ds, n_steps, p * k, n_steps * p * k,
                        f"batches of {p} ids x {k} photos" + per.format(f"{p // replicas} ids"))

@@ -123,7 +123,7 @@ class TrainingData:
         return inputs.training_batches(self.head, list(t.path), list(t.y), list(t.Image), get("run.image_size"),
                                        get("train.batch_size"), get("train.photos_per_id"), get("run.seed"),
                                        first_epoch, get("train.epochs"), w.replicas, get("train.batch_per_replica"),
-                                       w.shard)
+                                       w.shard, list(t.Encounter) if "Encounter" in t.columns else None)
 
     def dataset(self, first_epoch: int):
         if self.where.shard is None:  # one worker: Keras cuts each global batch into the replicas' slices
@@ -270,6 +270,9 @@ def read_inputs(run: Run) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """Training and validation files (with a class index `y` and a full `path`) and the class list."""
     train = run.read_csv("split", "train_files.csv")
     val = run.read_csv("split", "val_files.csv")
+    split = run.read_csv("split", "split.csv")
+    if "Encounter" in split.columns:  # photos taken together: batches take an id's encounters in turn
+        train = train.merge(split[["Image", "Encounter"]], on="Image", how="left")
     images = run.upstream("augment", "images")
     if train.empty:
         raise StageError("split/train_files.csv lists no training images: nothing to train on")
