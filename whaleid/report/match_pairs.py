@@ -3,7 +3,8 @@ best-matching gallery photo side by side, the RANSAC inliers joined by lines, so
 pattern points made the match (and can tell a fluke's notch from a matched wave).
 
 Read from the work folder as predict left it: its recorded rerank settings, the keypoint stages'
-features, boxes and format tables; the photos are cropped exactly as the keypoint stages cropped them.
+features, boxes and format tables, and the data folder's encounters (never a photo of the query's
+own); the photos are cropped exactly as the keypoint stages cropped them.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from whaleid.data.tables import read_encounters
 from whaleid.preprocess.keypoints import Store, crop_photo
 from whaleid.report.drawing import pair_image
 from whaleid.similarity.local import reranker
@@ -24,7 +26,7 @@ class Pairs:
         self.data, self.margin, self.side = Path(data), margin, side
         store = Store(work / "keypoints" / "keypoints.npz", work / "test_keypoints" / "keypoints.npz")
         train = pd.read_csv(work / "format" / "train.csv", dtype=str, keep_default_na=False)
-        self.reranker = reranker(settings.get, store, train)  # as predict built it
+        self.reranker = reranker(settings.get, store, train, read_encounters(data))  # as predict built it
         self.boxes = {}
         for name in ("BB_TRAIN.csv", "BB_TEST.csv"):
             df = pd.read_csv(work / "boxes" / name, dtype={"Image": str})
