@@ -1,6 +1,8 @@
 """Closed-set top-1 of re-ID without training: frozen ImageNet EfficientNet-Lite0 features (1-NN) and
 SIFT matching, on a data folder made by `whaleid import-folders` (or scripts/bench_reid.py's
 WORK/data): the answer for each test photo of a known individual is the id of its best train photo.
+It prints the protocol: bench_reid's default data folder keeps encounters apart (a test photo never
+meets its own sighting among the train photos); a `--leaky` one does not.
 
     python scripts/probe_reid_features.py --data /tmp/whaleid-bench-reid-nyala-EfficientNetLite0-imagenet/data
                                           [--sizes 224,320,448] [--sift-side 480] [--no-sift]
@@ -26,7 +28,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from whaleid.data.tables import NEW_WHALE  # noqa: E402
+from whaleid.data.tables import NEW_WHALE, read_encounters  # noqa: E402
 
 LAYERS = {"head": "head_relu", "block10": "block10_add", "block14": "block14_add", "block15": "block15_project_bn"}
 
@@ -104,6 +106,18 @@ def sift(data: Path, gallery: pd.DataFrame, queries: pd.DataFrame, side: int) ->
           f"{np.mean(hits_matches):.3f} ({time.time() - t:.0f} s)")
 
 
+def protocol(data: Path, gallery: pd.DataFrame, queries: pd.DataFrame) -> str:
+    """Whether a query can meet its own encounter among the train photos (the data folder's encounters.csv:
+    `whaleid import-folders --encounter`, or scripts/bench_reid.py's default, keeps them apart; --leaky
+    does not write one)."""
+    enc = read_encounters(data)
+    if not enc:
+        return "leaky or unknown (no encounters.csv): a test photo may share its encounter with train photos"
+    shared = set(enc.get(i, i) for i in gallery.Image)
+    n = sum(enc.get(i, i) in shared for i in queries.Image)
+    return f"encounters known: {n} of {len(queries)} test photos share an encounter with a train photo"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, required=True, help="train.csv, solution.csv, train/, test/")
@@ -117,6 +131,7 @@ def main(argv=None):
     queries = solution[solution.Id != NEW_WHALE].reset_index(drop=True)
     print(f"{args.data}: {len(gallery)} train photos of {gallery.Id.nunique()} ids, {len(queries)} test photos of "
           f"known ids; closed-set top-1 (chance {1 / gallery.Id.nunique():.3f}):")
+    print("protocol: " + protocol(args.data, gallery, queries))
     cnn(args.data, gallery, queries, [int(s) for s in args.sizes.split(",")])
     if not args.no_sift:
         sift(args.data, gallery, queries, args.sift_side)
