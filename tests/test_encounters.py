@@ -153,3 +153,30 @@ def test_id_batches_pair_photos_across_encounters():
         assert set(index) == set(range(len(photos)))
         plain, _ = batches.epoch_plan(labels, photos, 8, 2, seed=0, epoch=epoch)
         assert any(encounters[a] == encounters[b] for a, b in plain.reshape(-1, 2)), "without: pairs may share one"
+
+
+def test_evaluate_hands_the_split_encounters_to_the_ranking_path(tiny_set, tmp_path, monkeypatch):
+    """evaluate ranks through inference/ranking.py (whose same-encounter rule the tests above check) with
+    split.csv's encounters, and its validation takes whole encounters."""
+    import shutil
+    from whaleid.inference import ranking
+    data = tmp_path / "data"
+    shutil.copytree(tiny_set, data)
+    train = pd.read_csv(data / "train.csv", dtype=str)
+    nth = train.groupby("Id").cumcount()  # an id's photos two by two: one trip each
+    pd.DataFrame({"Image": train.Image, "Encounter": [f"{i}-{n // 2}" for i, n in zip(train.Id, nth)]}).to_csv(
+        data / "encounters.csv", index=False)
+    seen = []
+
+    class Recording(ranking.Ranker):
+        def __init__(self, *args, encounters=None, **kwargs):
+            seen.append(encounters)
+            super().__init__(*args, encounters=encounters, **kwargs)
+
+    monkeypatch.setattr(ranking, "Ranker", Recording)
+    work = tmp_path / "work"
+    whaleid("evaluate", "--data", data, "--work", work, *TINY, "--set", "boxes.detector=dark")
+    split_csv = pd.read_csv(work / "split" / "split.csv", dtype=str)
+    assert seen == [dict(zip(split_csv.Image, split_csv.Encounter))]
+    sides = split_csv.groupby("Encounter").subset.agg(set)
+    assert all(len(s) == 1 for s in sides) and "val" in set(split_csv.subset)
