@@ -270,9 +270,6 @@ def read_inputs(run: Run) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """Training and validation files (with a class index `y` and a full `path`) and the class list."""
     train = run.read_csv("split", "train_files.csv")
     val = run.read_csv("split", "val_files.csv")
-    split = run.read_csv("split", "split.csv")
-    if "Encounter" in split.columns:  # photos taken together: batches take an id's encounters in turn
-        train = train.merge(split[["Image", "Encounter"]], on="Image", how="left")
     images = run.upstream("augment", "images")
     if train.empty:
         raise StageError("split/train_files.csv lists no training images: nothing to train on")

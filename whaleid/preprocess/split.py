@@ -16,7 +16,8 @@ Inputs:    augment/TRAINING_FILE_FINAL.csv, the data folder's train_only.csv (Id
            when they exist
 Artifacts: split.csv     Image, Id, subset (train | val | unseen | new_whale), one row per photo; and
                          Encounter when encounters are known (evaluate keeps them apart too)
-           train_files.csv, val_files.csv   File, Image, Id  (what the train stage reads)
+           train_files.csv, val_files.csv   File, Image, Id  (what the train stage reads; train_files.csv
+                                            with Encounter too when encounters are known)
            split_report.json                class coverage
 """
 from __future__ import annotations
@@ -103,8 +104,9 @@ def run(run: Run) -> dict:
         photos["Encounter"] = encounter
         run.echo(f"encounters: {encounter.nunique()} for {len(photos)} photos; validation takes whole encounters")
     run.write_csv("split.csv", photos)
-    side = files.merge(photos[["Image", "subset"]], on="Image")
-    train = side[side.subset == "train"][["File", "Image", "Id"]]
+    known_encounters = ["Encounter"] if encounter is not None else []  # train's P x K batches use them
+    side = files.merge(photos[["Image", "subset"] + known_encounters], on="Image")
+    train = side[side.subset == "train"][["File", "Image", "Id"] + known_encounters]
     val = side[(side.subset == "val") & (side.variant == "original")][["File", "Image", "Id"]]
     run.write_csv("train_files.csv", train)
     run.write_csv("val_files.csv", val)
