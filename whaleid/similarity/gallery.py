@@ -70,14 +70,15 @@ class GalleryScorer:
         """From now on a query photo's score for an id leaves out the gallery photos of the query's own
         encounter (photos taken with it share its background: a match between them proves nothing).
         `gallery_encounters`: per gallery row; `encounter_of`: query photo -> encounter."""
-        self.gallery_encounters = np.asarray(gallery_encounters, dtype=object)
-        self.encounter_of = encounter_of
+        codes: dict[str, int] = {}  # encounters as integers: one vectorised comparison per batch
+        self.gallery_encounters = np.array([codes.setdefault(e, len(codes)) for e in gallery_encounters], np.int64)
+        self.encounter_code = lambda photo: codes.get(encounter_of.get(photo, photo), -1)
 
     def scores(self, vectors: np.ndarray) -> np.ndarray:
         S = self.compare(vectors, self.gallery)
         if self.gallery_encounters is not None and self.owners is not None:
             rows = list(self.owners[:len(S)]) + [None] * max(0, len(S) - len(self.owners))
-            own = np.array([self.encounter_of.get(o, o) if o is not None else None for o in rows], dtype=object)
+            own = np.array([self.encounter_code(o) if o is not None else -1 for o in rows], np.int64)
             S = np.where(own[:, None] == self.gallery_encounters[None, :], -1.0, S)  # under any similarity
         return self.index.best(S)
 
