@@ -84,6 +84,14 @@ def closed_set_top1(submission_file: Path, solution_file: Path) -> tuple[float, 
     return (sum(hits) / len(hits) if hits else float("nan")), len(hits)
 
 
+def flagged_new(submission_file: Path, solution_file: Path) -> float:
+    """Share of the known individuals' test photos answered new_whale first (a researcher told "new")."""
+    sub = pd.read_csv(submission_file, dtype=str, keep_default_na=False).set_index("Image").Id
+    sol = pd.read_csv(solution_file, dtype=str, keep_default_na=False)
+    known = sol[sol.Id != NEW_WHALE]
+    return float(sum(sub[i].split()[0] == NEW_WHALE for i in known.Image) / max(1, len(known)))
+
+
 def whaleid(*args, log: Path) -> None:
     cmd = [sys.executable, "-m", "whaleid.cli", *map(str, args)]
     with open(log, "a") as f:
@@ -247,7 +255,8 @@ def run_seed(args, heads: list[str], seed: int, work: Path) -> list[tuple]:
               f"minutes={minutes:.1f}"
               f"  (open-set top-1 {score['top1']:.4f}, {score['images']} test photos, {n_known} of known ids; {counts['epochs']} epochs, best "
               f"{counts['best_epoch']}; validation MAP@5 {metrics['best_map5']:.4f} at threshold "
-              f"{metrics['best_threshold']:.2f}, AUC {metrics['verification']['auc']}; wall {(time.time() - t) / 60:.1f} min)",
+              f"{metrics['best_threshold']:.2f}, AUC {metrics['verification']['auc']}; known photos flagged new "
+              f"{flagged_new(hw / 'submission.csv', data / 'solution.csv'):.3f}; wall {(time.time() - t) / 60:.1f} min)",
               flush=True)
     return results
 
