@@ -142,3 +142,95 @@ def load(layers: dict, state: dict[str, np.ndarray]) -> None:
 def read_weights(path: Path | None = None, check: bool = True) -> dict[str, np.ndarray]:
     path = Path(path) if path is not None else weights_file()
     return read_state_dict(path, XFEAT_SHA256 if check else None)
+
+
+# ---------------------------------------------------------------- sparse keypoints and descriptors (NumPy)
+# As the authors' detectAndCompute: the keypoint heatmap at full resolution from the 8x8 cells'
+# softmax, 5x5 non-maximum suppression over a threshold, score = heatmap (nearest) x reliability
+# (bilinear), the top_k best, descriptors sampled bicubically from the L2-normalised dense map and
+# normalised again. Positions are normalised to [-1, 1] over (W - 1, H - 1) and sampled as PyTorch's
+# grid_sample does with align_corners=False and zero padding, which is what the weights were used with.
+
+def _pixel(pos: np.ndarray, full: tuple[int, int], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Full-resolution (x, y) -> continuous pixel coordinates in a map of `size` (grid_sample's)."""
+    (H, W), (h, w) = full, size
+    gx, gy = 2.0 * pos[:, 0] / (W - 1) - 1.0, 2.0 * pos[:, 1] / (H - 1) - 1.0
+    return ((gx + 1) * w - 1) / 2, ((gy + 1) * h - 1) / 2
+
+
+def _at(m: np.ndarray, ix: np.ndarray, iy: np.ndarray) -> np.ndarray:
+    """m[iy, ix] (h, w, c) with zeros outside the map."""
+    h, w = m.shape[:2]
+    inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
+    out = m[np.clip(iy, 0, h - 1), np.clip(ix, 0, w - 1)]
+    return np.where(inside[:, None], out, 0.0)
+
+
+def sample(m: np.ndarray, pos: np.ndarray, full: tuple[int, int], mode: str) -> np.ndarray:
+    """(n, c) values of the map m (h, w, c) at full-resolution positions pos (n, 2), as grid_sample."""
+    x, y = _pixel(pos.astype(np.float64), full, m.shape[:2])
+    if mode == "nearest":
+        return _at(m, np.rint(x).astype(int), np.rint(y).astype(int))
+    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+    tx, ty = (x - x0)[:, None], (y - y0)[:, None]
+    if mode == "bilinear":
+        return ((1 - tx) * (1 - ty) * _at(m, x0, y0) + tx * (1 - ty) * _at(m, x0 + 1, y0)
+                + (1 - tx) * ty * _at(m, x0, y0 + 1) + tx * ty * _at(m, x0 + 1, y0 + 1))
+
+    def cubic(t):  # PyTorch's bicubic weights (A = -0.75) at offsets -1, 0, 1, 2
+        a = -0.75
+        w1 = ((a + 2) * t - (a + 3)) * t * t + 1
+        w2 = ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1
+        w0 = ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a
+        w3 = ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a
+        return [w0, w1, w2, w3]
+    wx, wy = cubic(tx), cubic(ty)
+    return sum(wy[j] * sum(wx[i] * _at(m, x0 - 1 + i, y0 - 1 + j) for i in range(4)) for j in range(4))
+
+
+def keypoint_heatmap(logits: np.ndarray) -> np.ndarray:
+    """(h, w, 65) logits -> (8h, 8w) probability of a keypoint at each pixel (the 65th: none)."""
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    p = (e / e.sum(-1, keepdims=True))[..., :64]
+    h, w = p.shape[:2]
+    return p.reshape(h, w, 8, 8).transpose(0, 2, 1, 3).reshape(8 * h, 8 * w)
+
+
+def nms(heat: np.ndarray, threshold: float = 0.05, size: int = 5) -> np.ndarray:
+    """(n, 2) integer (x, y) of the pixels that are the maximum of their size x size window and over
+    threshold, in row-major order."""
+    pad = size // 2
+    padded = np.pad(heat, pad, constant_values=-np.inf)
+    local = np.lib.stride_tricks.sliding_window_view(padded, (size, size)).max(axis=(-1, -2))
+    ys, xs = np.nonzero((heat == local) & (heat > threshold))
+    return np.stack([xs, ys], 1)
+
+
+def detect(feats: np.ndarray, logits: np.ndarray, reliability: np.ndarray, top_k: int = 1000,
+           threshold: float = 0.05) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One image's maps (build()'s outputs without the batch axis) -> (keypoints (n, 2) x, y in the
+    input's pixels, scores (n,), descriptors (n, 64) unit vectors), best first, n <= top_k."""
+    heat = keypoint_heatmap(logits)
+    full = heat.shape
+    pos = nms(heat, threshold).astype(np.float64)
+    scores = (sample(heat[..., None], pos, full, "nearest") * sample(reliability, pos, full, "bilinear"))[:, 0]
+    scores[np.all(pos == 0, axis=1)] = -1
+    order = np.argsort(-scores, kind="stable")[:top_k]
+    pos, scores = pos[order], scores[order]
+    dense = feats / np.maximum(np.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
+    desc = sample(dense, pos, full, "bicubic")
+    desc = desc / np.maximum(np.linalg.norm(desc, axis=-1, keepdims=True), 1e-12)
+    keep = scores > 0
+    return pos[keep].astype(np.float32), scores[keep].astype(np.float32), desc[keep].astype(np.float32)
+
+
+def mutual_matches(d0: np.ndarray, d1: np.ndarray, min_cossim: float = 0.82) -> tuple[np.ndarray, np.ndarray]:
+    """(indices into d0, into d1) of mutual nearest neighbours by cosine similarity over min_cossim
+    (XFeat's own matching)."""
+    if len(d0) == 0 or len(d1) == 0:
+        return np.zeros(0, int), np.zeros(0, int)
+    sim = d0 @ d1.T
+    a, b = sim.argmax(1), sim.argmax(0)
+    i = np.flatnonzero(b[a] == np.arange(len(d0)))
+    i = i[sim[i, a[i]] > min_cossim]
+    return i, a[i]

@@ -1,0 +1,67 @@
+"""XFeat's cost on this machine (issue 35): per photo (the CNN, then keypoints and descriptors) and per
+pair (mutual nearest neighbours), on real nyala photos when ../shared is there, else on textures.
+
+    python scripts/bench_xfeat.py [--photos 20] [--side 640] [--top-k 1000]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from whaleid.backbones import xfeat  # noqa: E402
+
+
+def photos(n: int, side: int) -> list[np.ndarray]:
+    files = sorted((ROOT.parent / "shared" / "data" / "nyala").rglob("*.jpg"))[:n]
+    if not files:
+        rng = np.random.default_rng(0)
+        return [rng.integers(0, 255, (side * 3 // 4, side, 3), dtype=np.uint8) for _ in range(n)]
+    out = []
+    for f in files:
+        img = cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB)
+        s = side / max(img.shape[:2])
+        h, w = (int(img.shape[0] * s) // 32 * 32, int(img.shape[1] * s) // 32 * 32)
+        out.append(cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--photos", type=int, default=20)
+    ap.add_argument("--side", type=int, default=640)
+    ap.add_argument("--top-k", type=int, default=1000)
+    args = ap.parse_args(argv)
+    net = xfeat.build(3, xfeat.read_weights())
+    images = photos(args.photos, args.side)
+    net.predict_on_batch(images[0][None].astype(np.float32))  # trace once
+    t, feats = time.perf_counter(), []
+    for img in images:
+        maps = net.predict_on_batch(img[None].astype(np.float32))
+        feats.append(maps)
+    cnn = (time.perf_counter() - t) / len(images)
+    t, found = time.perf_counter(), []
+    for maps in feats:
+        found.append(xfeat.detect(*(m[0] for m in maps), top_k=args.top_k))
+    det = (time.perf_counter() - t) / len(images)
+    t, pairs = time.perf_counter(), 0
+    for a in found:
+        for b in found:
+            xfeat.mutual_matches(a[2], b[2])
+            pairs += 1
+    match = (time.perf_counter() - t) / pairs
+    sizes = sorted({img.shape[:2] for img in images})
+    print(f"{len(images)} photos at {sizes[0]}..{sizes[-1]}, top_k {args.top_k}: CNN {cnn * 1000:.0f} ms, keypoints + "
+          f"descriptors {det * 1000:.0f} ms a photo ({np.mean([len(f[0]) for f in found]):.0f} keypoints); "
+          f"mutual nearest neighbours {match * 1000:.2f} ms a pair ({pairs} pairs)")
+
+
+if __name__ == "__main__":
+    main()
