@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from whaleid.backbones.torch_pickle import (ALLOWED_GLOBALS, ChecksumMismatch, RestrictedUnpickler, StorageType,
-                                            TorchPickleError, _convert, _rebuild_tensor_v2, _Storage, load_legacy)
+                                            TorchPickleError, _convert, _Storage, load_legacy)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
