@@ -259,18 +259,23 @@ def load_legacy(data: bytes):
     return _convert(obj, {})
 
 
-def read_state_dict(path: str | Path, expected_sha256: str | None = None) -> dict[str, np.ndarray]:
-    """The tensors of a legacy torch.save state dict as {name: contiguous numpy array}.
-
-    With `expected_sha256`, the file's sha256 must match before anything is unpickled
-    (ChecksumMismatch otherwise). Globals outside ALLOWED_GLOBALS raise UnsafePickle."""
+def checked_bytes(path: str | Path, expected_sha256: str | None) -> bytes:
+    """The file's bytes, which must have `expected_sha256` (when given) before anything parses them."""
     data = Path(path).read_bytes()
     if expected_sha256 is not None:
         got = hashlib.sha256(data).hexdigest()
         if got != expected_sha256.lower():
             raise ChecksumMismatch(f"{path}: sha256 {got} is not the expected {expected_sha256}"
                                    f" (damaged or different file)")
-    obj = load_legacy(data)
+    return data
+
+
+def read_state_dict(path: str | Path, expected_sha256: str | None = None) -> dict[str, np.ndarray]:
+    """The tensors of a legacy torch.save state dict as {name: contiguous numpy array}.
+
+    With `expected_sha256`, the file's sha256 must match before anything is unpickled
+    (ChecksumMismatch otherwise). Globals outside ALLOWED_GLOBALS raise UnsafePickle."""
+    obj = load_legacy(checked_bytes(path, expected_sha256))
     if not isinstance(obj, dict):
         raise TorchPickleError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     out = {}

@@ -9,15 +9,14 @@ checked before a byte is unpickled. A legacy (pre-1.6) file is handed to torch_p
 """
 from __future__ import annotations
 
-import collections
-import hashlib
+from collections.abc import Mapping
 import io
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from whaleid.backbones.torch_pickle import (ALLOWED_GLOBALS, ChecksumMismatch, RestrictedUnpickler, StorageType,
+from whaleid.backbones.torch_pickle import (ALLOWED_GLOBALS, RestrictedUnpickler, StorageType, checked_bytes,
                                             TorchPickleError, _convert, _Storage, load_legacy)
 
 
@@ -82,14 +81,9 @@ def load_zip(data: bytes):
 def read_state_dict(path: str | Path, expected_sha256: str | None = None) -> dict[str, np.ndarray]:
     """{name: numpy array} of a torch.save state dict in either format; with `expected_sha256` the
     file must match it before anything is unpickled (ChecksumMismatch otherwise)."""
-    data = Path(path).read_bytes()
-    if expected_sha256 is not None:
-        got = hashlib.sha256(data).hexdigest()
-        if got != expected_sha256.lower():
-            raise ChecksumMismatch(f"{path}: sha256 {got} is not the expected {expected_sha256} (damaged or "
-                                   f"different file)")
+    data = checked_bytes(path, expected_sha256)
     obj = load_zip(data) if data[:2] == b"PK" else load_legacy(data)
-    if isinstance(obj, collections.abc.Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise TorchPickleError(f"{path}: holds a {type(obj).__name__}, not a state dict")
