@@ -32,7 +32,7 @@ def main():
     ap.add_argument("--kaggle-rerank", nargs=argparse.REMAINDER, default=None, metavar="ARGS",
                     help="instead: re-ranking's cost at Kaggle size, extrapolated (scripts/bench_rerank.py ARGS)")
     ap.add_argument("--no-gallery-cache", action="store_true",
-                    help="embed the gallery on every run, as before scoring/gallery_cache.py")
+                    help="embed the gallery on every run, as before similarity/gallery_cache.py")
     args = ap.parse_args()
     if args.no_gallery_cache:
         from whaleid.similarity import gallery_cache

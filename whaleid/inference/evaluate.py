@@ -16,7 +16,7 @@ pairs (each known photo with its true id; every photo, new whales too, with a ra
 and precision / recall / F1 of "same" = score >= threshold, at the configured and at the
 best (tuned) threshold; and with evaluate.one_shot = N (`--one-shot N`), N-way one-shot accuracy:
 each validation or held-out photo against one other photo of its id and N-1 photos of N-1 other ids,
-compared photo to photo (softmax: p_a . p_b; see retrieval.py), also reported for the held-out ids alone.
+compared photo to photo (softmax: p_a . p_b; see similarity/gallery.py), also reported for the held-out ids alone.
 
 Inputs:    split/split.csv, augment/images/ + TRAINING_FILE_FINAL.csv, train/model.keras + classes.json
 Artifacts: metrics.json          MAP@5, top-1, the all-new_whale baseline, at the configured threshold

@@ -67,7 +67,7 @@ def gallery_run(run: Run) -> dict:
         raise StageError("the catalogue is empty: augment's files hold no photo of a known id")
     folder = run.upstream("augment", "images")
     net = models.load_model(run.upstream("train", "model.keras"))
-    # shared with evaluate and predict (scoring/gallery_cache.py): what they embedded is not embedded again
+    # shared with evaluate and predict (similarity/gallery_cache.py): what they embedded is not embedded again
     vectors = gallery_cache.vectors(run, list(gallery.File),
                                     lambda files: _embed(run, net, [str(folder / f) for f in files], "catalogue"))
     run.write_csv("gallery.csv", gallery.assign(path=[f"augment/images/{f}" for f in gallery.File]))

@@ -1,4 +1,4 @@
-"""keypoints: local features of every photo that scoring can use, for re-ranking (rerank.py).
+"""keypoints: local features of every photo that scoring can use, for re-ranking (similarity/local.py).
 
 Inputs:    format/train.csv + new_whale.csv, boxes/BB_TRAIN.csv, the data folder's train/ (keypoints);
            format/test.csv, boxes/BB_TEST.csv, test/ (test_keypoints)

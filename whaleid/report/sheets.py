@@ -1,8 +1,8 @@
 """The report's photo contact sheets (sections 1 and 2 of whaleid.report.page: tail boxes,
 duplicate groups; the test predictions' sheet is predictions.py), and the artifact reading and HTML pieces all sections share.
 
-Kept apart from report.py (the page, its two plot sections, and the Photos and Writer it hands each
-section) so neither module is long; the shared pieces live here because report.py imports this module,
+Kept apart from page.py (the page, its two plot sections, and the Photos and Writer it hands each
+section) so neither module is long; the shared pieces live here because page.py imports this module,
 not the other way round. A section that cannot be drawn raises Missing with the line the page shows.
 """
 from __future__ import annotations
