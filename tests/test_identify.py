@@ -319,6 +319,11 @@ def test_review_page_in_a_browser_decides_survives_a_reload_exports_and_is_accep
         field.send_keys(missed)
         assert card(browser, other).find_element(By.CSS_SELECTOR, "button.new").text == f"same as {missed}"
         field.send_keys(Keys.ENTER)
+        deadline = time.time() + 10  # every decision handled in the page ...
+        while "4 of 12 photos decided" not in browser.find_element(By.ID, "progress").text and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # ... and Chromium's asynchronous commit of localStorage done before the reload (a full-suite
+        #                  run once reloaded first and found no decision)
         browser.refresh()
         decided = {p: card(browser, p).find_element(By.CSS_SELECTOR, ".decision").text
                    for p in (known_photo, new_photo, current, other)}
