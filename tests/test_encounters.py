@@ -9,7 +9,7 @@ from PIL import Image
 from whaleid.data.tables import TableError, read_encounters
 from whaleid.datasets.import_folders import FolderError, import_folders
 from whaleid.preprocess import split
-from whaleid.similarity.gallery import GalleryScorer
+from whaleid.similarity.gallery import Encounters, GalleryScorer
 from whaleid.similarity.local import Reranker
 
 from conftest import ROOT, whaleid
@@ -89,7 +89,8 @@ def test_the_gallery_leaves_out_the_query_own_encounter():
     scorer = GalleryScorer(lambda x: x, lambda q, g: q @ g.T, gallery, ["w_a", "w_b", "w_a"])
     query = np.array([[1.0, 0.0]], np.float32)
     assert scorer.classes[int(np.argmax(scorer.scores(query)))] == "w_a"
-    scorer.exclude_encounters(["s1", "s2", "s3"], {"q.jpg": "s1"})
+    scorer.exclude_encounters(["g1.jpg", "g2.jpg", "g3.jpg"],
+                              Encounters({"q.jpg": "s1", "g1.jpg": "s1", "g2.jpg": "s2", "g3.jpg": "s3"}))
     scorer.owners = ["q.jpg"]
     best = scorer.scores(query)[0]
     assert scorer.classes[int(np.argmax(best))] == "w_b" and best[0] == pytest.approx(0.0)
@@ -99,9 +100,9 @@ def test_the_gallery_leaves_out_the_query_own_encounter():
 
 def test_local_matching_never_pairs_a_query_with_its_own_encounter():
     r = Reranker.__new__(Reranker)
-    r.encounters = {"q.jpg": "14", "g1.jpg": "14", "g2.jpg": "15"}
+    r.encounters = Encounters({"q.jpg": "14", "g1.jpg": "14", "g2.jpg": "15"})
     assert not r.apart("q.jpg", "g1.jpg") and r.apart("q.jpg", "g2.jpg") and not r.apart("q.jpg", "q.jpg")
-    r.encounters = {}
+    r.encounters = Encounters()
     assert r.apart("q.jpg", "g1.jpg"), "without encounters only the photo itself is left out"
 
 

@@ -89,14 +89,15 @@ def run(run: Run) -> dict:
     ranked = [r for r in ranked if r.error is None]
     truths = [truth_of[r.image] for r in ranked]
     known_ids = int(evalset[evalset.truth != NEW_WHALE].truth.nunique())
-    metrics = measure(run, ranked, truths, ranker.classes, signals, known_ids)
+    metrics, sweep = measure(run, ranked, truths, ranker.classes, signals, known_ids)
     if run.setting("evaluate.one_shot"):
         metrics["one_shot"] = one_shot(run, net, split, run.setting("evaluate.one_shot"), original)
-    return write(run, metrics, ranked, truths)
+    return write(run, metrics, sweep, ranked, truths)
 
 
-def measure(run: Run, ranked: list, truths: list[str], classes: list[str], signals: list, known_ids: int) -> dict:
-    """metrics.json's figures (and the sweep and answers it writes) from the ranked validation photos."""
+def measure(run: Run, ranked: list, truths: list[str], classes: list[str], signals: list,
+            known_ids: int) -> tuple[dict, pd.DataFrame]:
+    """(metrics.json's figures, the threshold sweep) from the ranked validation photos."""
     k, configured = run.setting("predict.top_k"), run.setting("new_whale.threshold")
     rankings, plain = [r.ranking for r in ranked], [r.plain for r in ranked]  # plain: the embedding's
     rerank_info = {"method": "none"}
@@ -113,18 +114,19 @@ def measure(run: Run, ranked: list, truths: list[str], classes: list[str], signa
     share = run.setting("new_whale.share") or run.setting("evaluate.new_whale_share")
     by_share = answers.share_threshold([scores[0] for _, scores in rankings], share)
     at_share = submission.scores(truths, answers_at(rankings, by_share, k))
-    return {"threshold": configured, **submission.scores(truths, answers_at(rankings, configured, k)),
-            "best_threshold": float(best.threshold), "best_map5": at_best["map5"],
-            "best_top1": at_best["top1"], "share": share, "share_threshold": by_share,
-            "share_map5": at_share["map5"], "merge": run.setting("predict.merge"), "tta": run.setting("predict.tta"),
-            "known_ids_in_eval": known_ids, "head": run.setting("model.head"), "model": model_digest(run), "rerank": rerank_info,
-            "verification": verify([r.scores for r in ranked], truths, classes, configured, float(best.threshold),
-                                   run.setting("run.seed")),
-            "_sweep": sweep}
+    metrics = {"threshold": configured, **submission.scores(truths, answers_at(rankings, configured, k)),
+               "best_threshold": float(best.threshold), "best_map5": at_best["map5"],
+               "best_top1": at_best["top1"], "share": share, "share_threshold": by_share,
+               "share_map5": at_share["map5"], "merge": run.setting("predict.merge"), "tta": run.setting("predict.tta"),
+               "known_ids_in_eval": known_ids, "head": run.setting("model.head"), "model": model_digest(run),
+               "rerank": rerank_info,
+               "verification": verify([r.scores for r in ranked], truths, classes, configured, float(best.threshold),
+                                      run.setting("run.seed"))}
+    return metrics, sweep
 
 
-def write(run: Run, metrics: dict, ranked: list, truths: list[str]) -> dict:
-    sweep, k = metrics.pop("_sweep"), run.setting("predict.top_k")
+def write(run: Run, metrics: dict, sweep: pd.DataFrame, ranked: list, truths: list[str]) -> dict:
+    k = run.setting("predict.top_k")
     preds = answers_at([r.ranking for r in ranked], metrics["threshold"], k)
     rerank_info = metrics["rerank"]
     run.write_json("metrics.json", metrics)

@@ -42,7 +42,7 @@ from whaleid.pipeline.files import StageError, work_lock, write_bytes
 from whaleid.pipeline.stage import Run, Session, Stage, Status
 from whaleid.preprocess import augment, boxes
 from whaleid.similarity import gallery_cache
-from whaleid.similarity.gallery import gallery_files
+from whaleid.similarity.gallery import Encounters, gallery_files
 from whaleid.similarity.threshold import choose_threshold, model_digest
 from whaleid.stages import CATALOGUE, DETECT_SETTINGS, identify_stages, train_only_file
 
@@ -57,7 +57,7 @@ def _embed(run: Run, net, paths: list[str], what: str) -> np.ndarray:
     if not paths:
         return np.zeros((0, 0), np.float32)
     return Embedder(net).encode_files(paths, run.setting("run.image_size"), run.setting("predict.batch_size"),
-                                              run.session.progress, f"[{run.stage.name}] embed {what}")
+                                      run.session.progress, f"[{run.stage.name}] embed {what}")
 
 
 def gallery_run(run: Run) -> dict:
@@ -112,19 +112,20 @@ def list_photos(folder: Path) -> list[tuple[str, str]]:
     return out
 
 
-def encounters(run: Run, photos: Path, batch: list[str]) -> dict | None:
+def encounters(inputs: dict[str, Path], batch: list[str]) -> dict | None:
     """photo -> encounter for the ranking path, or None: a batch is one new encounter per photo (nothing
     in the catalogue to set aside) unless DIR/encounters.csv (photo, Encounter) puts its photos in
-    encounters the catalogue's photos belong to (split.csv's Encounter, from the data folder's table)."""
-    path = photos / BATCH_ENCOUNTERS
-    split_csv = run.session.dir("split") / "split.csv"
+    encounters the catalogue's photos belong to (split.csv's Encounter, from the data folder's table).
+    `inputs`: the stage's input files (stages.py declares split.csv when the batch has its table)."""
+    path = Path(inputs["file/photos"]) / BATCH_ENCOUNTERS
+    split_csv = inputs.get("file/split.csv")
     if not path.is_file():
         return None
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     if not {"photo", "Encounter"} <= set(table.columns):
         raise StageError(f"{path}: expected columns photo, Encounter (a photo as identify names it: its path under "
                          f"--photos)")
-    known = pd.read_csv(split_csv, dtype=str, keep_default_na=False) if split_csv.is_file() else pd.DataFrame()
+    known = pd.read_csv(split_csv, dtype=str, keep_default_na=False) if split_csv else pd.DataFrame()
     out = dict(zip(known.Image, known.Encounter)) if "Encounter" in known.columns else {}
     given = dict(zip(table.photo, table.Encounter))
     out.update({p: given.get(p, f"{BATCH_ENCOUNTERS}:{p}") for p in batch})
@@ -206,13 +207,13 @@ def crop_batch(run: Run, photos: Path) -> tuple[pd.DataFrame, dict[str, bytes], 
 
 
 def batch_run(run: Run) -> dict:
-    photos = Path(run.session.input_paths(run.stage, need_data=False)["file/photos"])
-    table, thumbs, n_files = crop_batch(run, photos)
+    inputs = run.session.input_paths(run.stage, need_data=False)
+    table, thumbs, n_files = crop_batch(run, Path(inputs["file/photos"]))
     gallery, G = catalogue(run)
     net = models.load_model(run.upstream("train", "model.keras"))
     signals = ranking.signals(run, gallery, extra_store=lambda: identify_local.batch_features(run, table),
                               prefix=identify_local.PREFIX)  # re-ranking: the batch's own local features too
-    same = encounters(run, photos, list(table.photo))
+    same = encounters(inputs, list(table.photo))
     ranker = ranking.Ranker(run, net, gallery[["File", "Image", "Id"]], run.setting("identify.top"), vectors=G,
                             never=train_only_ids(run), signals=signals, encounters=same)
     ranked = {}
@@ -227,8 +228,10 @@ def batch_run(run: Run) -> dict:
     thr = choose_threshold(run, [s[0] for _, s in ranked.values()])
     Q = _embed(run, net, [str(run.dir / c) for c in table.crop], "batch")
     _save_vectors(run, "vectors.npy", Q)
+    enc = Encounters(same) if same else None  # (photos, catalogue rows): of the photo's own encounter
+    aside = enc.same(list(table.photo), enc.codes(gallery.Image)) if enc else None
     best = ranking.best_photos(Embedder(net).similarity, Q, G, gallery.Id.to_numpy(), [ranked[p][0] for p in table.photo],
-                               ranking.same_encounter(same, list(table.photo), gallery.Image)) if len(table) else []
+                               aside) if len(table) else []
     calib = (review.Calibration(why="scores fused with local features (rerank.method = local): evaluate's "
                                     "validation precision is for the embedding's scores, so none is shown")
              if signals else review.calibration(run.work, model_digest(run)))
@@ -239,7 +242,7 @@ def batch_run(run: Run) -> dict:
                            columns=["photo", "rank", "id", "score", "precision", "new_individual", "catalogue_photo"])
     run.write_csv("matches.csv", matches)
     ids = {i[: -len(augment.FLIP)] if i.endswith(augment.FLIP) else i for i in gallery.Id}
-    set_aside = int(ranking.same_encounter(same, list(table.photo), gallery.Image.unique()).sum()) if same else 0
+    set_aside = int(aside[:, ~gallery.Image.duplicated().to_numpy()].sum()) if aside is not None else 0
     review.write(run.path("review.html"), run.stage.name.split("/", 1)[1], matches, thumbs, run.work, thr, calib,
                  run.skipped, drawn, note, sorted(ids), encounter_note(same is not None, set_aside))
     flagged = int(matches.drop_duplicates("photo").new_individual.sum()) if len(matches) else 0

@@ -20,7 +20,7 @@ from whaleid.preprocess import augment
 from whaleid.preprocess.keypoints import Store, store_path
 from whaleid.similarity import answers, local
 from whaleid.similarity.fusion import read_calibration
-from whaleid.similarity.gallery import IdIndex
+from whaleid.similarity.gallery import Encounters, IdIndex
 
 
 @dataclass
@@ -78,7 +78,7 @@ class Ranker:
             self.run.echo("the softmax head scores its classes, not gallery photos: a query's own encounter cannot be "
                           "left out of its scores (a retrieval head, arcface, triplet or siamese, can)")
             return None
-        scorer.exclude_encounters([encounters.get(i, i) for i in gallery.Image], encounters)
+        scorer.exclude_encounters(gallery.Image, Encounters(encounters))
         return lambda owners: setattr(scorer, "owners", owners)
 
     def apply_signals(self, ranked: list[Ranked], truths: dict[str, str] | None) -> None:
@@ -107,15 +107,6 @@ def signals(run: Run, gallery: pd.DataFrame, stores: tuple[str, ...] = ("keypoin
     store = Store(*(store_path(run.session, s) for s in stores), *([extra_store()] if extra_store else []))
     reranker = local.reranker(run.setting, store, gallery, encounters)
     return [local.LocalSignal(reranker, None if fitted else read_calibration(run.work), prefix)]
-
-
-def same_encounter(encounters: dict | None, queries: list[str], gallery_images) -> np.ndarray:
-    """(queries, gallery rows) bool: the gallery photo is of the query's own encounter."""
-    if not encounters:
-        return np.zeros((len(queries), len(gallery_images)), bool)
-    q = np.array([encounters.get(i, i) for i in queries], dtype=object)
-    g = np.array([encounters.get(i, i) for i in gallery_images], dtype=object)
-    return q[:, None] == g[None, :]
 
 
 def best_photos(similarity, Q: np.ndarray, G: np.ndarray, gallery_ids, candidates: list[list[str]],

@@ -49,6 +49,30 @@ class IdIndex:
         return out
 
 
+class Encounters:
+    """Which photos were taken together: photo -> encounter (a photo it does not name is its own). The
+    one rule every same-encounter test follows (the gallery's scores, local matching, identify's photos
+    shown); encounters are coded as integers so that queries x gallery is one vectorised comparison."""
+
+    def __init__(self, of: dict[str, str] | None = None):
+        self.of = dict(of or {})
+        self._codes: dict[str, int] = {}
+
+    def codes(self, photos) -> np.ndarray:
+        """Each photo's encounter as an integer (-1 for None: a padding row, of no encounter)."""
+        return np.array([-1 if p is None else self._codes.setdefault(self.of.get(p, p), len(self._codes))
+                         for p in photos], np.int64)
+
+    def same(self, queries, gallery_codes: np.ndarray) -> np.ndarray:
+        """(queries, gallery rows) bool: the gallery photo (coded by `codes`) is of the query's encounter."""
+        q = self.codes(queries)[:, None]
+        return (q == np.asarray(gallery_codes)[None, :]) & (q >= 0)
+
+    def apart(self, a: str, b: str) -> bool:
+        """Two photos of different encounters (a photo is never apart from itself)."""
+        return a != b and self.of.get(a, a) != self.of.get(b, b)
+
+
 class GalleryScorer:
     """Stands in for a softmax model in predict/evaluate: predict_on_batch(images) gives, per image,
     a score per known id (its best gallery photo's similarity) instead of class probabilities, so TTA,
@@ -64,22 +88,19 @@ class GalleryScorer:
         self.classes = [str(c) for c in self.index.classes]
 
     owners: list | None = None       # the photo of each row of the next batch (set by the ranking path)
-    gallery_encounters: np.ndarray | None = None
+    encounters: Encounters | None = None
 
-    def exclude_encounters(self, gallery_encounters, encounter_of: dict[str, str]) -> None:
+    def exclude_encounters(self, gallery_photos, encounters: Encounters) -> None:
         """From now on a query photo's score for an id leaves out the gallery photos of the query's own
         encounter (photos taken with it share its background: a match between them proves nothing).
-        `gallery_encounters`: per gallery row; `encounter_of`: query photo -> encounter."""
-        codes: dict[str, int] = {}  # encounters as integers: one vectorised comparison per batch
-        self.gallery_encounters = np.array([codes.setdefault(e, len(codes)) for e in gallery_encounters], np.int64)
-        self.encounter_code = lambda photo: codes.get(encounter_of.get(photo, photo), -1)
+        `gallery_photos`: the photo of each gallery row."""
+        self.encounters, self.gallery_codes = encounters, encounters.codes(gallery_photos)
 
     def scores(self, vectors: np.ndarray) -> np.ndarray:
         S = self.compare(vectors, self.gallery)
-        if self.gallery_encounters is not None and self.owners is not None:
+        if self.encounters is not None and self.owners is not None:
             rows = list(self.owners[:len(S)]) + [None] * max(0, len(S) - len(self.owners))
-            own = np.array([self.encounter_code(o) if o is not None else -1 for o in rows], np.int64)
-            S = np.where(own[:, None] == self.gallery_encounters[None, :], -1.0, S)  # under any similarity
+            S = np.where(self.encounters.same(rows, self.gallery_codes), -1.0, S)  # under any similarity
         return self.index.best(S)
 
     def predict_on_batch(self, images: np.ndarray) -> np.ndarray:

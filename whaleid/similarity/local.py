@@ -18,7 +18,7 @@ import pandas as pd
 
 from whaleid.preprocess.keypoints import Store, as_float, binary
 from whaleid.similarity.fusion import Fusion, cross_fitted, fit, fused_ranking
-from whaleid.similarity.gallery import photos_of
+from whaleid.similarity.gallery import Encounters, photos_of
 
 MIN_MATCHES = 6   # fewer ratio-test matches: no RANSAC, 0 inliers (4 fit any homography exactly: noise)
 BLOCK = 64        # gallery photos per matrix product (64 x 300 keypoints: ~10 MB of similarities)
@@ -109,19 +109,16 @@ class Reranker:
     """Local scores of a query's candidate ids against their gallery photos (features from a Store)."""
 
     def __init__(self, store: Store, photos_of: dict[str, list[str]], matcher: Matcher, candidates: int,
-                 mirror: bool, encounters: dict[str, str] | None = None):
+                 mirror: bool, encounters: Encounters | None = None):
         self.store, self.photos_of, self.matcher = store, photos_of, matcher
         self.candidates, self.mirror = candidates, mirror and store.mirrored
-        self.encounters = encounters or {}
+        self.encounters = encounters or Encounters()
         self._cache: dict = {}
 
     def apart(self, query: str, photo: str) -> bool:
         """May `photo` verify `query`? Not itself (a validation photo is never its own gallery photo),
         and not a photo of its own encounter (the same background would match)."""
-        if photo == query:
-            return False
-        e = self.encounters
-        return not e or e.get(query, query) != e.get(photo, photo)
+        return self.encounters.apart(query, photo)
 
     def features(self, image: str, mirror: bool = False) -> tuple[np.ndarray, np.ndarray]:
         pts, desc = self.store.get(image, mirror)
@@ -175,7 +172,7 @@ def reranker(get, store: Store, gallery: pd.DataFrame, encounters: dict | None =
     -> encounter): a query is never matched with a photo of its own encounter."""
     matcher = Matcher(binary(store.method), get("rerank.ratio"), get("rerank.geometry"), get("rerank.ransac_px"))
     mirror = bool(get("train.flip_ids") and get("predict.mirror_is_same"))
-    return Reranker(store, photos_of(gallery), matcher, get("rerank.candidates"), mirror, encounters or {})
+    return Reranker(store, photos_of(gallery), matcher, get("rerank.candidates"), mirror, Encounters(encounters))
 
 
 def local_scores(run, reranker: Reranker, queries: list[str], rankings: list) -> list[np.ndarray]:
