@@ -17,6 +17,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from whaleid.backbones import xfeat  # noqa: E402
+from whaleid.similarity.local import mutual_test  # noqa: E402
 
 
 def photos(n: int, side: int) -> list[np.ndarray]:
@@ -54,7 +55,7 @@ def main(argv=None):
     t, pairs = time.perf_counter(), 0
     for a in found:
         for b in found:
-            xfeat.mutual_matches(a[2], b[2])
+            mutual_test(a[2] @ b[2].T, 0.82)
             pairs += 1
     match = (time.perf_counter() - t) / pairs
     sizes = sorted({img.shape[:2] for img in images})

@@ -164,3 +164,25 @@ def test_batched_scores_equal_photo_by_photo_matching(tmp_path):
         expected = [r.best("q.jpg", i)[0] for i in ("A", "B", "M")]
         assert list(got) == expected, (mirror, got, expected)
         assert got[0] >= 30 and got[1] <= 8 and (got[2] >= 30) == mirror
+
+
+def test_mutual_pairs_are_each_others_nearest_over_the_threshold():
+    rng = np.random.default_rng(4)
+    sim = rng.uniform(-1, 1, (40, 55))
+    qi, gi = rerank.mutual_test(sim, 0.5)
+    expected = {(i, j) for i in range(40) for j in range(55)
+                if sim[i, j] == sim[i].max() == sim[:, j].max() and sim[i, j] > 0.5}
+    assert set(zip(qi.tolist(), gi.tolist())) == expected and len(expected) >= 3
+    assert len(rerank.mutual_test(np.zeros((0, 5)), 0.5)[0]) == 0
+    # as a Matcher's pairing, batched (Reranker.scores) and pair by pair give the same pairs
+    m = rerank.Matcher(False, pairing="mutual", min_similarity=0.5)
+    assert [a.tolist() for a in m.pairs(sim)] == [qi.tolist(), gi.tolist()]
+
+
+def test_settings_that_do_not_go_together_are_refused_when_loaded():
+    from whaleid.pipeline import config
+    with pytest.raises(config.ConfigError, match="set keypoints.method = xfeat"):
+        config.load("default", ["rerank.matcher=lighterglue"])
+    with pytest.raises(config.ConfigError, match="mutual nearest neighbours compare descriptor vectors"):
+        config.load("default", ["rerank.matcher=mutual", "keypoints.method=orb"])
+    assert config.get(config.load("default", ["rerank.matcher=mutual", "keypoints.method=xfeat"]), "rerank.matcher") == "mutual"

@@ -4,12 +4,14 @@ killed keypoints stage resumes from its committed chunks."""
 import json
 import signal
 
+import numpy as np
 import pandas as pd
+import pytest
 
 from whaleid.pipeline.stage import PARTIAL
 from whaleid.report import match_pairs, page as report
 
-from conftest import ROOT, whaleid
+from conftest import ROOT, cli, whaleid
 from test_resume import artifacts, kill_group, preprocess_args, start
 
 TINY = ["--config", str(ROOT / "configs/scratch.toml"), "--set", "model.backbone=tiny", "--set", "run.image_size=48",
@@ -77,3 +79,31 @@ def test_a_killed_keypoints_stage_resumes_with_identical_features(tiny_set, tmp_
     assert m["resumed"] and part["kept"] >= 2 and part["computed"] == part["chunks"] - part["kept"]
     assert m["counts"]["photos"] > 50 and m["counts"]["keypoints"] > 1000, m["counts"]
     assert artifacts(work, ["keypoints"]) == artifacts(reference, ["keypoints"])
+
+
+def test_xfeat_keypoints_are_their_own_artifact_and_the_matcher_reruns_only_scoring(tiny_set, tmp_path):
+    """keypoints.method = xfeat: the artifact holds XFeat's 64-d descriptors and names the weights; the
+    matcher (rerank.matcher) is a scoring setting, so switching it reruns evaluate, not the features."""
+    from whaleid.backbones import xfeat
+    from whaleid.preprocess import keypoints
+    try:
+        xfeat.weights_file()
+    except xfeat.XFeatMissing as e:
+        pytest.skip(str(e))
+    work = tmp_path / "work"
+    learned = [*LOCAL, "--set", "keypoints.method=xfeat", "--set", "keypoints.side=160", "--set", "rerank.matcher=mutual"]
+    whaleid("train", "--data", tiny_set, "--work", work, *TINY)
+    out = whaleid("evaluate", "--work", work, *TINY, *learned)
+    assert "[keypoints] running" in out and "re-ranking 20 ids by local features" in out, out
+    store = keypoints.Store(work / "keypoints/keypoints.npz")
+    assert store.method == "xfeat" and str(store.parts[0]["weights"]) == xfeat.XFEAT_SHA256
+    name = next(iter(store.index))
+    pts, desc = store.get(name)
+    assert desc.dtype == np.float16 and desc.shape[1] == 64 and len(pts) > 20
+    assert np.allclose(np.linalg.norm(desc.astype(np.float32), axis=1), 1, atol=0.01)
+    assert (pts >= 0).all() and (pts[:, 0] <= store.size(name)[0]).all() and (pts[:, 1] <= store.size(name)[1]).all()
+
+    out = whaleid("evaluate", "--work", work, *TINY, *learned[:-2], "--set", "rerank.matcher=ratio")
+    assert "[evaluate] running (setting rerank.matcher changed" in out and "[keypoints] up to date" in out, out
+    code, out = cli("evaluate", "--work", work, *TINY, *LOCAL, "--set", "rerank.matcher=lighterglue")
+    assert code != 0 and "keypoints.method = 'sift' do not go together" in out and "Traceback" not in out, out

@@ -11,6 +11,7 @@ import pytest
 
 from whaleid.backbones import torch_zip, xfeat
 from whaleid.backbones.torch_pickle import ChecksumMismatch, UnsafePickle
+from whaleid.similarity.local import mutual_test
 
 FIXTURE = Path(__file__).parent / "fixtures" / "xfeat_reference.npz"
 
@@ -102,7 +103,7 @@ def test_a_warped_texture_matches_itself_and_an_unrelated_one_does_not(net):
     c = _texture(1)
     maps = net.predict_on_batch(np.stack([a, b, c]).astype(np.float32))
     (ka, _, da), (kb, _, db), (kc, _, dc) = (xfeat.detect(*(m[i] for m in maps), top_k=500) for i in range(3))
-    i, j = xfeat.mutual_matches(da, db)
+    i, j = mutual_test(da @ db.T, 0.82)
     projected = cv2.perspectiveTransform(ka[i].reshape(-1, 1, 2).astype(np.float64), H).reshape(-1, 2)
     correct = np.linalg.norm(projected - kb[j], axis=1) <= 3
     assert len(i) >= 30 and correct.mean() >= 0.8, (len(i), correct.mean())
@@ -112,5 +113,5 @@ def test_a_warped_texture_matches_itself_and_an_unrelated_one_does_not(net):
             return 0
         _, mask = cv2.findHomography(k0[pair[0]], k1[pair[1]], cv2.RANSAC, 3.0)
         return 0 if mask is None else int(mask.sum())
-    related, unrelated = inliers(ka, kb, (i, j)), inliers(ka, kc, xfeat.mutual_matches(da, dc))
+    related, unrelated = inliers(ka, kb, (i, j)), inliers(ka, kc, mutual_test(da @ dc.T, 0.82))
     assert unrelated < 0.2 * related, (unrelated, related)

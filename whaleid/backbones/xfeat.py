@@ -222,15 +222,3 @@ def detect(feats: np.ndarray, logits: np.ndarray, reliability: np.ndarray, top_k
     desc = desc / np.maximum(np.linalg.norm(desc, axis=-1, keepdims=True), 1e-12)
     keep = scores > 0
     return pos[keep].astype(np.float32), scores[keep].astype(np.float32), desc[keep].astype(np.float32)
-
-
-def mutual_matches(d0: np.ndarray, d1: np.ndarray, min_cossim: float = 0.82) -> tuple[np.ndarray, np.ndarray]:
-    """(indices into d0, into d1) of mutual nearest neighbours by cosine similarity over min_cossim
-    (XFeat's own matching)."""
-    if len(d0) == 0 or len(d1) == 0:
-        return np.zeros(0, int), np.zeros(0, int)
-    sim = d0 @ d1.T
-    a, b = sim.argmax(1), sim.argmax(0)
-    i = np.flatnonzero(b[a] == np.arange(len(d0)))
-    i = i[sim[i, a[i]] > min_cossim]
-    return i, a[i]

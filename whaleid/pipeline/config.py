@@ -103,7 +103,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "boxes.detector": ("cnn", "subject", "grabcut", "dark", "hsv"),
     "train.lr_schedule": ("constant", "cosine"),
     "identify.boxes": ("auto", "detect", "whole"),
-    "keypoints.method": ("sift", "orb"),   # (AKAZE left OpenCV 5's main module: not offered)
+    "keypoints.method": ("sift", "orb", "xfeat"),   # (AKAZE left OpenCV 5's main module: not offered)
+    "rerank.matcher": ("ratio", "mutual", "lighterglue"),
     "rerank.method": ("none", "local"),
     "rerank.geometry": ("homography", "similarity", "none"),
 }
@@ -207,6 +208,7 @@ RANGES: dict[str, Range] = {
     "keypoints.max_points": at_least(8),
     "rerank.candidates": at_least(1),
     "rerank.ratio": between(0, 1, lo_open=True),
+    "rerank.min_similarity": between(-1, 1),
     "rerank.ransac_px": at_least(0, open_=True),
 }
 
@@ -258,11 +260,25 @@ def check(key: str, value):
     return value
 
 
+# impossible combinations: (keys, the combination is allowed?, what to do)
+RELATIONS = [
+    (("rerank.matcher", "keypoints.method"), lambda m, k: not (m == "lighterglue" and k != "xfeat"),
+     "LighterGlue matches XFeat's keypoints: set keypoints.method = xfeat"),
+    (("rerank.matcher", "keypoints.method"), lambda m, k: not (m == "mutual" and k == "orb"),
+     "mutual nearest neighbours compare descriptor vectors: use sift or xfeat, or rerank.matcher = ratio for orb"),
+]
+
+
 def validate(cfg: dict) -> dict:
     """Every value of merged settings against its choices and range, then the RELATIONS between keys."""
     for section, values in cfg.items():
         for key, value in values.items():
             _allowed(f"{section}.{key}", value)
+    for keys, allowed, advice in RELATIONS:
+        values = [get(cfg, k) for k in keys]
+        if not allowed(*values):
+            named = ", ".join(f"{k} = {v!r}" for k, v in zip(keys, values))
+            raise ConfigError(f"settings {named} do not go together: {advice}")
     return cfg
 
 

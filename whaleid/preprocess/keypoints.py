@@ -3,7 +3,8 @@
 Inputs:    format/train.csv + new_whale.csv, boxes/BB_TRAIN.csv, the data folder's train/ (keypoints);
            format/test.csv, boxes/BB_TEST.csv, test/ (test_keypoints)
 Artifacts: keypoints.npz  names, per-photo offsets into points (x, y in the crop, float16) and
-                          descriptors (uint8: RootSIFT x 512, or ORB's bits), crop sizes; with
+                          descriptors (uint8: RootSIFT x 512, or ORB's bits; float16: XFeat's 64-d
+                          unit vectors), crop sizes, the method and its weights' sha256; with
                           mirrors (train.flip_ids and predict.mirror_is_same) the same of each
                           photo's mirror image under m_*
 
@@ -20,6 +21,8 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
+import threading
+
 import cv2
 import numpy as np
 import pandas as pd
@@ -30,6 +33,7 @@ from whaleid.pipeline.stage import Run, StageError, atomic_path
 
 SIFT_SCALE = 512.0  # RootSIFT components lie in [0, ~0.5]: x 512 fits uint8 with 1/512 steps
 _DETECTORS: dict = {}
+_LOCK = threading.Lock()
 
 
 def detector(method: str, max_points: int):
@@ -46,8 +50,20 @@ def detector(method: str, max_points: int):
 
 
 def binary(method: str) -> bool:
-    """ORB's descriptors are bit strings (Hamming distance); SIFT's are vectors."""
-    return method != "sift"
+    """ORB's descriptors are bit strings (Hamming distance); SIFT's and XFeat's are vectors."""
+    return method == "orb"
+
+
+WIDTH = {"sift": 128, "orb": 32, "xfeat": 64}          # descriptor length (bytes for ORB)
+DTYPE = {"sift": np.uint8, "orb": np.uint8, "xfeat": np.float16}
+
+
+def weights_digest(method: str) -> str:
+    """What the features were computed with, stored in the artifact: a learned extractor's weights."""
+    if method != "xfeat":
+        return ""
+    from whaleid.backbones import xfeat  # TensorFlow: only for the learned extractor
+    return xfeat.XFEAT_SHA256
 
 
 def root_sift(desc: np.ndarray) -> np.ndarray:
@@ -57,11 +73,40 @@ def root_sift(desc: np.ndarray) -> np.ndarray:
     return np.sqrt(desc / (desc.sum(1, keepdims=True) + 1e-7))
 
 
+def xfeat_features(grey: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """XFeat's keypoints and descriptors of a grey crop: resized to multiples of 32 as the authors do
+    (bilinear), the points scaled back to the crop's pixels."""
+    h, w = grey.shape
+    h32, w32 = max(32, h // 32 * 32), max(32, w // 32 * 32)
+    small = cv2.resize(grey, (w32, h32), interpolation=cv2.INTER_LINEAR) if (h32, w32) != (h, w) else grey
+    maps = [np.asarray(m)[0] for m in _xfeat_net()(small[None, :, :, None].astype(np.float32))]
+    from whaleid.backbones import xfeat
+    pts, _, desc = xfeat.detect(*maps, top_k=max_points)
+    pts = pts * np.float32([w / w32, h / h32])
+    return pts.astype(np.float16), desc.astype(np.float16)
+
+
+def _xfeat_net():
+    """The XFeat CNN, built once per process, as one graph for any crop size (no retracing)."""
+    if "xfeat" not in _DETECTORS:
+        with _LOCK:
+            if "xfeat" not in _DETECTORS:
+                import tensorflow as tf
+
+                from whaleid.backbones import xfeat
+                net = xfeat.build(1, xfeat.read_weights())
+                _DETECTORS["xfeat"] = tf.function(
+                    net, input_signature=[tf.TensorSpec([1, None, None, 1], tf.float32)], reduce_retracing=True)
+    return _DETECTORS["xfeat"]
+
+
 def features(grey: np.ndarray, method: str, max_points: int) -> tuple[np.ndarray, np.ndarray]:
-    """(points (n, 2) float16 x, y; descriptors (n, D) uint8), the max_points strongest."""
+    """(points (n, 2) float16 x, y; descriptors (n, D) of DTYPE[method]), the max_points strongest."""
+    if method == "xfeat":
+        return xfeat_features(grey, max_points)
     points, desc = detector(method, max_points).detectAndCompute(grey, None)
     if desc is None or not points:
-        return np.zeros((0, 2), np.float16), np.zeros((0, 32 if binary(method) else 128), np.uint8)
+        return np.zeros((0, 2), np.float16), np.zeros((0, WIDTH[method]), DTYPE[method])
     if len(points) > max_points:  # SIFT may keep ties beyond nfeatures
         keep = np.argsort([-p.response for p in points], kind="stable")[:max_points]
         points, desc = [points[i] for i in keep], desc[keep]
@@ -90,6 +135,13 @@ def crop_photo(path, box, margin: float, side: int) -> np.ndarray:
     scale = side / max(grey.shape)
     size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
     return cv2.resize(grey, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+
+
+def prepare(method: str) -> None:
+    """Load a learned extractor once, in this process, before the photos are shared out: a missing
+    weights file is one error here, and the workers are threads sharing the one model."""
+    if method == "xfeat":
+        _xfeat_net()
 
 
 def _one(job, margin: float, side: int, method: str, max_points: int, mirror: bool):
@@ -144,15 +196,15 @@ def store_path(session, stage: str) -> Path:
 def pack(results: list, method: str, mirror: bool) -> dict[str, np.ndarray]:
     """[(image, points, desc, size, m_points, m_desc)] -> the npz's arrays."""
     out = {"names": np.array([r[0] for r in results], dtype=str), "method": np.array(method),
+           "weights": np.array(weights_digest(method)),
            "sizes": np.array([r[3] for r in results], np.int32).reshape(-1, 2)}
-    width = 128 if method == "sift" else 32
     for prefix, (pi, di) in (("", (1, 2)), ("m_", (4, 5))) if mirror else (("", (1, 2)),):
         counts = [len(r[pi]) for r in results]
         out[prefix + "offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         pts = [r[pi] for r in results if len(r[pi])]
         desc = [r[di] for r in results if len(r[di])]
         out[prefix + "points"] = np.concatenate(pts) if pts else np.zeros((0, 2), np.float16)
-        out[prefix + "desc"] = np.concatenate(desc) if desc else np.zeros((0, width), np.uint8)
+        out[prefix + "desc"] = np.concatenate(desc) if desc else np.zeros((0, WIDTH[method]), DTYPE[method])
     return out
 
 
@@ -174,6 +226,7 @@ def compute(run: Run, tables: tuple[str, ...], box_file: str) -> dict:
              tuple(int(v) for v in boxes.loc[r.Image, ["x0", "y0", "x1", "y1"]])) for r in photos.itertuples()]
     work = partial(_one, margin=run.setting("augment.margin"), side=run.setting("keypoints.side"),
                    method=method, max_points=run.setting("keypoints.max_points"), mirror=mirror)
+    prepare(method)
     results = []
     for image, got, error in run.map_resumable(work, jobs, "local features", key=lambda job: job[0], chunk=64):
         if error:

@@ -58,6 +58,17 @@ def ratio_test(sim: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray]:
     return _one_per_gallery_point(np.flatnonzero(keep), first[keep], d1[keep])
 
 
+def mutual_test(sim: np.ndarray, min_similarity: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mutual nearest neighbours over min_similarity (XFeat's matching) from the cosine similarities
+    (query keypoints x one photo's): each keypoint is the other's nearest, so one match per point."""
+    if sim.shape[0] == 0 or sim.shape[1] == 0:
+        return np.zeros(0, int), np.zeros(0, int)
+    nearest, back = sim.argmax(1), sim.argmax(0)
+    qi = np.flatnonzero(back[nearest] == np.arange(len(sim)))
+    qi = qi[sim[qi, nearest[qi]] > min_similarity]
+    return qi, nearest[qi]
+
+
 def _one_per_gallery_point(qi, gi, dist) -> tuple[np.ndarray, np.ndarray]:
     if len(gi) == 0:
         return np.zeros(0, int), np.zeros(0, int)
@@ -86,18 +97,30 @@ def verify(qxy: np.ndarray, gxy: np.ndarray, geometry: str, px: float) -> np.nda
 
 @dataclass(frozen=True)
 class Matcher:
-    """The settings of one comparison: descriptor kind, ratio test, RANSAC model and threshold."""
+    """The settings of one comparison: descriptor kind, how keypoints are paired (rerank.matcher: ratio
+    or mutual), RANSAC model and threshold."""
     is_binary: bool
     ratio: float = 0.8
     geometry: str = "homography"
     px: float = 12.0
+    pairing: str = "ratio"
+    min_similarity: float = 0.82
 
     def prepare(self, desc: np.ndarray) -> np.ndarray:
         return desc if self.is_binary else as_float(desc)
 
+    def pairs(self, sim: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(query, gallery) keypoint indices paired, from the cosine similarities of unit descriptors."""
+        if self.pairing == "mutual":
+            return mutual_test(sim, self.min_similarity)
+        return ratio_test(sim, self.ratio)
+
     def match(self, q: tuple, g: tuple) -> tuple[int, np.ndarray, np.ndarray]:
         """(inliers, query points, gallery points of the inliers) of two photos' (points, prepared desc)."""
-        qi, gi = ratio_matches(q[1], g[1], self.is_binary, self.ratio)
+        if self.is_binary:
+            qi, gi = ratio_matches(q[1], g[1], True, self.ratio)
+        else:
+            qi, gi = self.pairs(q[1] @ g[1].T if len(q[1]) and len(g[1]) else np.zeros((len(q[1]), len(g[1]))))
         qxy, gxy = q[0][qi], g[0][gi]
         mask = verify(qxy, gxy, self.geometry, self.px)
         return int(mask.sum()), qxy[mask], gxy[mask]
@@ -160,7 +183,7 @@ class Reranker:
             for q in views:
                 sim = q[1] @ gallery.T if len(q[1]) else np.zeros((0, len(gallery)), np.float32)
                 for (i, _), f, end in zip(block, feats, ends):
-                    qi, gi = ratio_test(sim[:, end - len(f[1]):end], self.matcher.ratio)
+                    qi, gi = self.matcher.pairs(sim[:, end - len(f[1]):end])
                     mask = verify(q[0][qi], f[0][gi], self.matcher.geometry, self.matcher.px)
                     out[i] = max(out[i], mask.sum())
         return out
@@ -170,7 +193,8 @@ def reranker(get, store: Store, gallery: pd.DataFrame, encounters: dict | None =
     """The one way a Reranker is built (evaluate, predict, identify, the report's drawings): `get(key)`
     reads the rerank settings, `gallery` (Image, Id) holds the candidates' photos; `encounters` (photo
     -> encounter): a query is never matched with a photo of its own encounter."""
-    matcher = Matcher(binary(store.method), get("rerank.ratio"), get("rerank.geometry"), get("rerank.ransac_px"))
+    matcher = Matcher(binary(store.method), get("rerank.ratio"), get("rerank.geometry"), get("rerank.ransac_px"),
+                      get("rerank.matcher"), get("rerank.min_similarity"))
     mirror = bool(get("train.flip_ids") and get("predict.mirror_is_same"))
     return Reranker(store, photos_of(gallery), matcher, get("rerank.candidates"), mirror, Encounters(encounters))
 
