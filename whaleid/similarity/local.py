@@ -9,6 +9,7 @@ The inliers are fused with the embedding's score by similarity/fusion.py.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import partial
 
@@ -95,6 +96,22 @@ def verify(qxy: np.ndarray, gxy: np.ndarray, geometry: str, px: float) -> np.nda
     return np.zeros(len(qxy), bool) if mask is None else mask.ravel().astype(bool)
 
 
+_GLUE: list = []
+_GLUE_LOCK = threading.Lock()
+
+
+def glue_matches(q: tuple, g: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """LighterGlue's matches of two photos' XFeat (points, descriptors, (width, height)); the model is
+    loaded once per process (TensorFlow, so only when this matcher is chosen)."""
+    from whaleid.backbones import lighterglue
+    with _GLUE_LOCK:
+        if not _GLUE:
+            _GLUE.append(lighterglue.LighterGlue(lighterglue.read_weights()))
+    if len(q[0]) == 0 or len(g[0]) == 0:
+        return np.zeros(0, int), np.zeros(0, int), np.zeros(0, np.float32)
+    return lighterglue.matches(_GLUE[0].match(q[0], q[1], q[2], g[0], g[1], g[2]))
+
+
 @dataclass(frozen=True)
 class Matcher:
     """The settings of one comparison: descriptor kind, how keypoints are paired (rerank.matcher: ratio
@@ -116,8 +133,11 @@ class Matcher:
         return ratio_test(sim, self.ratio)
 
     def match(self, q: tuple, g: tuple) -> tuple[int, np.ndarray, np.ndarray]:
-        """(inliers, query points, gallery points of the inliers) of two photos' (points, prepared desc)."""
-        if self.is_binary:
+        """(inliers, query points, gallery points of the inliers) of two photos' (points, prepared desc,
+        crop size)."""
+        if self.pairing == "lighterglue":
+            qi, gi, _ = glue_matches(q, g)
+        elif self.is_binary:
             qi, gi = ratio_matches(q[1], g[1], True, self.ratio)
         else:
             qi, gi = self.pairs(q[1] @ g[1].T if len(q[1]) and len(g[1]) else np.zeros((len(q[1]), len(g[1]))))
@@ -143,9 +163,9 @@ class Reranker:
         and not a photo of its own encounter (the same background would match)."""
         return self.encounters.apart(query, photo)
 
-    def features(self, image: str, mirror: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def features(self, image: str, mirror: bool = False) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
         pts, desc = self.store.get(image, mirror)
-        return pts, self.matcher.prepare(desc)
+        return pts, self.matcher.prepare(desc), self.store.size(image) if image in self.store else (1, 1)
 
     def best(self, query: str, ident: str | None, photos: list[str] | None = None):
         """(inliers, gallery photo, mirrored query?, query points, photo points) of the id's best photo
@@ -170,7 +190,7 @@ class Reranker:
             return out
         pairs = [(i, photo) for i, ident in enumerate(ids[: self.candidates])
                  for photo in self.photos_of.get(ident, []) if self.apart(query, photo)]
-        if self.matcher.is_binary:  # Hamming matching, photo by photo
+        if self.matcher.is_binary or self.matcher.pairing == "lighterglue":  # photo by photo
             for i, photo in pairs:
                 out[i] = max(out[i], self.best(query, ident=None, photos=[photo])[0])
             return out
