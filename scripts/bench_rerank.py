@@ -1,6 +1,7 @@
 """Re-ranking's cost at Kaggle size (issue 23), measured on a fraction and extrapolated:
 
     python scripts/bench_rerank.py [--gallery 2000] [--queries 200] [--candidates 5,10,20,40] [--workers 2]
+                                   [--method sift|orb|xfeat] [--matcher ratio|mutual|lighterglue] [--max-points 300]
     (also: python scripts/bench_predict.py --kaggle-rerank ...)
 
 The Kaggle 2019 test: 7,960 photos against 25,361 train photos (15,697 of 5,004 known ids). Local
@@ -16,7 +17,9 @@ cost depends on its candidates' photos only, not on the gallery's size, so both 
    count (pessimistic: ids with many photos rank high more often), scored by Reranker.scores in
    --workers threads, as predict runs it.
 Prints ms per photo pair, per query-candidate pair, per query, and the extrapolated minutes for 7,960
-queries and for the 33,321 photos' features, on --workers cores.
+queries and for the 33,321 photos' features, on --workers cores, and identify's cost for a batch of
+1,000 photos (their features + their matching, with the Kaggle photo counts per id: a catalogue with
+more photos per id costs proportionally more).
 """
 from __future__ import annotations
 
@@ -73,23 +76,28 @@ def main(argv=None):
     ap.add_argument("--side", type=int, default=480)
     ap.add_argument("--max-points", type=int, default=300)
     ap.add_argument("--geometry", default="homography")
+    ap.add_argument("--method", default="sift", choices=("sift", "orb", "xfeat"))
+    ap.add_argument("--matcher", default="ratio", choices=("ratio", "mutual", "lighterglue"))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
-    crops, ms_extract = real_crops(args.side, 0.05, "sift", args.max_points)
+    keypoints.prepare(args.method)
+    crops, ms_extract = real_crops(args.side, 0.05, args.method, args.max_points)
+    print(f"settings: keypoints.method={args.method} rerank.matcher={args.matcher} keypoints.side={args.side} "
+          f"keypoints.max_points={args.max_points} rerank.geometry={args.geometry}, {args.workers} workers")
     print(f"features: {len(crops)} real Kaggle photos, median {ms_extract:.0f} ms per photo on one core (decode, "
-          f"crop, {args.side} px, SIFT {args.max_points}); {KAGGLE_TEST + KAGGLE_TRAIN} photos on {args.workers} "
+          f"crop, {args.side} px, {args.method} {args.max_points}); {KAGGLE_TEST + KAGGLE_TRAIN} photos on {args.workers} "
           f"cores: {ms_extract * (KAGGLE_TEST + KAGGLE_TRAIN) / args.workers / 60000:.1f} min")
     results, t = [], time.perf_counter()
     for i in range(args.gallery + args.queries):
         grey = warped(crops[i % len(crops)], rng)
-        pts, desc = keypoints.features(grey, "sift", args.max_points)
+        pts, desc = keypoints.features(grey, args.method, args.max_points)
         results.append((f"p{i}", pts, desc, grey.shape[::-1], None, None))
     print(f"synthetic photos: {len(results)} in {time.perf_counter() - t:.0f} s; median keypoints "
           f"{np.median([len(r[1]) for r in results]):.0f}")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "keypoints.npz"
-        np.savez(path, **keypoints.pack(results, "sift", False))
+        np.savez(path, **keypoints.pack(results, args.method, False))
         store = keypoints.Store(path)
     counts = pd.read_csv(WHALES / "kaggle2019_train.csv").query("Id != 'new_whale'").Id.value_counts().to_numpy()
     gallery = [f"p{i}" for i in range(args.gallery)]
@@ -97,7 +105,7 @@ def main(argv=None):
     ids = np.array(list(photos_of))
     weight = counts / counts.sum()
     queries = [f"p{args.gallery + q}" for q in range(args.queries)]
-    matcher = Matcher(False, 0.8, args.geometry, 12.0)
+    matcher = Matcher(keypoints.binary(args.method), 0.8, args.geometry, 12.0, args.matcher, 0.82)
     for draw in ("uniform", "by photo count"):
         for c in (int(x) for x in args.candidates.split(",")):
             jobs = [(q, list(rng.choice(ids, size=c, replace=False, p=None if draw == "uniform" else weight)))
@@ -111,8 +119,8 @@ def main(argv=None):
             per_query = 1000 * wall / len(jobs)
             print(f"candidates {c:3d} ({draw}): {pairs / len(jobs):6.1f} photo pairs per query; on {args.workers} "
                   f"cores {per_query:7.1f} ms per query, {per_query / c:6.2f} ms per query-candidate pair, "
-                  f"{1000 * wall / pairs:5.2f} ms per photo pair; 7,960 queries: {per_query * KAGGLE_TEST / 60000:5.1f} min",
-                  flush=True)
+                  f"{1000 * wall / pairs:5.2f} ms per photo pair; 7,960 queries: {per_query * KAGGLE_TEST / 60000:5.1f} min; "
+                  f"identify 1,000 photos: {(ms_extract / args.workers + per_query) * 1000 / 60000:5.1f} min", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """XFeat's cost on this machine (issue 35): per photo (the CNN, then keypoints and descriptors) and per
-pair (mutual nearest neighbours), on real nyala photos when ../shared is there, else on textures.
+pair (mutual nearest neighbours, and LighterGlue), on real nyala photos when ../shared is there, else
+on textures. scripts/gpu_check.py runs the same timing on a GPU.
 
-    python scripts/bench_xfeat.py [--photos 20] [--side 640] [--top-k 1000]
+    python scripts/bench_xfeat.py [--photos 20] [--side 640] [--top-k 1000] [--glue-pairs 20]
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from whaleid.backbones import xfeat  # noqa: E402
+from whaleid.backbones import lighterglue, xfeat  # noqa: E402
 from whaleid.similarity.local import mutual_test  # noqa: E402
 
 
@@ -34,14 +35,10 @@ def photos(n: int, side: int) -> list[np.ndarray]:
     return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--photos", type=int, default=20)
-    ap.add_argument("--side", type=int, default=640)
-    ap.add_argument("--top-k", type=int, default=1000)
-    args = ap.parse_args(argv)
+def timings(n_photos: int = 20, side: int = 640, top_k: int = 1000, glue_pairs: int = 20) -> str:
+    """One line: ms per photo (CNN, keypoints + descriptors) and per pair (mutual NN, LighterGlue)."""
     net = xfeat.build(3, xfeat.read_weights())
-    images = photos(args.photos, args.side)
+    images = photos(n_photos, side)
     net.predict_on_batch(images[0][None].astype(np.float32))  # trace once
     t, feats = time.perf_counter(), []
     for img in images:
@@ -50,7 +47,7 @@ def main(argv=None):
     cnn = (time.perf_counter() - t) / len(images)
     t, found = time.perf_counter(), []
     for maps in feats:
-        found.append(xfeat.detect(*(m[0] for m in maps), top_k=args.top_k))
+        found.append(xfeat.detect(*(m[0] for m in maps), top_k=top_k))
     det = (time.perf_counter() - t) / len(images)
     t, pairs = time.perf_counter(), 0
     for a in found:
@@ -58,10 +55,30 @@ def main(argv=None):
             mutual_test(a[2] @ b[2].T, 0.82)
             pairs += 1
     match = (time.perf_counter() - t) / pairs
+    glue = lighterglue.LighterGlue(lighterglue.read_weights())
+    size = lambda i: np.float32(images[i].shape[1::-1])  # noqa: E731
+    glue.match(found[0][0], found[0][2], size(0), found[1][0], found[1][2], size(1))  # trace once
+    t, done = time.perf_counter(), 0
+    for k in range(glue_pairs):
+        a, b = k % len(found), (k + 1) % len(found)
+        glue.match(found[a][0], found[a][2], size(a), found[b][0], found[b][2], size(b))
+        done += 1
+    glued = (time.perf_counter() - t) / max(done, 1)
     sizes = sorted({img.shape[:2] for img in images})
-    print(f"{len(images)} photos at {sizes[0]}..{sizes[-1]}, top_k {args.top_k}: CNN {cnn * 1000:.0f} ms, keypoints + "
-          f"descriptors {det * 1000:.0f} ms a photo ({np.mean([len(f[0]) for f in found]):.0f} keypoints); "
-          f"mutual nearest neighbours {match * 1000:.2f} ms a pair ({pairs} pairs)")
+    return (f"{len(images)} photos at {sizes[0]}..{sizes[-1]}, top_k {top_k}: CNN {cnn * 1000:.0f} ms, keypoints + "
+            f"descriptors {det * 1000:.0f} ms a photo ({np.mean([len(f[0]) for f in found]):.0f} keypoints); "
+            f"mutual nearest neighbours {match * 1000:.2f} ms a pair ({pairs} pairs); LighterGlue "
+            f"{glued * 1000:.1f} ms a pair ({done} pairs)")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--photos", type=int, default=20)
+    ap.add_argument("--side", type=int, default=640)
+    ap.add_argument("--top-k", type=int, default=1000)
+    ap.add_argument("--glue-pairs", type=int, default=20)
+    args = ap.parse_args(argv)
+    print(timings(args.photos, args.side, args.top_k, args.glue_pairs))
 
 
 if __name__ == "__main__":

