@@ -178,6 +178,6 @@ def test_evaluate_hands_the_split_encounters_to_the_ranking_path(tiny_set, tmp_p
     work = tmp_path / "work"
     whaleid("evaluate", "--data", data, "--work", work, *TINY, "--set", "boxes.detector=dark")
     split_csv = pd.read_csv(work / "split" / "split.csv", dtype=str)
-    assert seen == [dict(zip(split_csv.Image, split_csv.Encounter))]
+    assert len(seen) == 1 and seen[0].of == dict(zip(split_csv.Image, split_csv.Encounter)) and not seen[0].sides
     sides = split_csv.groupby("Encounter").subset.agg(set)
     assert all(len(s) == 1 for s in sides) and "val" in set(split_csv.subset)

@@ -364,14 +364,18 @@ def synth(out, ids, seed, photos, real_train_csv, size_scale, workers, quiet):
 @click.option("--encounter", "encounter", default=None, metavar="REGEX",
               help="The encounter of each photo, as the first group of REGEX on its file name (e.g. '^(\\d+)_' for "
                    "<sighting>_leftphoto.jpg): photos of one encounter are never split between gallery and queries.")
+@click.option("--side", "side", default=None, metavar="REGEX",
+              help="The side of each photo (left or right flank), as the first group of REGEX on its file name "
+                   "(e.g. '_(left|right)photo'); photos it does not match are of unknown side.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True)
-def import_folders(src, out, new_fraction, query_fraction, train_only, encounter, seed, quiet):
+def import_folders(src, out, new_fraction, query_fraction, train_only, encounter, side, seed, quiet):
     """Convert ROOT/<id>/*.jpg|png into the Kaggle layout with a solution.csv."""
     from whaleid.datasets import import_folders as importer
     try:
         summary = importer.import_folders(src, out, new_fraction=new_fraction, query_fraction=query_fraction,
-                                          seed=seed, progress=not quiet, train_only=train_only, encounter=encounter)
+                                          seed=seed, progress=not quiet, train_only=train_only, encounter=encounter,
+                                          side=side)
     except importer.FolderError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"import-folders: wrote {out}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))

@@ -26,7 +26,7 @@ DETECT_SETTINGS = ("boxes.max_side", "boxes.detector", "boxes.grabcut_side", "bo
 TTA_SETTINGS = ("run.image_size", "run.seed", "augment.margin", "augment.crop_max", "augment.blur_sigma_max",
                 "model.head", "predict.top_k", "predict.tta", "predict.merge", "predict.batch_size",
                 "predict.gallery_tta", "new_whale.threshold", "new_whale.share", "train.flip_ids",
-                "predict.mirror_is_same")
+                "predict.mirror_is_same", "predict.sides")
 
 
 def _box_file(value: str) -> Path | None:
@@ -124,7 +124,7 @@ SPLIT = Stage(
     "split", "whaleid.preprocess.split:run",
     artifacts=("split.csv", "train_files.csv", "val_files.csv", "split_report.json"),
     settings=("split.validation", "split.unseen_ids", "run.seed", "new_whale.share"),
-    data=("train_only.csv", "encounters.csv"), upstream=("augment",))
+    data=("train_only.csv", "encounters.csv", "sides.csv"), upstream=("augment",))
 
 TRAIN = Stage(
     "train", "whaleid.learning.train:run",
@@ -156,7 +156,7 @@ PREDICT = Stage(
     "predict", "whaleid.inference.predict:run",
     artifacts=("submission.csv", "predictions.csv"),
     settings=TTA_SETTINGS + ("rerank.*",),
-    data=("sample_submission.csv", "test/", "train_only.csv", "encounters.csv"),
+    data=("sample_submission.csv", "test/", "train_only.csv", "encounters.csv", "sides.csv"),
     upstream=("dedup", "format", "boxes", "augment", "train"),
     extra_inputs=_calibration_and_tuned)
 
@@ -194,14 +194,15 @@ def _train_only_file(session) -> dict[str, Path]:
 
 def _batch_inputs(photos: Path, session) -> dict[str, Path]:
     """A batch reads its photos, what was accepted since training, the tuned threshold, the train-only
-    ids, evaluate's calibration of the scores (review page), the catalogue's encounters when the batch
-    gives its own (DIR/encounters.csv), and with re-ranking the fusion and the catalogue's local features."""
+    ids, evaluate's calibration of the scores (review page), the catalogue's encounters and sides when
+    the batch gives its own (DIR/encounters.csv, DIR/sides.csv), and with re-ranking the fusion and the catalogue's local features."""
     out = {"photos": photos, **_catalogue_inputs(session), **_tuned_file(session), **_train_only_file(session)}
     for name in ("metrics.json", "val_predictions.csv"):  # the scores' meaning (review.calibration)
         if (session.dir("evaluate") / name).exists():
             out[f"evaluate/{name}"] = session.dir("evaluate") / name
-    if (photos / "encounters.csv").is_file() and (session.dir("split") / "split.csv").is_file():
-        out["split.csv"] = session.dir("split") / "split.csv"  # the catalogue photos' encounters
+    batch_tables = (photos / "encounters.csv").is_file() or (photos / "sides.csv").is_file()
+    if batch_tables and (session.dir("split") / "split.csv").is_file():
+        out["split.csv"] = session.dir("split") / "split.csv"  # the catalogue photos' encounters and sides
     if get_setting(session.cfg, "rerank.method") == "local":
         out[CALIBRATION] = session.work / "evaluate" / CALIBRATION
         out["keypoints.npz"] = session.work / KEYPOINTS.name / KEYPOINTS.artifacts[0]

@@ -124,3 +124,39 @@ def read_encounters(data: Path | None) -> dict[str, str]:
         raise TableError(f"{path}, row {blank.index[0] + 2}: photo {blank.Image.iloc[0]} has no encounter; give every "
                          f"photo one (its own name when it was taken alone)")
     return dict(zip(table.Image, table.Encounter))
+
+
+SIDES = "sides.csv"  # DATA/sides.csv: Image, Side (left | right | unknown; import-folders --side writes it)
+SIDE_NAMES = {"left": "left", "l": "left", "right": "right", "r": "right", "unknown": "unknown", "": "unknown"}
+
+
+def side_name(text: str) -> str | None:
+    """left, right or unknown for a side as people write it (L, Left, right...); None if it is none."""
+    return SIDE_NAMES.get(str(text).strip().lower())
+
+
+def read_sides(data: Path | None) -> dict[str, str]:
+    """Image -> left | right (photos of unknown side left out) from the data folder's sides.csv, else
+    from a Side column of its train.csv; {} when neither says: every side unknown, matched with all."""
+    if data is None:
+        return {}
+    path = Path(data) / SIDES
+    if not path.is_file():
+        path = Path(data) / "train.csv"
+        if not path.is_file():
+            return {}
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if "Side" not in table.columns:
+            return {}
+    else:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in ("Image", "Side") if c not in table.columns]
+    if missing:
+        raise TableError(f"{path}: expected columns Image, Side (missing {', '.join(missing)})")
+    names = [side_name(v) for v in table.Side]
+    bad = [i for i, n in enumerate(names) if n is None]
+    if bad:
+        raise TableError(f"{path}, row {bad[0] + 2}: photo {table.Image.iloc[bad[0]]} has side {table.Side.iloc[bad[0]]!r}; "
+                         f"write left, right or unknown (or L, R, or leave it blank)")
+    return {i: n for i, n in zip(table.Image, names) if n != "unknown"}
+

@@ -21,6 +21,9 @@ Output (a new folder; the source folder is only read):
                    group on its file name, e.g. '^(\d+)_' for nyala's <sighting>_leftphoto.jpg): the
                    photos of one encounter are all gallery or all queries, never both, and the split
                    and scoring stages keep them apart in the same way
+    sides.csv      Image, Side: with --side REGEX, each photo's side (left | right | unknown: the
+                   regex's first group on its file name, e.g. '_(left|right)photo'); with
+                   predict.sides = same a photo is compared only with photos of its own side
     skipped.csv    source, reason: files that are not readable photos (left out)
 Photo names are a hash of the source path, so the name says nothing about the individual. The
 individual is the name of the folder holding the photo (spaces become "_"); two folders of one name in
@@ -42,7 +45,7 @@ from tqdm import tqdm
 
 from whaleid.data import images
 from whaleid.pipeline.files import umask
-from whaleid.data.tables import ENCOUNTERS, NEW_WHALE
+from whaleid.data.tables import ENCOUNTERS, NEW_WHALE, SIDES, side_name
 
 EXTENSIONS = {".jpg": ".jpg", ".jpeg": ".jpg", ".png": ".png"}
 
@@ -106,6 +109,29 @@ def encounters_of(photos: pd.DataFrame, pattern: str | None) -> pd.Series | None
             raise FolderError(f"{source}: --encounter '{pattern}' does not match its file name; every photo needs "
                               f"an encounter (rename the file, or use a pattern that matches every name)")
         out.append(m.group(1))
+    return pd.Series(out, index=photos.index)
+
+
+def sides_of(photos: pd.DataFrame, pattern: str | None) -> pd.Series | None:
+    """Each photo's side (left | right | unknown): the first group of `pattern` on its file name read as
+    a side (left, l, right, r in any case); a name the pattern does not match is of unknown side."""
+    if pattern is None:
+        return None
+    try:
+        rx = re.compile(pattern, re.IGNORECASE)
+    except re.error as e:
+        raise FolderError(f"--side '{pattern}': not a regular expression ({e})") from None
+    if rx.groups < 1:
+        raise FolderError(f"--side '{pattern}': needs a group, the part of the file name that names the side, "
+                          f"e.g. '_(left|right)'")
+    out = []
+    for source in photos.source:
+        m = rx.search(Path(source).name)
+        side = side_name(m.group(1) or "") if m else "unknown"
+        if side is None:
+            raise FolderError(f"{source}: --side '{pattern}' reads the side {m.group(1)!r} from its file name; the "
+                              f"group must be left, right, l or r")
+        out.append(side)
     return pd.Series(out, index=photos.index)
 
 
@@ -174,7 +200,8 @@ def _train_only(roots, main: pd.DataFrame, progress: bool) -> tuple[pd.DataFrame
 
 
 def import_folders(src: Path, out: Path, new_fraction: float = 0.3, query_fraction: float = 0.3,
-                   seed: int = 0, progress: bool = True, train_only=(), encounter: str | None = None) -> dict:
+                   seed: int = 0, progress: bool = True, train_only=(), encounter: str | None = None,
+                   side: str | None = None) -> dict:
     src, out, roots = Path(src), Path(out), [Path(r) for r in train_only]
     for flag, folder in [("--src", src)] + [("--train-only", r) for r in roots]:
         if not folder.is_dir():
@@ -192,6 +219,8 @@ def import_folders(src: Path, out: Path, new_fraction: float = 0.3, query_fracti
     photos = pd.concat([photos, extra], ignore_index=True)
     if encounter is not None:
         photos["Encounter"] = encounters_of(photos, encounter)
+    if side is not None:
+        photos["Side"] = sides_of(photos, side)
     skipped += extra_skipped
     names = [hashlib.sha1(s.encode()).hexdigest()[:12] + EXTENSIONS[Path(s).suffix.lower()] for s in photos.key]
     if len(set(names)) != len(names):
@@ -224,6 +253,8 @@ def import_folders(src: Path, out: Path, new_fraction: float = 0.3, query_fracti
             tmp / "train_only.csv", index=False)
         if encounter is not None:
             photos[["Image", "Encounter"]].to_csv(tmp / ENCOUNTERS, index=False)
+        if side is not None:
+            photos[["Image", "Side"]].to_csv(tmp / SIDES, index=False)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
@@ -235,7 +266,8 @@ def import_folders(src: Path, out: Path, new_fraction: float = 0.3, query_fracti
             "test_queries": int((photos.role == "query").sum()), "test_new_whale": int((photos.role == "new").sum()),
             "train_only_individuals": int(photos[photos.role == "train-only"].Id.nunique()),
             "train_only_photos": int((photos.role == "train-only").sum()), "skipped": len(skipped),
-            **({"encounters": int(photos.Encounter.nunique())} if encounter is not None else {})}
+            **({"encounters": int(photos.Encounter.nunique())} if encounter is not None else {}),
+            **({f"side_{k}": int(v) for k, v in photos.Side.value_counts().items()} if side is not None else {})}
 
 
 def next_steps(out: Path) -> list[str]:

@@ -76,7 +76,8 @@ def run(run: Run) -> dict:
     files = run.read_csv("augment", "TRAINING_FILE_FINAL.csv")
     gallery = gallery_files(files, split.Image[split.subset == "train"], run.setting("predict.gallery_tta"),
                             run.setting("train.flip_ids"))
-    encounters = dict(zip(split.Image, split.Encounter)) if "Encounter" in split.columns else None
+    encounters = ranking.photo_rule(run, dict(zip(split.Image, split.Encounter)) if "Encounter" in split.columns else None,
+                                    dict(zip(split.Image, split.Side)) if "Side" in split.columns else None)
     signals = ranking.signals(run, gallery, fitted=True, encounters=encounters)
     ranker = ranking.Ranker(run, net, gallery, run.setting("predict.top_k"), signals=signals, encounters=encounters)
     folder, original = run.upstream("augment", "images"), originals(files)

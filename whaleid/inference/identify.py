@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from whaleid.data import images
-from whaleid.data.tables import read_train_only
+from whaleid.data.tables import read_train_only, side_name
 from whaleid.inference import identify_local, ranking, review
 from whaleid.inference.accept import added_files
 from whaleid.inference.embedding import Embedder
@@ -42,7 +42,7 @@ from whaleid.pipeline.files import StageError, work_lock, write_bytes
 from whaleid.pipeline.stage import Run, Session, Stage, Status
 from whaleid.preprocess import augment, boxes
 from whaleid.similarity import gallery_cache
-from whaleid.similarity.gallery import Encounters, gallery_files
+from whaleid.similarity.gallery import gallery_files
 from whaleid.similarity.threshold import choose_threshold, model_digest
 from whaleid.stages import CATALOGUE, DETECT_SETTINGS, identify_stages, train_only_file
 
@@ -98,16 +98,17 @@ def batch_name(name: str) -> str:
 
 
 BATCH_ENCOUNTERS = "encounters.csv"  # DIR/encounters.csv: photo, Encounter (the batch says which were taken with which)
+BATCH_SIDES = "sides.csv"            # DIR/sides.csv: photo, Side (left | right | unknown)
 
 
 def list_photos(folder: Path) -> list[tuple[str, str]]:
     """(name relative to folder, path) of every file under it, nested folders included, hidden ones and
-    the batch's own encounters.csv not."""
+    the batch's own encounters.csv and sides.csv not."""
     folder = Path(folder)
     out = []
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder)
-        if p.is_file() and not any(part.startswith(".") for part in rel.parts) and rel.as_posix() != BATCH_ENCOUNTERS:
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts) and rel.as_posix() not in (BATCH_ENCOUNTERS, BATCH_SIDES):
             out.append((rel.as_posix(), str(p.resolve())))
     return out
 
@@ -129,6 +130,26 @@ def encounters(inputs: dict[str, Path], batch: list[str]) -> dict | None:
     out = dict(zip(known.Image, known.Encounter)) if "Encounter" in known.columns else {}
     given = dict(zip(table.photo, table.Encounter))
     out.update({p: given.get(p, f"{BATCH_ENCOUNTERS}:{p}") for p in batch})
+    return out
+
+
+def sides(inputs: dict[str, Path], batch: list[str]) -> dict | None:
+    """photo -> left | right for the batch (DIR/sides.csv: photo, Side) and the catalogue (split.csv's
+    Side), or None when the batch does not say: then every batch photo is compared with every side."""
+    path = Path(inputs["file/photos"]) / BATCH_SIDES
+    if not path.is_file():
+        return None
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if not {"photo", "Side"} <= set(table.columns):
+        raise StageError(f"{path}: expected columns photo, Side (left, right or unknown)")
+    bad = [i for i, v in enumerate(table.Side) if side_name(v) is None]
+    if bad:
+        raise StageError(f"{path}, row {bad[0] + 2}: side {table.Side[bad[0]]!r}; write left, right or unknown")
+    split_csv = inputs.get("file/split.csv")
+    known = pd.read_csv(split_csv, dtype=str, keep_default_na=False) if split_csv else pd.DataFrame()
+    out = dict(zip(known.Image, known.Side)) if "Side" in known.columns else {}
+    given = {p: side_name(s) for p, s in zip(table.photo, table.Side)}
+    out.update({p: given.get(p, "unknown") for p in batch})
     return out
 
 
@@ -213,7 +234,8 @@ def batch_run(run: Run) -> dict:
     net = models.load_model(run.upstream("train", "model.keras"))
     signals = ranking.signals(run, gallery, extra_store=lambda: identify_local.batch_features(run, table),
                               prefix=identify_local.PREFIX)  # re-ranking: the batch's own local features too
-    same = encounters(inputs, list(table.photo))
+    together = encounters(inputs, list(table.photo))
+    same = ranking.photo_rule(run, together, sides(inputs, list(table.photo)))
     ranker = ranking.Ranker(run, net, gallery[["File", "Image", "Id"]], run.setting("identify.top"), vectors=G,
                             never=train_only_ids(run), signals=signals, encounters=same)
     ranked = {}
@@ -228,8 +250,8 @@ def batch_run(run: Run) -> dict:
     thr = choose_threshold(run, [s[0] for _, s in ranked.values()])
     Q = _embed(run, net, [str(run.dir / c) for c in table.crop], "batch")
     _save_vectors(run, "vectors.npy", Q)
-    enc = Encounters(same) if same else None  # (photos, catalogue rows): of the photo's own encounter
-    aside = enc.same(list(table.photo), enc.codes(gallery.Image)) if enc else None
+    # (photos, catalogue rows): of the photo's own encounter, or of its other side
+    aside = same.same(list(table.photo), same.codes(gallery.Image)) if same else None
     best = ranking.best_photos(Embedder(net).similarity, Q, G, gallery.Id.to_numpy(), [ranked[p][0] for p in table.photo],
                                aside) if len(table) else []
     calib = (review.Calibration(why="scores fused with local features (rerank.method = local): evaluate's "
@@ -244,19 +266,21 @@ def batch_run(run: Run) -> dict:
     ids = {i[: -len(augment.FLIP)] if i.endswith(augment.FLIP) else i for i in gallery.Id}
     set_aside = int(aside[:, ~gallery.Image.duplicated().to_numpy()].sum()) if aside is not None else 0
     review.write(run.path("review.html"), run.stage.name.split("/", 1)[1], matches, thumbs, run.work, thr, calib,
-                 run.skipped, drawn, note, sorted(ids), encounter_note(same is not None, set_aside))
+                 run.skipped, drawn, note, sorted(ids), encounter_note(together is not None, same is not None and bool(same.sides), set_aside))
     flagged = int(matches.drop_duplicates("photo").new_individual.sum()) if len(matches) else 0
     run.echo(f"{len(table)} photos ranked against {gallery.Id.nunique()} ids ({len(gallery)} catalogue files); "
              f"threshold {thr:.3f}: {flagged} look like new individuals")
     return {"photos": len(table), "files": n_files, "new_individuals": flagged, "threshold": round(float(thr), 4)}
 
 
-def encounter_note(given: bool, set_aside: int) -> str:
-    """The review page's line on encounters: how many (photo, catalogue photo) pairs were set aside."""
-    if not given:
+def encounter_note(encounters: bool, sides: bool, set_aside: int) -> str:
+    """The review page's line on encounters and sides: how many (photo, catalogue photo) pairs were set aside."""
+    if not encounters and not sides:
         return "Each photo of this batch is its own new encounter: no catalogue photo was set aside"
-    return (f"{set_aside} catalogue photo(s) were set aside as the same encounter as a photo of this batch "
-            f"({BATCH_ENCOUNTERS}): a match with them would prove nothing")
+    why = " or ".join(([f"as the same encounter as a photo of this batch ({BATCH_ENCOUNTERS}): a match with them "
+                        f"would prove nothing"] if encounters else [])
+                      + ([f"as the other side of the animal than the batch photo ({BATCH_SIDES})"] if sides else []))
+    return f"{set_aside} catalogue photo(s) were set aside {why}"
 
 
 class CatalogueSession(Session):

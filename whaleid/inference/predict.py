@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from whaleid.data.tables import NEW_WHALE, read_encounters, read_test, read_train_only
+from whaleid.data.tables import NEW_WHALE, read_encounters, read_sides, read_test, read_train_only
 from whaleid.inference import ranking
 from whaleid.learning import model as models
 from whaleid.metrics import submission
@@ -75,7 +75,8 @@ def run(run: Run) -> dict:
     gallery = gallery_files(run.read_csv("augment", "TRAINING_FILE_FINAL.csv"), None,
                             run.setting("predict.gallery_tta"), run.setting("train.flip_ids"))
     never, k = read_train_only(run.data / "train_only.csv"), run.setting("predict.top_k")
-    encounters = read_encounters(run.data) or None  # a test photo never meets its own encounter's photos
+    # a test photo never meets its own encounter's photos, nor (predict.sides = same) its other flank
+    encounters = ranking.photo_rule(run, read_encounters(run.data), read_sides(run.data))
     signals = ranking.signals(run, train[["Image", "Id"]], ("keypoints", "test_keypoints"), encounters=encounters)
     ranker = ranking.Ranker(run, models.load_model(run.upstream("train", "model.keras")), gallery, k,
                             never=never, signals=signals, fixed_rows=True, encounters=encounters)

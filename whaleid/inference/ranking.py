@@ -39,11 +39,11 @@ class Ranker:
     catalogue, with its `vectors` already embedded); `never`: ids that are never an answer (train-only:
     they score -1, under any answer); `signals`: re-rankers of the first `candidates` ids (`signals`
     below builds them from the settings); `fixed_rows`: every forward pass at one batch size (predict's
-    chunks, so that a resumed run writes the same files); `encounters` (photo -> encounter, queries and
-    gallery): a query is never scored by a gallery photo of its own encounter."""
+    chunks, so that a resumed run writes the same files); `encounters` (photo_rule's): a query is never
+    scored by a gallery photo of its own encounter, nor of its other side."""
 
     def __init__(self, run: Run, net, gallery: pd.DataFrame, k: int, vectors: np.ndarray | None = None,
-                 never=frozenset(), signals=(), fixed_rows: bool = False, encounters: dict | None = None):
+                 never=frozenset(), signals=(), fixed_rows: bool = False, encounters: Encounters | None = None):
         self.run, self.k, self.signals = run, k, list(signals)
         self.model, self.classes = embedding.scorer(run, net, gallery, vectors)
         self.on_batch = self.same_encounter_rule(gallery, encounters) if encounters else None
@@ -71,14 +71,14 @@ class Ranker:
         self.apply_signals([r for r in out if r.error is None], truths)
         return out
 
-    def same_encounter_rule(self, gallery: pd.DataFrame, encounters: dict):
-        """The on_batch hook that has the gallery leave out each query's own encounter."""
+    def same_encounter_rule(self, gallery: pd.DataFrame, encounters: Encounters):
+        """The on_batch hook that has the gallery leave out each query's own encounter (and other side)."""
         scorer = embedding.gallery_scorer(self.model)
         if scorer is None:
             self.run.echo("the softmax head scores its classes, not gallery photos: a query's own encounter cannot be "
                           "left out of its scores (a retrieval head, arcface, triplet or siamese, can)")
             return None
-        scorer.exclude_encounters(gallery.Image, Encounters(encounters))
+        scorer.exclude_encounters(gallery.Image, encounters)
         return lambda owners: setattr(scorer, "owners", owners)
 
     def apply_signals(self, ranked: list[Ranked], truths: dict[str, str] | None) -> None:
@@ -94,7 +94,7 @@ class Ranker:
 
 
 def signals(run: Run, gallery: pd.DataFrame, stores: tuple[str, ...] = ("keypoints",), extra_store=None,
-            fitted: bool = False, prefix: str = "", encounters: dict | None = None) -> list:
+            fitted: bool = False, prefix: str = "", encounters: Encounters | None = None) -> list:
     """The re-ranking signals the settings ask for, the one place that says which (rerank.method =
     local: LocalSignal). A signal has `name`, `candidates` (how many ids it re-ranks),
     `rerank(run, queries, rankings, k, truths)` and `calibration()` (what evaluate records). `gallery`
@@ -107,6 +107,13 @@ def signals(run: Run, gallery: pd.DataFrame, stores: tuple[str, ...] = ("keypoin
     store = Store(*(store_path(run.session, s) for s in stores), *([extra_store()] if extra_store else []))
     reranker = local.reranker(run.setting, store, gallery, encounters)
     return [local.LocalSignal(reranker, None if fitted else read_calibration(run.work), prefix)]
+
+
+def photo_rule(run: Run, encounters: dict | None, sides: dict | None) -> Encounters | None:
+    """Which gallery photos may not score a query: its own encounter's (photo -> encounter) and, with
+    predict.sides = same, those of its other flank (photo -> left | right); None when nothing is known."""
+    rule = Encounters(encounters, sides if run.setting("predict.sides") == "same" else None)
+    return rule if rule else None
 
 
 def best_photos(similarity, Q: np.ndarray, G: np.ndarray, gallery_ids, candidates: list[list[str]],

@@ -100,6 +100,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.strategy": ("auto", "mirrored", "multiworker", "tpu", "none"),
     "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
     "predict.merge": ("vote", "mean"),
+    "predict.sides": ("same", "any"),
     "boxes.detector": ("cnn", "subject", "grabcut", "dark", "hsv"),
     "train.lr_schedule": ("constant", "cosine"),
     "identify.boxes": ("auto", "detect", "whole"),

@@ -50,27 +50,41 @@ class IdIndex:
 
 
 class Encounters:
-    """Which photos were taken together: photo -> encounter (a photo it does not name is its own). The
-    one rule every same-encounter test follows (the gallery's scores, local matching, identify's photos
-    shown); encounters are coded as integers so that queries x gallery is one vectorised comparison."""
+    """Which photos may not be compared: those taken together (photo -> encounter; a photo it does not
+    name is its own) and, with `sides` (photo -> left | right), those of opposite flanks. The one rule
+    every such test follows (the gallery's scores, local matching, identify's photos shown); photos
+    are coded as integers so that queries x gallery is one vectorised comparison."""
 
-    def __init__(self, of: dict[str, str] | None = None):
+    SIDE_CODES = {"left": 1, "right": 2}  # 0: unknown, compared with every side
+
+    def __init__(self, of: dict[str, str] | None = None, sides: dict[str, str] | None = None):
         self.of = dict(of or {})
+        self.sides = {p: s for p, s in (sides or {}).items() if s in self.SIDE_CODES}
         self._codes: dict[str, int] = {}
 
+    def __bool__(self) -> bool:
+        return bool(self.of or self.sides)
+
     def codes(self, photos) -> np.ndarray:
-        """Each photo's encounter as an integer (-1 for None: a padding row, of no encounter)."""
-        return np.array([-1 if p is None else self._codes.setdefault(self.of.get(p, p), len(self._codes))
-                         for p in photos], np.int64)
+        """(n, 2): each photo's encounter as an integer (-1 for None: a padding row, of no encounter) and
+        its side code (0 unknown)."""
+        enc = [-1 if p is None else self._codes.setdefault(self.of.get(p, p), len(self._codes)) for p in photos]
+        side = [0 if p is None else self.SIDE_CODES.get(self.sides.get(p, ""), 0) for p in photos]
+        return np.stack([np.array(enc, np.int64), np.array(side, np.int64)], 1).reshape(-1, 2)
 
     def same(self, queries, gallery_codes: np.ndarray) -> np.ndarray:
-        """(queries, gallery rows) bool: the gallery photo (coded by `codes`) is of the query's encounter."""
-        q = self.codes(queries)[:, None]
-        return (q == np.asarray(gallery_codes)[None, :]) & (q >= 0)
+        """(queries, gallery rows) bool: the gallery photo (coded by `codes`) may not score the query: it
+        is of the query's encounter, or of the other side."""
+        q, g = self.codes(queries), np.asarray(gallery_codes).reshape(-1, 2)
+        together = (q[:, :1] == g[None, :, 0]) & (q[:, :1] >= 0)
+        other_side = (q[:, 1:] > 0) & (g[None, :, 1] > 0) & (q[:, 1:] != g[None, :, 1])
+        return together | other_side
 
     def apart(self, a: str, b: str) -> bool:
-        """Two photos of different encounters (a photo is never apart from itself)."""
-        return a != b and self.of.get(a, a) != self.of.get(b, b)
+        """May photo b verify photo a? Different encounters (a photo is never apart from itself), and not
+        of opposite known sides."""
+        sa, sb = self.sides.get(a), self.sides.get(b)
+        return a != b and self.of.get(a, a) != self.of.get(b, b) and not (sa and sb and sa != sb)
 
 
 class GalleryScorer:

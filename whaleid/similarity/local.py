@@ -209,14 +209,15 @@ class Reranker:
         return out
 
 
-def reranker(get, store: Store, gallery: pd.DataFrame, encounters: dict | None = None) -> Reranker:
+def reranker(get, store: Store, gallery: pd.DataFrame, encounters: Encounters | dict | None = None) -> Reranker:
     """The one way a Reranker is built (evaluate, predict, identify, the report's drawings): `get(key)`
     reads the rerank settings, `gallery` (Image, Id) holds the candidates' photos; `encounters` (photo
     -> encounter): a query is never matched with a photo of its own encounter."""
     matcher = Matcher(binary(store.method), get("rerank.ratio"), get("rerank.geometry"), get("rerank.ransac_px"),
                       get("rerank.matcher"), get("rerank.min_similarity"))
     mirror = bool(get("train.flip_ids") and get("predict.mirror_is_same"))
-    return Reranker(store, photos_of(gallery), matcher, get("rerank.candidates"), mirror, Encounters(encounters))
+    rule = encounters if isinstance(encounters, Encounters) else Encounters(encounters)
+    return Reranker(store, photos_of(gallery), matcher, get("rerank.candidates"), mirror, rule)
 
 
 def local_scores(run, reranker: Reranker, queries: list[str], rankings: list) -> list[np.ndarray]:
