@@ -122,6 +122,15 @@ def seed_summary(results: dict[int, list[tuple]]) -> list[str]:
 
 
 SIGHTING = r"^(\d+)_"  # nyala: <sighting>_leftphoto.jpg and <sighting>_rightphoto.jpg, taken together
+FLANK = r"_(left|right)photo"  # nyala: the flank a photo shows
+
+
+def side_pattern(value: str, roots: list[Path]) -> str | None:
+    """--side: a regex as given ("" or none: no sides), or with "auto" FLANK when some photo's name has it."""
+    if value != "auto":
+        return None if value in ("", "none") else value
+    names = [p.name for r in roots for p in Path(r).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+    return FLANK if any(re.search(FLANK, n) for n in names) else None
 
 
 def encounter_pattern(value: str, roots: list[Path]) -> str | None:
@@ -167,6 +176,9 @@ def main(argv=None):
     ap.add_argument("--encounter", default="auto", metavar="REGEX",
                     help="photos' encounters, as import-folders --encounter takes them; auto: '^(\\d+)_' when every "
                          "file name matches it (nyala's <sighting>_leftphoto.jpg), else none")
+    ap.add_argument("--side", default="auto", metavar="REGEX",
+                    help="photos' sides, as import-folders --side takes them; auto: '_(left|right)photo' when names "
+                         "have it (nyala); none: no sides")
     ap.add_argument("--leaky", action="store_true",
                     help="the protocol before encounters: queries chosen photo by photo, so a query may meet its own "
                          "sighting's other photo in the gallery")
@@ -180,7 +192,9 @@ def main(argv=None):
         raise SystemExit(f"--heads {', '.join(bad)}: expected some of {', '.join(HEADS)}")
     seeds = [args.seed] if args.seed is not None else parse_seeds(args.seeds)
     args.encounter = None if args.leaky else encounter_pattern(args.encounter, [args.src, *args.extra_train])
-    print(f"protocol: {'leaky (photo by photo)' if args.encounter is None else 'across encounters, ' + repr(args.encounter)}")
+    args.side = side_pattern(args.side, [args.src, *args.extra_train])
+    print(f"protocol: {'leaky (photo by photo)' if args.encounter is None else 'across encounters, ' + repr(args.encounter)}"
+          f"; sides: {repr(args.side) + ' (predict.sides decides their use)' if args.side else 'unknown'}")
     kind = "scratch" if args.scratch else f"{args.backbone}-{Path(args.weights).name}"
     work = args.work or Path(tempfile.gettempdir()) / f"whaleid-bench-reid-{args.src.resolve().name}-{kind}"
     results = {}
@@ -206,12 +220,14 @@ def run_seed(args, heads: list[str], seed: int, work: Path) -> list[tuple]:
         wanted["train_only"] = [str(r) for r in extra]
     if args.encounter is not None:
         wanted["encounter"] = args.encounter
+    if args.side is not None:
+        wanted["side"] = args.side
     record = work / "import.json"
     if not (record.exists() and json.loads(record.read_text()) == wanted and data.is_dir()):
         shutil.rmtree(data, ignore_errors=True)
         try:
             summary = import_folders(args.src, data, args.new_fraction, args.query_fraction, seed, progress=False,
-                                     train_only=extra, encounter=args.encounter)
+                                     train_only=extra, encounter=args.encounter, side=args.side)
         except FolderError as e:
             raise SystemExit(str(e))
         record.write_text(json.dumps(wanted))

@@ -124,7 +124,7 @@ SPLIT = Stage(
     "split", "whaleid.preprocess.split:run",
     artifacts=("split.csv", "train_files.csv", "val_files.csv", "split_report.json"),
     settings=("split.validation", "split.unseen_ids", "run.seed", "new_whale.share"),
-    data=("train_only.csv", "encounters.csv", "sides.csv"), upstream=("augment",))
+    data=("train_only.csv", "encounters.csv"), upstream=("augment",))
 
 TRAIN = Stage(
     "train", "whaleid.learning.train:run",
@@ -150,6 +150,7 @@ EVALUATE = Stage(
     "evaluate", "whaleid.inference.evaluate:run",
     artifacts=("metrics.json", "threshold_sweep.csv", "val_predictions.csv", CALIBRATION),
     settings=TTA_SETTINGS + ("evaluate.new_whale_share", "evaluate.one_shot", "rerank.*"),
+    data=("sides.csv",),  # read here, not through the split: sides need no retraining
     upstream=("split", "augment", "train"), extra_inputs=lambda session: _keypoints(session, KEYPOINTS))
 
 PREDICT = Stage(
@@ -200,9 +201,11 @@ def _batch_inputs(photos: Path, session) -> dict[str, Path]:
     for name in ("metrics.json", "val_predictions.csv"):  # the scores' meaning (review.calibration)
         if (session.dir("evaluate") / name).exists():
             out[f"evaluate/{name}"] = session.dir("evaluate") / name
-    batch_tables = (photos / "encounters.csv").is_file() or (photos / "sides.csv").is_file()
-    if batch_tables and (session.dir("split") / "split.csv").is_file():
-        out["split.csv"] = session.dir("split") / "split.csv"  # the catalogue photos' encounters and sides
+    if (photos / "encounters.csv").is_file() and (session.dir("split") / "split.csv").is_file():
+        out["split.csv"] = session.dir("split") / "split.csv"  # the catalogue photos' encounters
+    data = read_record(session.work).get("data")
+    if (photos / "sides.csv").is_file() and data and (Path(data) / "sides.csv").is_file():
+        out["sides.csv"] = Path(data) / "sides.csv"  # the catalogue photos' sides
     if get_setting(session.cfg, "rerank.method") == "local":
         out[CALIBRATION] = session.work / "evaluate" / CALIBRATION
         out["keypoints.npz"] = session.work / KEYPOINTS.name / KEYPOINTS.artifacts[0]

@@ -135,12 +135,13 @@ def side_name(text: str) -> str | None:
     return SIDE_NAMES.get(str(text).strip().lower())
 
 
-def read_sides(data: Path | None) -> dict[str, str]:
-    """Image -> left | right (photos of unknown side left out) from the data folder's sides.csv, else
-    from a Side column of its train.csv; {} when neither says: every side unknown, matched with all."""
-    if data is None:
+def read_sides(data: Path | None, path: Path | None = None) -> dict[str, str]:
+    """Image -> left | right (photos of unknown side left out) from the data folder's sides.csv (or
+    `path`), else from a Side column of its train.csv; {} when neither says: every side unknown,
+    matched with all."""
+    if data is None and path is None:
         return {}
-    path = Path(data) / SIDES
+    path = Path(path) if path is not None else Path(data) / SIDES
     if not path.is_file():
         path = Path(data) / "train.csv"
         if not path.is_file():

@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from whaleid.data.tables import NEW_WHALE
+from whaleid.data.tables import NEW_WHALE, read_sides
 from whaleid.inference import ranking
 from whaleid.inference.embedding import Embedder
 from whaleid.learning import model as models
@@ -77,7 +77,7 @@ def run(run: Run) -> dict:
     gallery = gallery_files(files, split.Image[split.subset == "train"], run.setting("predict.gallery_tta"),
                             run.setting("train.flip_ids"))
     encounters = ranking.photo_rule(run, dict(zip(split.Image, split.Encounter)) if "Encounter" in split.columns else None,
-                                    dict(zip(split.Image, split.Side)) if "Side" in split.columns else None)
+                                    read_sides(run.data))
     signals = ranking.signals(run, gallery, fitted=True, encounters=encounters)
     ranker = ranking.Ranker(run, net, gallery, run.setting("predict.top_k"), signals=signals, encounters=encounters)
     folder, original = run.upstream("augment", "images"), originals(files)

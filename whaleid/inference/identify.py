@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from whaleid.data import images
-from whaleid.data.tables import read_train_only, side_name
+from whaleid.data.tables import read_sides, read_train_only, side_name
 from whaleid.inference import identify_local, ranking, review
 from whaleid.inference.accept import added_files
 from whaleid.inference.embedding import Embedder
@@ -134,8 +134,8 @@ def encounters(inputs: dict[str, Path], batch: list[str]) -> dict | None:
 
 
 def sides(inputs: dict[str, Path], batch: list[str]) -> dict | None:
-    """photo -> left | right for the batch (DIR/sides.csv: photo, Side) and the catalogue (split.csv's
-    Side), or None when the batch does not say: then every batch photo is compared with every side."""
+    """photo -> left | right for the batch (DIR/sides.csv: photo, Side) and the catalogue (its data
+    folder's sides.csv), or None when the batch does not say: every batch photo meets every side."""
     path = Path(inputs["file/photos"]) / BATCH_SIDES
     if not path.is_file():
         return None
@@ -145,9 +145,7 @@ def sides(inputs: dict[str, Path], batch: list[str]) -> dict | None:
     bad = [i for i, v in enumerate(table.Side) if side_name(v) is None]
     if bad:
         raise StageError(f"{path}, row {bad[0] + 2}: side {table.Side[bad[0]]!r}; write left, right or unknown")
-    split_csv = inputs.get("file/split.csv")
-    known = pd.read_csv(split_csv, dtype=str, keep_default_na=False) if split_csv else pd.DataFrame()
-    out = dict(zip(known.Image, known.Side)) if "Side" in known.columns else {}
+    out = read_sides(None, inputs["file/sides.csv"]) if "file/sides.csv" in inputs else {}
     given = {p: side_name(s) for p, s in zip(table.photo, table.Side)}
     out.update({p: given.get(p, "unknown") for p in batch})
     return out

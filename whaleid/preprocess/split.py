@@ -15,8 +15,7 @@ be matched by the shared background, and only ids with two or more encounters ar
 Inputs:    augment/TRAINING_FILE_FINAL.csv, the data folder's train_only.csv (Id) and encounters.csv
            when they exist
 Artifacts: split.csv     Image, Id, subset (train | val | unseen | new_whale), one row per photo; and
-                         Encounter when encounters are known (evaluate keeps them apart too), Side
-                         when sides are known (sides.csv)
+                         Encounter when encounters are known (evaluate keeps them apart too)
            train_files.csv, val_files.csv   File, Image, Id  (what the train stage reads; train_files.csv
                                             with Encounter too when encounters are known)
            split_report.json                class coverage
@@ -27,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from whaleid.pipeline.stage import Run
-from whaleid.data.tables import NEW_WHALE, read_encounters, read_sides, read_train_only
+from whaleid.data.tables import NEW_WHALE, read_encounters, read_train_only
 
 
 def assign(photos: pd.DataFrame, validation: float, unseen_ids: float, seed: int,
@@ -104,9 +103,6 @@ def run(run: Run) -> dict:
     if encounter is not None:
         photos["Encounter"] = encounter
         run.echo(f"encounters: {encounter.nunique()} for {len(photos)} photos; validation takes whole encounters")
-    sides = read_sides(run.data)
-    if sides:  # evaluate and identify compare a photo only with its own side (predict.sides = same)
-        photos["Side"] = photos.Image.map(lambda i: sides.get(i, "unknown"))
     run.write_csv("split.csv", photos)
     known_encounters = ["Encounter"] if encounter is not None else []  # train's P x K batches use them
     side = files.merge(photos[["Image", "subset"] + known_encounters], on="Image")
