@@ -61,8 +61,10 @@ def test_rerank_settings_rerun_evaluate_and_predict_only(tiny_set, tmp_path):
     assert "file/keypoints.npz" not in json.loads((work / "predict/manifest.json").read_text())["inputs"]
 
 
-def test_a_killed_keypoints_stage_resumes_with_identical_features(tiny_set, tmp_path):
-    args = ["--set", "rerank.method=local"]
+@pytest.mark.parametrize("mask", [False, True])
+def test_a_killed_keypoints_stage_resumes_with_identical_features(tiny_set, tmp_path, mask):
+    """... and with keypoints.mask, identical animal masks (stored in the same artifact)."""
+    args = ["--set", "rerank.method=local", "--set", f"keypoints.mask={str(mask).lower()}"]
     reference = tmp_path / "reference"
     whaleid(*preprocess_args(tiny_set, reference), *args)
     work = tmp_path / "work"
@@ -79,6 +81,7 @@ def test_a_killed_keypoints_stage_resumes_with_identical_features(tiny_set, tmp_
     assert m["resumed"] and part["kept"] >= 2 and part["computed"] == part["chunks"] - part["kept"]
     assert m["counts"]["photos"] > 50 and m["counts"]["keypoints"] > 1000, m["counts"]
     assert artifacts(work, ["keypoints"]) == artifacts(reference, ["keypoints"])
+    assert ("mask_bits" in np.load(work / "keypoints/keypoints.npz").files) == mask
 
 
 def test_xfeat_keypoints_are_their_own_artifact_and_the_matcher_reruns_only_scoring(tiny_set, tmp_path):

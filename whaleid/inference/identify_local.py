@@ -33,8 +33,9 @@ def batch_features(run: Run, table: pd.DataFrame) -> Path:
     method = run.setting("keypoints.method")
     mirror = run.setting("train.flip_ids") and run.setting("predict.mirror_is_same")
     work = partial(keypoints._one, margin=run.setting("augment.margin"), side=run.setting("keypoints.side"),
-                   method=method, max_points=run.setting("keypoints.max_points"), mirror=mirror)
-    keypoints.prepare(method)
+                   method=method, max_points=run.setting("keypoints.max_points"), mirror=mirror,
+                   mask=run.setting("keypoints.mask"))
+    keypoints.prepare(method, run.setting("keypoints.mask"))
     jobs = [(PREFIX + r.photo, r.source, (int(r.x0), int(r.y0), int(r.x1), int(r.y1))) for r in table.itertuples()]
     results = []
     for name, got, error in run.map(work, jobs, "local features", chunksize=4):

@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from whaleid.preprocess import augment
+from whaleid.preprocess import augment, masks
 from whaleid.data import images
 from whaleid.pipeline.stage import Run, StageError, atomic_path
 
@@ -73,16 +73,20 @@ def root_sift(desc: np.ndarray) -> np.ndarray:
     return np.sqrt(desc / (desc.sum(1, keepdims=True) + 1e-7))
 
 
-def xfeat_features(grey: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+def xfeat_features(grey: np.ndarray, max_points: int, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """XFeat's keypoints and descriptors of a grey crop: resized to multiples of 32 as the authors do
-    (bilinear), the points scaled back to the crop's pixels."""
+    (bilinear), the points scaled back to the crop's pixels; with a mask (the crop's grid), the
+    max_points best of those on it."""
     h, w = grey.shape
     h32, w32 = max(32, h // 32 * 32), max(32, w // 32 * 32)
     small = cv2.resize(grey, (w32, h32), interpolation=cv2.INTER_LINEAR) if (h32, w32) != (h, w) else grey
     maps = [np.asarray(m)[0] for m in _xfeat_net()(small[None, :, :, None].astype(np.float32))]
     from whaleid.backbones import xfeat
-    pts, _, desc = xfeat.detect(*maps, top_k=max_points)
+    pts, _, desc = xfeat.detect(*maps, top_k=max_points if mask is None else 4 * max_points)
     pts = pts * np.float32([w / w32, h / h32])
+    if mask is not None:
+        keep = masks.inside(mask, pts, w, h)
+        pts, desc = pts[keep][:max_points], desc[keep][:max_points]
     return pts.astype(np.float16), desc.astype(np.float16)
 
 
@@ -100,11 +104,22 @@ def _xfeat_net():
     return _DETECTORS["xfeat"]
 
 
-def features(grey: np.ndarray, method: str, max_points: int) -> tuple[np.ndarray, np.ndarray]:
-    """(points (n, 2) float16 x, y; descriptors (n, D) of DTYPE[method]), the max_points strongest."""
-    if method == "xfeat":
-        return xfeat_features(grey, max_points)
-    points, desc = detector(method, max_points).detectAndCompute(grey, None)
+def features(grey: np.ndarray, method: str, max_points: int,
+             mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(points (n, 2) float16 x, y; descriptors (n, D) of DTYPE[method]), the max_points strongest (of
+    those on `mask`, a bool mask of the crop at any resolution, when given: the detector looks there
+    only, and every stored point, as stored, passes masks.inside, the one rule)."""
+    pts, desc = (xfeat_features(grey, max_points, mask) if method == "xfeat"
+                 else opencv_features(grey, method, max_points, mask))
+    if mask is not None:
+        keep = masks.inside(mask, pts.astype(np.float32), grey.shape[1], grey.shape[0])
+        pts, desc = pts[keep], desc[keep]
+    return pts, desc
+
+
+def opencv_features(grey: np.ndarray, method: str, max_points: int, mask: np.ndarray | None) -> tuple:
+    on = None if mask is None else masks.resized(mask, grey.shape[1], grey.shape[0]).astype(np.uint8) * 255
+    points, desc = detector(method, max_points).detectAndCompute(grey, on)
     if desc is None or not points:
         return np.zeros((0, 2), np.float16), np.zeros((0, WIDTH[method]), DTYPE[method])
     if len(points) > max_points:  # SIFT may keep ties beyond nfeatures
@@ -124,6 +139,11 @@ def as_float(desc: np.ndarray) -> np.ndarray:
 
 def crop_photo(path, box, margin: float, side: int) -> np.ndarray:
     """The photo cropped to box + margin, longer side resized to `side`, aspect kept; grey uint8."""
+    return crop_rgb(path, box, margin, side, grey=True)
+
+
+def crop_rgb(path, box, margin: float, side: int, grey: bool = False) -> np.ndarray:
+    """crop_photo in colour (the animal's mask reads colours), or grey (made grey before resizing)."""
     rgb, (x0, y0, x1, y1) = augment.decode_for_crop(Path(path), box, side)
     h, w = rgb.shape[:2]
     mx, my = margin * (x1 - x0), margin * (y1 - y0)
@@ -131,29 +151,38 @@ def crop_photo(path, box, margin: float, side: int) -> np.ndarray:
     x1, y1 = min(w, int(round(x1 + mx))), min(h, int(round(y1 + my)))
     if x1 - x0 < 2 or y1 - y0 < 2:
         x0, y0, x1, y1 = 0, 0, w, h
-    grey = cv2.cvtColor(np.ascontiguousarray(rgb[y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY)
-    scale = side / max(grey.shape)
-    size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
-    return cv2.resize(grey, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+    crop = np.ascontiguousarray(rgb[y0:y1, x0:x1])
+    if grey:
+        crop = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)
+    scale = side / max(crop.shape[:2])
+    size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
+    return cv2.resize(crop, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
 
 
-def prepare(method: str) -> None:
-    """Load a learned extractor once, in this process, before the photos are shared out: a missing
-    weights file is one error here, and the workers are threads sharing the one model."""
+def prepare(method: str, mask: bool = False) -> None:
+    """Load a learned extractor (and the animal mask's network) once, in this process, before the
+    photos are shared out: a missing weights file is one error here, and the workers are threads
+    sharing the one model."""
     if method == "xfeat":
         _xfeat_net()
+    if mask:
+        from whaleid.preprocess import subject_box
+        subject_box.network()
 
 
-def _one(job, margin: float, side: int, method: str, max_points: int, mirror: bool):
-    """Worker: (image, (points, desc, size, mirror points, mirror desc) or None, error)."""
+def _one(job, margin: float, side: int, method: str, max_points: int, mirror: bool, mask: bool = False):
+    """Worker: (image, (points, desc, size, mirror points, mirror desc, animal mask or None) or None, error)."""
     image, path, box = job
     try:
+        rgb = crop_rgb(path, box, margin, side) if mask else None
         grey = crop_photo(path, box, margin, side)
     except images.BadImage as e:
         return image, None, str(e)
-    pts, desc = features(grey, method, max_points)
-    m = features(np.ascontiguousarray(grey[:, ::-1]), method, max_points) if mirror else (None, None)
-    return image, (pts, desc, grey.shape[::-1], m[0], m[1]), None
+    animal = masks.animal_mask(rgb)[0] if mask else None
+    pts, desc = features(grey, method, max_points, animal)
+    m = (features(np.ascontiguousarray(grey[:, ::-1]), method, max_points,
+                  None if animal is None else np.ascontiguousarray(animal[:, ::-1])) if mirror else (None, None))
+    return image, (pts, desc, grey.shape[::-1], m[0], m[1], animal), None
 
 
 class Store:
@@ -180,6 +209,11 @@ class Store:
         a, b = part[p + "offsets"][i:i + 2]
         return part[p + "points"][a:b].astype(np.float32), part[p + "desc"][a:b]
 
+    def mask(self, image: str) -> np.ndarray | None:
+        """The photo's animal mask (keypoints.mask), on its crop at masks.SIDE px; None without masks."""
+        j, i = self.index[image]
+        return masks.unpack(self.parts[j], i) if "mask_bits" in self.parts[j] else None
+
     def size(self, image: str) -> tuple[int, int]:
         j, i = self.index[image]
         return tuple(int(v) for v in self.parts[j]["sizes"][i])
@@ -194,7 +228,8 @@ def store_path(session, stage: str) -> Path:
 
 
 def pack(results: list, method: str, mirror: bool) -> dict[str, np.ndarray]:
-    """[(image, points, desc, size, m_points, m_desc)] -> the npz's arrays."""
+    """[(image, points, desc, size, m_points, m_desc[, animal mask or None])] -> the npz's arrays (the
+    masks under mask_*, masks.pack's, when every photo has one)."""
     out = {"names": np.array([r[0] for r in results], dtype=str), "method": np.array(method),
            "weights": np.array(weights_digest(method)),
            "sizes": np.array([r[3] for r in results], np.int32).reshape(-1, 2)}
@@ -205,6 +240,8 @@ def pack(results: list, method: str, mirror: bool) -> dict[str, np.ndarray]:
         desc = [r[di] for r in results if len(r[di])]
         out[prefix + "points"] = np.concatenate(pts) if pts else np.zeros((0, 2), np.float16)
         out[prefix + "desc"] = np.concatenate(desc) if desc else np.zeros((0, WIDTH[method]), DTYPE[method])
+    if results and all(len(r) > 6 and r[6] is not None for r in results):
+        out.update(masks.pack([r[6] for r in results]))
     return out
 
 
@@ -224,9 +261,10 @@ def compute(run: Run, tables: tuple[str, ...], box_file: str) -> dict:
     photos = photos[photos.Image.isin(boxes.index)]
     jobs = [(r.Image, str(run.data / r.folder / r.Image),
              tuple(int(v) for v in boxes.loc[r.Image, ["x0", "y0", "x1", "y1"]])) for r in photos.itertuples()]
+    mask = run.setting("keypoints.mask")
     work = partial(_one, margin=run.setting("augment.margin"), side=run.setting("keypoints.side"),
-                   method=method, max_points=run.setting("keypoints.max_points"), mirror=mirror)
-    prepare(method)
+                   method=method, max_points=run.setting("keypoints.max_points"), mirror=mirror, mask=mask)
+    prepare(method, mask)
     results = []
     for image, got, error in run.map_resumable(work, jobs, "local features", key=lambda job: job[0], chunk=64):
         if error:
@@ -237,7 +275,8 @@ def compute(run: Run, tables: tuple[str, ...], box_file: str) -> dict:
     write_store(run, "keypoints.npz", arrays)
     n = np.diff(arrays["offsets"])
     return {"photos": len(results), "keypoints": int(n.sum()), "median_per_photo": float(np.median(n)) if len(n) else 0,
-            "mirrored": bool(mirror)}
+            "mirrored": bool(mirror), **({"median_mask_share": round(float(np.median(
+                [r[6].mean() for r in results])), 3) if results else 0} if mask else {})}
 
 
 def run_train(run: Run) -> dict:
