@@ -70,16 +70,21 @@ def _keypoints(session, *stages) -> dict[str, Path]:
 
 def wanted(cfg: dict, needed: set[str]) -> set[str]:
     """The stages that the `needed` ones read by their settings, not as upstream stages: the keypoint
-    stages when re-ranking (preprocess computes both ahead, as it does everything before training)."""
+    stages when re-ranking (preprocess computes both ahead, as it does everything before training),
+    the background stage when training on neutralised backgrounds."""
+    out = {BACKGROUND.name} if get_setting(cfg, "train.background") != "none" and needed & {"split", "train"} else set()
     if get_setting(cfg, "rerank.method") == "none":
-        return set()
-    return ({KEYPOINTS.name} if needed & {"split", "evaluate", "predict"} else set()) | \
+        return out
+    return out | ({KEYPOINTS.name} if needed & {"split", "evaluate", "predict"} else set()) | \
         ({TEST_KEYPOINTS.name} if needed & {"split", "predict"} else set())
+
+
+OPTIONAL = ("keypoints", "test_keypoints", "background")  # stages only some settings run
 
 
 def unused(cfg: dict) -> set[str]:
     """The optional stages these settings never run (status says so instead of "missing")."""
-    return {KEYPOINTS.name, TEST_KEYPOINTS.name} - wanted(cfg, {"split", "predict"})
+    return set(OPTIONAL) - wanted(cfg, {"split", "train", "predict"})
 
 
 def status_line(name: str, status, cfg: dict) -> str:
@@ -89,8 +94,9 @@ def status_line(name: str, status, cfg: dict) -> str:
         m = status.manifest
         counts = ", ".join(f"{k} {v}" for k, v in m.get("counts", {}).items())
         return f"{name:<10} {status.state:<8} {m['finished']} ({m['seconds']:.1f}s) {counts}"
-    if name in {KEYPOINTS.name, TEST_KEYPOINTS.name} - wanted(cfg, {"split", "predict"}):
-        return f"{name:<10} {'unused':<8} {status.reason}; runs only with rerank.method = local"
+    if name in unused(cfg):
+        why = "train.background is not none" if name == "background" else "rerank.method = local"
+        return f"{name:<10} {'unused':<8} {status.reason}; runs only with {why}"
     return f"{name:<10} {status.state:<8} {status.reason}"
 
 
@@ -126,11 +132,25 @@ SPLIT = Stage(
     settings=("split.validation", "split.unseen_ids", "run.seed", "new_whale.share"),
     data=("train_only.csv", "encounters.csv"), upstream=("augment",))
 
+# training crops with the background neutralised (preprocess/background.py), for train.background only
+BACKGROUND = Stage(
+    "background", "whaleid.preprocess.background:run",
+    artifacts=("images/", "background_files.csv"), settings=("train.background", "augment.jpeg_quality"),
+    upstream=("split", "augment"))
+
+
+def _background_files(session) -> dict[str, Path]:
+    """train.background: the train stage reads the background stage's table by its content."""
+    if get_setting(session.cfg, "train.background") == "none":
+        return {}
+    return {"background_files.csv": session.dir(BACKGROUND.name) / "background_files.csv"}
+
+
 TRAIN = Stage(
     "train", "whaleid.learning.train:run",
     artifacts=("model.keras", "classes.json", "HISTORY.pickle", "history.csv", "MODEL_TIME.pickle"),
     settings=("run.seed", "run.image_size", "model.*", "train.*"),
-    upstream=("split", "augment"), files=(("model.weights", _weights_file),))
+    upstream=("split", "augment"), files=(("model.weights", _weights_file),), extra_inputs=_background_files)
 
 # local features for rerank.method = local (preprocess/keypoints.py): the training photos' (gallery and
 # validation queries, read by evaluate and predict) and the test photos' (predict only), apart so that
@@ -165,7 +185,7 @@ BY_COMMAND = {"preprocess": [DEDUP, FORMAT, BOXES, AUGMENT, SPLIT],
               "train": [TRAIN],
               "evaluate": [EVALUATE],
               "predict": [PREDICT]}
-ALL = BY_COMMAND["preprocess"] + [TRAIN, KEYPOINTS, TEST_KEYPOINTS, EVALUATE, PREDICT]  # pipeline order
+ALL = BY_COMMAND["preprocess"] + [BACKGROUND, TRAIN, KEYPOINTS, TEST_KEYPOINTS, EVALUATE, PREDICT]  # pipeline order
 
 
 # ---------------------------------------------------------------- identify's stages (inference/identify.py)

@@ -242,7 +242,8 @@ def write_outputs(run: Run, loop: TrainingLoop, classes: list[str], where: Place
     best = history[monitor][best_epoch - 1]
     run.echo(f"best {monitor} {best:.4f} at epoch {best_epoch} of {len(loop.progress.rows)}; model in {run.path('model.keras')}")
     counts = {"epochs": len(loop.progress.rows), "best_epoch": best_epoch, f"best_{monitor}": round(best, 4),
-              "classes": len(classes), "replicas": where.replicas, "precision": where.precision, "xla": built.xla}
+              "classes": len(classes), "training_files": len(loop.data.train), "replicas": where.replicas,
+              "precision": where.precision, "xla": built.xla}
     if where.workers.several:
         counts["workers"] = where.workers.count
     rates = loop.progress.rates[1:] or loop.progress.rates  # the first epoch of a process includes tracing
@@ -266,6 +267,22 @@ def eval_batch(plan, replicas: int) -> int:
     return max(1, plan.size // replicas)
 
 
+def background_copies(run: Run) -> pd.DataFrame | None:
+    """train.background: the background stage's neutralised copies of the training files (File, Image,
+    Id, ...), with flip_ids' mirrored ids as their originals have them; None when off."""
+    if run.setting("train.background") == "none":
+        return None
+    path = run.session.dir("background") / "background_files.csv"
+    if not path.is_file():
+        raise StageError(f"{path} is missing: the background stage has not run (train.background runs it)")
+    copies = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if run.setting("train.flip_ids"):
+        final = run.read_csv("augment", "TRAINING_FILE_FINAL.csv")
+        variant_of = {"bg-" + f: v for f, v in zip(final.File, final.variant)}
+        copies = augment.flip_ids(copies, variant_of)
+    return copies
+
+
 def read_inputs(run: Run) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """Training and validation files (with a class index `y` and a full `path`) and the class list."""
     train = run.read_csv("split", "train_files.csv")
@@ -273,6 +290,7 @@ def read_inputs(run: Run) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     images = run.upstream("augment", "images")
     if train.empty:
         raise StageError("split/train_files.csv lists no training images: nothing to train on")
+    copies = background_copies(run)
     if run.setting("train.flip_ids"):
         final = run.read_csv("augment", "TRAINING_FILE_FINAL.csv")
         variant_of = dict(zip(final.File, final.variant))
@@ -288,6 +306,10 @@ def read_inputs(run: Run) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     for df in (train, val):
         df["y"] = df.Id.map(index).astype("int32")
         df["path"] = [str(images / f) for f in df.File]
+    if copies is not None:  # training only: validation and every scored photo keep their background
+        copies = copies.assign(y=copies.Id.map(index).astype("int32"),
+                               path=[str(run.session.dir("background") / "images" / f) for f in copies.File])
+        train = pd.concat([train, copies[train.columns]], ignore_index=True)
     missing = [p for p in pd.concat([train.path, val.path]) if not os.path.exists(p)]
     if missing:
         raise StageError(f"{len(missing)} images listed by split are missing from {images} (e.g. {missing[0]}); "

@@ -101,6 +101,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
     "predict.merge": ("vote", "mean"),
     "predict.sides": ("same", "any"),
+    "train.background": ("none", "blur", "grey"),
     "boxes.detector": ("cnn", "subject", "grabcut", "dark", "hsv"),
     "train.lr_schedule": ("constant", "cosine"),
     "identify.boxes": ("auto", "detect", "whole"),
