@@ -84,3 +84,21 @@ def test_predict_never_names_an_id_seen_only_from_the_other_side(tiny_set, tmp_p
     whaleid("predict", "--data", data, "--work", work, "--set", "predict.sides=any")
     again = pd.read_csv(work / "predict" / "predictions.csv", dtype=str).set_index("Image")
     assert all(again.Id[r.Image] == preds.Id[r.Image] for r in model)
+
+
+def test_identify_reads_the_batch_sides_and_the_catalogue_sides(tmp_path):
+    from whaleid.inference import identify
+    from whaleid.pipeline.files import StageError
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    (batch / "a.jpg").write_bytes(b"x")
+    inputs = {"file/photos": batch}
+    assert identify.sides(inputs, ["a.jpg", "b.jpg"]) is None  # the batch does not say: every side meets every side
+    pd.DataFrame({"photo": ["a.jpg"], "Side": ["Left"]}).to_csv(batch / "sides.csv", index=False)
+    pd.DataFrame({"Image": ["c1.jpg", "c2.jpg"], "Side": ["right", "unknown"]}).to_csv(tmp_path / "cat.csv", index=False)
+    got = identify.sides({**inputs, "file/sides.csv": tmp_path / "cat.csv"}, ["a.jpg", "b.jpg"])
+    assert got == {"c1.jpg": "right", "a.jpg": "left", "b.jpg": "unknown"}
+    assert [p for p, _ in identify.list_photos(batch)] == ["a.jpg"]  # the table is not a photo
+    pd.DataFrame({"photo": ["a.jpg"], "Side": ["up"]}).to_csv(batch / "sides.csv", index=False)
+    with pytest.raises(StageError, match=r"sides.csv, row 2: side 'up'"):
+        identify.sides(inputs, ["a.jpg"])
