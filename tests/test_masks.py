@@ -65,6 +65,9 @@ def test_masked_keypoints_stage_stores_masks_and_no_point_off_them(tiny_set, tmp
         assert m is not None and m.any() and masks.inside(m, pts, w, h).all(), name
     counts = json.loads((work / "keypoints/manifest.json").read_text())["counts"]
     assert 0 < counts["median_mask_share"] < 1
+    from whaleid.report import page as report  # the box sheets show the masks
+    index = report.write_report(work, tiny_set, out=tmp_path / "report", sample=4, seed=0)
+    assert (tmp_path / "report/boxes_masks.png").is_file() and "Animal masks" in index.read_text()
     out = whaleid("evaluate", "--work", work, *TINY, *LOCAL)
     assert "[keypoints] running (setting keypoints.mask changed (True -> False))" in out, out
     assert keypoints.Store(work / "keypoints/keypoints.npz").mask(name) is None

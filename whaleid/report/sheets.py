@@ -8,6 +8,7 @@ not the other way round. A section that cannot be drawn raises Missing with the 
 from __future__ import annotations
 
 import html
+import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from whaleid.report.drawing import BG, BLUE, GREY, INK, PANEL, RED, fit, font, scalable
 from whaleid.pipeline.stage import MANIFEST
+from whaleid.data import images
 from whaleid.data.tables import NEW_WHALE
 
 if TYPE_CHECKING:  # annotations only: page.py imports this module
@@ -273,6 +275,7 @@ def section_boxes(work: Path, photos: Photos, w: Writer, sample: int, rng: np.ra
             name = w.png(f"boxes_{_safe(method)}{suffix}.png",
                          sheet(ptitle, rows_of_tiles, f"red: {what}, drawn just outside it"))
             parts.append(figure(name, ptitle))
+    parts.append(section_masks(work, photos, w, boxes, sample, rng))
     return join_html(parts)
 
 
@@ -324,3 +327,40 @@ def section_dedup(work: Path, photos: Photos, w: Writer) -> str:
                                                           "red id: a conflicting id"))
         parts.append(figure(name, title))
     return join_html(parts)
+
+
+def section_masks(work: Path, photos: Photos, w: Writer, boxes: pd.DataFrame, sample: int,
+                  rng: np.random.Generator) -> str:
+    """keypoints.mask: the animal's mask of `sample` training photos, the rest of each crop darkened (the
+    keypoints stage's own crops and masks); nothing when the keypoints were not taken on masks."""
+    from whaleid.preprocess import keypoints, masks
+    path = work / "keypoints" / "keypoints.npz"
+    if not path.is_file() or photos.data is None:
+        return ""
+    store = keypoints.Store(path)
+    named = [n for n in store.index if n in set(boxes.Image)]
+    if not named or store.mask(named[0]) is None:
+        return ""
+    margin = json.loads((work / "keypoints" / "manifest.json").read_text())["settings"].get("augment.margin", 0.0)
+    chosen = [named[i] for i in sorted(rng.choice(len(named), size=min(sample, len(named)), replace=False))]
+    by_image = boxes.drop_duplicates("Image").set_index("Image")
+    tiles = []
+    for image in chosen:
+        b = by_image.loc[image]
+        try:
+            rgb = keypoints.crop_rgb(photos.path(image, "train"), (int(b.x0), int(b.y0), int(b.x1), int(b.y1)),
+                                     margin, max(TILE))
+        except images.BadImage:
+            photos.unreadable.add(image)
+            continue
+        m = store.mask(image)
+        on = masks.resized(m, rgb.shape[1], rgb.shape[0])[..., None]
+        shown = np.where(on, rgb, (rgb * 0.3).astype(np.uint8))
+        tiles.append(_tile(Image.fromarray(shown), [image, f"mask {m.mean():.0%} of the crop"]))
+    if not tiles:
+        return ""
+    title = f"Animal masks (keypoints.mask): {len(tiles)} training photos"
+    name = w.png("boxes_masks.png", sheet(title, [tile_row(t) for t in _chunks(tiles, 4)],
+                                          "darkened: off the animal's mask, where no keypoint is taken"))
+    return figure(name, title)
+
