@@ -171,9 +171,15 @@ def main(argv=None):
     ap.add_argument("--local", default="", help="comma-separated keypoints.method:rerank.matcher, e.g. xfeat:mutual")
     ap.add_argument("--points", type=int, default=1000)
     ap.add_argument("--shortlist", type=int, default=30)
+    ap.add_argument("--known-only", action="store_true",
+                    help="the gallery holds the tested individuals only (train_only.csv's left out), as "
+                         "bench_reid's closed-set top-1 counts them")
     args = ap.parse_args(argv)
     gallery = pd.read_csv(args.data / "train.csv", dtype=str, keep_default_na=False)
     gallery = gallery[gallery.Id != NEW_WHALE].reset_index(drop=True)
+    if args.known_only and (args.data / "train_only.csv").is_file():
+        only = set(pd.read_csv(args.data / "train_only.csv", dtype=str).Id)
+        gallery = gallery[~gallery.Id.isin(only)].reset_index(drop=True)
     solution = pd.read_csv(args.data / "solution.csv", dtype=str, keep_default_na=False)
     queries = solution[solution.Id != NEW_WHALE].reset_index(drop=True)
     print(f"{args.data}: {len(gallery)} train photos of {gallery.Id.nunique()} ids, {len(queries)} test photos of "
