@@ -25,8 +25,12 @@ def test_preprocess_then_status_then_cached(tiny_set, tmp_path):
     assert [lines[s] for s in ("dedup", "format", "boxes", "augment", "split")] == ["done"] * 5
     assert lines["train"] == "missing"
     assert lines["keypoints"] == lines["test_keypoints"] == "unused"  # optional: re-ranking only
+    assert lines["background"] == "unused"  # optional: train.background only
     code, out = whaleid("status", "--work", work, "--set", "rerank.method=local")
-    assert "keypoints  missing  never run" in out and "unused" not in out, out
+    assert "keypoints  missing  never run" in out and "keypoints unused" not in out.replace("  ", " "), out
+    assert "background unused" in out.replace("  ", " ").replace("  ", " "), out
+    code, out = whaleid("status", "--work", work, "--set", "train.background=blur")
+    assert "background missing" in " ".join(out.split()) and "keypoints unused" in " ".join(out.split()), out
     code, out = whaleid("preprocess", "--work", work, "--quiet")  # data and config remembered
     assert code == 0 and out.count("up to date (cached)") == 5, out
     # a changed setting reruns that stage and what follows, never what precedes it
