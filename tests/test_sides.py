@@ -1,6 +1,7 @@
 """Sides (issue 34): a photo's flank (left | right | unknown) from import-folders --side or a table;
 with predict.sides = same a photo is compared only with photos of its own side (unknown: with all),
 in the embedding's gallery, in local matching and in predict's answers; predict.sides = any ignores them."""
+import json
 import shutil
 
 import numpy as np
@@ -102,3 +103,23 @@ def test_identify_reads_the_batch_sides_and_the_catalogue_sides(tmp_path):
     pd.DataFrame({"photo": ["a.jpg"], "Side": ["up"]}).to_csv(batch / "sides.csv", index=False)
     with pytest.raises(StageError, match=r"sides.csv, row 2: side 'up'"):
         identify.sides(inputs, ["a.jpg"])
+
+
+def test_side_classes_train_each_flank_as_its_own_class_and_answer_the_true_id(tiny_set, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_set, data)
+    train = pd.read_csv(data / "train.csv", dtype=str)
+    pd.DataFrame({"Image": train.Image, "Side": ["left" if i % 2 else "right" for i in range(len(train))]}).to_csv(
+        data / "sides.csv", index=False)
+    work = tmp_path / "work"
+    whaleid("train", "--data", data, "--work", work, *TINY, "--set", "boxes.detector=dark")
+    plain = json.loads((work / "train/classes.json").read_text())
+    assert not any("@" in c for c in plain)
+    out = whaleid("predict", "--work", work, "--set", "train.side_classes=true")
+    assert "[train] running (setting train.side_classes changed" in out, out
+    assert "file/sides.csv" in json.loads((work / "train/manifest.json").read_text())["inputs"]
+    classes = json.loads((work / "train/classes.json").read_text())
+    assert {c.split("@")[0] for c in classes} == set(plain) and any(c.endswith("@left") for c in classes)
+    preds = pd.read_csv(work / "predict/submission.csv", dtype=str)
+    named = {i for ids in preds.Id for i in ids.split()}
+    assert named <= set(plain) | {"new_whale"}, named - set(plain)

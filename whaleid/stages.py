@@ -139,18 +139,23 @@ BACKGROUND = Stage(
     upstream=("split", "augment"))
 
 
-def _background_files(session) -> dict[str, Path]:
-    """train.background: the train stage reads the background stage's table by its content."""
-    if get_setting(session.cfg, "train.background") == "none":
-        return {}
-    return {"background_files.csv": session.dir(BACKGROUND.name) / "background_files.csv"}
+def _train_extras(session) -> dict[str, Path]:
+    """train.background: the background stage's table; train.side_classes: the data folder's sides.csv
+    (read by content, and only with those settings: a work folder without them is not made stale)."""
+    out = {}
+    if get_setting(session.cfg, "train.background") != "none":
+        out["background_files.csv"] = session.dir(BACKGROUND.name) / "background_files.csv"
+    data = session.data or (Path(d) if (d := read_record(session.work).get("data")) else None)
+    if get_setting(session.cfg, "train.side_classes") and data is not None and (Path(data) / "sides.csv").is_file():
+        out["sides.csv"] = Path(data) / "sides.csv"
+    return out
 
 
 TRAIN = Stage(
     "train", "whaleid.learning.train:run",
     artifacts=("model.keras", "classes.json", "HISTORY.pickle", "history.csv", "MODEL_TIME.pickle"),
     settings=("run.seed", "run.image_size", "model.*", "train.*"),
-    upstream=("split", "augment"), files=(("model.weights", _weights_file),), extra_inputs=_background_files)
+    upstream=("split", "augment"), files=(("model.weights", _weights_file),), extra_inputs=_train_extras)
 
 # local features for rerank.method = local (preprocess/keypoints.py): the training photos' (gallery and
 # validation queries, read by evaluate and predict) and the test photos' (predict only), apart so that

@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from whaleid.data.tables import read_sides
 from whaleid.preprocess import augment
 from whaleid.learning import devices, heads, inputs, model as models
 from whaleid.learning.callbacks import ClassifierValidation, EpochCheckpoint, ResumableEarlyStopping, RetrievalValidation, StepProgress
@@ -267,6 +268,20 @@ def eval_batch(plan, replicas: int) -> int:
     return max(1, plan.size // replicas)
 
 
+SIDE_CLASS = "@"  # train.side_classes: <id>@left and <id>@right are trained as two classes
+
+
+def side_classes(run: Run, table: pd.DataFrame | None) -> pd.DataFrame | None:
+    """train.side_classes: a photo of known side is learnt as <id>@<side> (an animal's left and right
+    flanks carry different marks: one class centre for both must average them). Scoring compares
+    photos with gallery photos of their true ids, so nothing else changes."""
+    if table is None or not run.setting("train.side_classes"):
+        return table
+    sides = read_sides(run.data)
+    side = table.Image.map(sides)
+    return table.assign(Id=[i if not isinstance(s, str) else f"{i}{SIDE_CLASS}{s}" for i, s in zip(table.Id, side)])
+
+
 def background_copies(run: Run) -> pd.DataFrame | None:
     """train.background: the background stage's neutralised copies of the training files (File, Image,
     Id, ...), with flip_ids' mirrored ids as their originals have them; None when off."""
@@ -291,6 +306,7 @@ def read_inputs(run: Run) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     if train.empty:
         raise StageError("split/train_files.csv lists no training images: nothing to train on")
     copies = background_copies(run)
+    train, val, copies = (side_classes(run, t) for t in (train, val, copies))
     if run.setting("train.flip_ids"):
         final = run.read_csv("augment", "TRAINING_FILE_FINAL.csv")
         variant_of = dict(zip(final.File, final.variant))
