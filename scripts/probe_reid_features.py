@@ -112,8 +112,9 @@ def sift(data: Path, gallery: pd.DataFrame, queries: pd.DataFrame, side: int) ->
 
 
 def local(data: Path, gallery: pd.DataFrame, queries: pd.DataFrame, spec: str, side: int, points: int,
-          shortlist: int) -> None:
+          shortlist: int, mask: bool = False) -> None:
     from whaleid.preprocess.keypoints import as_float, features
+    from whaleid.preprocess.masks import animal_mask
     from whaleid.similarity.local import Matcher, verify
 
     method, pairing = spec.split(":")
@@ -124,7 +125,8 @@ def local(data: Path, gallery: pd.DataFrame, queries: pd.DataFrame, spec: str, s
         h, w = grey.shape
         scale = side / max(h, w)
         grey = cv2.resize(grey, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
-        pts, desc = features(grey, method, points)
+        on = animal_mask(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB))[0] if mask else None
+        pts, desc = features(grey, method, points, on)
         return pts.astype(np.float32), as_float(desc) if method != "orb" else desc, grey.shape[::-1]
 
     G = [feats(data / "train" / f) for f in gallery.Image]
@@ -145,6 +147,7 @@ def local(data: Path, gallery: pd.DataFrame, queries: pd.DataFrame, spec: str, s
         for key in hits:
             hits[key].append(ids[int(np.argmax(best[key]))] == truth)
     extra = f", LighterGlue on the {shortlist} photos with most XFeat mutual matches" if coarse is not None else ""
+    extra += ", keypoints on the animal's mask only" if mask else ""
     print(f"{method} + {pairing} at {side} px, {points} points{extra}: by matches {np.mean(hits['matches']):.3f}, "
           f"by RANSAC inliers {np.mean(hits['inliers']):.3f} ({time.time() - t:.0f} s)", flush=True)
 
@@ -170,6 +173,7 @@ def main(argv=None):
     ap.add_argument("--no-cnn", action="store_true")
     ap.add_argument("--local", default="", help="comma-separated keypoints.method:rerank.matcher, e.g. xfeat:mutual")
     ap.add_argument("--points", type=int, default=1000)
+    ap.add_argument("--mask", action="store_true", help="--local: keypoints on the animal's mask only (keypoints.mask)")
     ap.add_argument("--shortlist", type=int, default=30)
     ap.add_argument("--known-only", action="store_true",
                     help="the gallery holds the tested individuals only (train_only.csv's left out), as "
@@ -190,7 +194,7 @@ def main(argv=None):
     if not args.no_sift:
         sift(args.data, gallery, queries, args.sift_side)
     for spec in filter(None, args.local.split(",")):
-        local(args.data, gallery, queries, spec, args.sift_side, args.points, args.shortlist)
+        local(args.data, gallery, queries, spec, args.sift_side, args.points, args.shortlist, args.mask)
 
 
 if __name__ == "__main__":
