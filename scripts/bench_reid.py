@@ -141,6 +141,18 @@ def encounter_pattern(value: str, roots: list[Path]) -> str | None:
     return SIGHTING if names and all(re.match(SIGHTING, n) for n in names) else None
 
 
+def forgotten(work: Path, sets: list[str]) -> list[str]:
+    """--unset for every --set value WORK remembers from an earlier benchmark run that this run does not
+    pass (a work folder remembers them), so each run's settings are exactly the ones it prints; the
+    box table (import-folders' boxes.csv) and the head stay."""
+    record = work / "whaleid.json"
+    if not record.is_file():
+        return []
+    keep = {s.split("=", 1)[0] for s in sets} | {"boxes.import_csv", "model.head"}
+    old = [s.split("=", 1)[0] for s in json.loads(record.read_text()).get("set", [])]
+    return [a for k in old if k not in keep for a in ("--unset", k)]
+
+
 def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(t) for t in text.split(",") if t.strip()]
@@ -246,7 +258,7 @@ def run_seed(args, heads: list[str], seed: int, work: Path) -> list[tuple]:
     base = work / "base"
     t = time.time()
     whaleid("preprocess", "--data", data, "--work", base, *boxes, "--quiet",
-            *[a for s in sets for a in ("--set", s)], log=log)
+            *[a for s in sets for a in ("--set", s)], *forgotten(base, sets), log=log)
     report = json.loads((base / "split" / "split_report.json").read_text())
     print(f"preprocess: {time.time() - t:.0f}s; split {report['photos']}, {report['ids_in_training']} ids trained, "
           f"{report['unseen_ids']} held out to tune new_whale")
@@ -258,6 +270,7 @@ def run_seed(args, heads: list[str], seed: int, work: Path) -> list[tuple]:
             shutil.copytree(base, hw, symlinks=True)  # copy2 keeps mtimes: the copied stages stay cached
         t = time.time()
         common = ["--work", hw, "--quiet", "--set", f"model.head={head}", *[a for s in sets for a in ("--set", s)]]
+        common += forgotten(hw, sets)
         whaleid("train", *common, log=log)
         whaleid("evaluate", *common, "--tune-threshold", log=log)
         whaleid("predict", *common, log=log)
