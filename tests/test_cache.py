@@ -23,7 +23,7 @@ from conftest import ROOT, cli, whaleid
 TINY = ["--config", str(ROOT / "configs/scratch.toml"), "--set", "model.backbone=tiny", "--set", "run.image_size=48",
         "--set", "train.epochs=2", "--set", "train.batch_size=16", "--quiet"]
 ORDER = [s.name for s in ALL]
-PREDICT_NEEDS = [s for s in ORDER if s not in ("evaluate", "keypoints", "test_keypoints")]  # (no re-ranking)
+PREDICT_NEEDS = [s for s in ORDER if s not in ("evaluate", "keypoints", "test_keypoints", "background")]  # (no re-ranking, no train.background)
 
 
 # ---------------------------------------------------------------- fingerprints and the stat cache
