@@ -216,3 +216,15 @@ def test_average_ranks_match_counting():
         x = rng.integers(0, distinct, n).astype(float)
         below, equal = (x[None, :] < x[:, None]).sum(1), (x[None, :] == x[:, None]).sum(1)
         assert np.array_equal(average_ranks(x), below + (equal + 1) / 2)
+
+
+def test_a_config_extends_another_and_says_only_what_it_changes(tmp_path):
+    child = tmp_path / "child.toml"
+    child.write_text('extends = "cpu"\n[train]\nepochs = 3\n')
+    cfg, cpu = config.load(child), config.load("cpu")
+    assert config.get(cfg, "train.epochs") == 3 and config.get(cpu, "train.epochs") != 3
+    assert {k: v for k, v in cfg["model"].items()} == cpu["model"]  # the rest is cpu's
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
+    with pytest.raises(config.ConfigError, match="goes round in a circle"):
+        config.load(tmp_path / "a.toml")

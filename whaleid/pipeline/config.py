@@ -335,13 +335,29 @@ def parse_override(text: str) -> tuple[str, str, object]:
     return section, key, value
 
 
+def layers(path: Path, seen: tuple = ()) -> list[tuple[dict, str]]:
+    """A config file's tables, after those of the config it `extends` (a shipped name or a file; top
+    level `extends = "cpu"`): a config says only what it changes."""
+    table = _read_toml(path)
+    base = table.pop("extends", None)
+    if base is None:
+        return [(table, str(path))]
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends must name a config (a shipped name such as cpu, or a file)")
+    near = path.parent / base
+    base_path = resolve(near if near.is_file() else base)
+    if base_path.resolve() in seen or len(seen) > 8:
+        raise ConfigError(f"{path}: extends {base!r} goes round in a circle")
+    return layers(base_path, seen + (path.resolve(),)) + [(table, str(path))]
+
+
 def load(path=None, overrides=()) -> dict:
     """The shipped defaults, then the TOML file `path` (a path, or a shipped name such as "cpu"; None:
     defaults only), then the `section.key=value` overrides; every value checked (see validate)."""
     cfg = defaults()
     if path is not None:
-        path = resolve(path)
-        merge(cfg, _read_toml(path), str(path))
+        for table, source in layers(resolve(path)):
+            merge(cfg, table, source)
     for text in overrides:
         section, key, value = parse_override(text)
         merge(cfg, {section: {key: value}}, f"--set {text}")
