@@ -108,3 +108,13 @@ def test_split_holds_out_train_only_ids_and_predict_never_names_them(tmp_path, h
     named = {label for line in pd.read_csv(work / "submission.csv").Id for label in line.split()}
     assert named and not named & {f"x{i}" for i in range(5)}, "a train-only individual is never an answer"
     assert named - {"new_whale"} <= tested
+    # evaluate ranks as predict does: a train-only individual's validation photo can only be a new whale
+    out = whaleid("evaluate", "--work", work, *tiny, "--set", "evaluate.new_whale_share=0.9")
+    extra_ids = {f"x{i}" for i in range(5)}
+    val_extra = set(s.Image[(s.subset == "val") & s.Id.isin(extra_ids)])
+    assert val_extra, "the split gives the trained train-only individuals validation photos"
+    vp = pd.read_csv(work / "evaluate" / "val_predictions.csv", dtype=str, keep_default_na=False)
+    assert val_extra <= set(vp.Image) and (vp[vp.Image.isin(val_extra)].truth == "new_whale").all()
+    assert set(vp.truth) - {"new_whale"} <= tested and set(vp.truth) & tested
+    assert not {label for a in vp.answer for label in a.split()} & extra_ids
+    assert "train-only individuals are never an answer" in out

@@ -115,3 +115,17 @@ def test_too_few_new_whales_are_all_used():
     split = _split(n_val=30, n_unseen=2, n_new=3)
     ev = evaluate.open_set(split, 0.27, seed=42)
     assert (ev.truth == NEW_WHALE).sum() == 5 and len(ev) == 35
+
+
+def test_train_only_ids_validation_photos_are_new_whales():
+    """Train-only ids are never an answer in predict; evaluate's open set treats their photos the same way."""
+    split = _split(n_val=30, n_unseen=0, n_new=100)
+    ev = evaluate.open_set(split, 0.5, seed=42, never={"w_1", "w_2"})
+    banned = split[(split.subset == "val") & split.Id.isin({"w_1", "w_2"})]
+    known = ev[ev.truth != NEW_WHALE]
+    assert len(known) == 30 - len(banned) and not known.Id.isin({"w_1", "w_2"}).any()
+    assert len(ev) - len(known) == len(known)  # the share holds over the answerable photos
+    drawn = ev[ev.Image.isin(banned.Image)]
+    assert (drawn.truth == NEW_WHALE).all()
+    everything = evaluate.open_set(split, 0.99, seed=42, never={"w_1", "w_2"})
+    assert set(banned.Image) <= set(everything.Image[everything.truth == NEW_WHALE])

@@ -6,7 +6,9 @@ The validation photos of known ids keep their id; the photos of ids held out of 
 (augment's original variant) goes through the same TTA and merge as predict.
 
 The photos are ranked by inference/ranking.py, as predict and identify rank theirs; the gallery is
-the training split's photos, so the held-out ids really are new. With encounters (split.csv's
+the training split's photos, so the held-out ids really are new; train-only individuals
+(import-folders --train-only) are never an answer, as in predict, so the figures, the threshold and
+the fusion are those of the problem predict solves (their photos are new whales here). With encounters (split.csv's
 Encounter column) no query is scored by a photo of its own encounter, so the threshold and the
 fusion are fitted across encounters, as a researcher's new photos come. With rerank.method = local the
 fusion is fitted here (cross-fitted on validation halves) and written for predict and identify.
@@ -35,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from whaleid.data.tables import NEW_WHALE, read_sides
+from whaleid.data.tables import NEW_WHALE, read_sides, read_train_only
 from whaleid.inference import ranking
 from whaleid.inference.embedding import Embedder
 from whaleid.learning import model as models
@@ -52,11 +54,13 @@ from whaleid.similarity.threshold import model_digest
 SWEEP = np.round(np.append(np.arange(0.0, 1.0001, 0.01), 1.01), 2)
 
 
-def open_set(split: pd.DataFrame, share: float, seed: int) -> pd.DataFrame:
+def open_set(split: pd.DataFrame, share: float, seed: int, never=frozenset()) -> pd.DataFrame:
     """Image, truth: val photos with their id, plus new whales (unseen ids and new_whale photos)
-    sampled to `share` of the result when there are enough of them."""
-    val = split[split.subset == "val"].assign(truth=lambda d: d.Id)
-    new = split[split.subset.isin(["unseen", "new_whale"])].assign(truth=NEW_WHALE)
+    sampled to `share` of the result when there are enough of them. `never` (train-only ids): as in
+    predict they are never an answer, so their val photos are new whales too."""
+    val = split[(split.subset == "val") & ~split.Id.isin(never)].assign(truth=lambda d: d.Id)
+    new = split[split.subset.isin(["unseen", "new_whale"]) | ((split.subset == "val") & split.Id.isin(never))]
+    new = new.assign(truth=NEW_WHALE)
     want = int(round(share * len(val) / (1 - share))) if share < 1 else len(new)
     if len(new) > want:
         new = new.sample(n=want, random_state=seed).sort_values("Image")
@@ -69,7 +73,12 @@ def answers_at(rankings: list[tuple[list[str], list[float]]], thr: float, k: int
 
 def run(run: Run) -> dict:
     split = run.read_csv("split", "split.csv")
-    evalset = open_set(split, run.setting("evaluate.new_whale_share"), run.setting("run.seed"))
+    never = read_train_only(run.data / "train_only.csv")
+    evalset = open_set(split, run.setting("evaluate.new_whale_share"), run.setting("run.seed"), never)
+    if never:
+        run.echo(f"validation as predict ranks: the {len(never)} train-only individuals are never an answer "
+                 f"({int(((split.subset == 'val') & split.Id.isin(never)).sum())} of their validation photos "
+                 f"can only be new whales); {int((evalset.truth != NEW_WHALE).sum())} validation photos of answerable ids")
     if evalset.empty:
         raise StageError("the split has no validation photos to evaluate on (too few photos per id?)")
     net = models.load_model(run.upstream("train", "model.keras"))
@@ -79,7 +88,8 @@ def run(run: Run) -> dict:
     encounters = ranking.photo_rule(run, dict(zip(split.Image, split.Encounter)) if "Encounter" in split.columns else None,
                                     read_sides(run.data))
     signals = ranking.signals(run, gallery, fitted=True, encounters=encounters)
-    ranker = ranking.Ranker(run, net, gallery, run.setting("predict.top_k"), signals=signals, encounters=encounters)
+    ranker = ranking.Ranker(run, net, gallery, run.setting("predict.top_k"), never=never, signals=signals,
+                            encounters=encounters)
     folder, original = run.upstream("augment", "images"), originals(files)
     jobs = [(r.Image, str(folder / original[r.Image]), None) for r in evalset.itertuples()]
     truth_of = dict(zip(evalset.Image, evalset.truth))
