@@ -1,6 +1,8 @@
 """Local-feature re-ranking (keypoints.py, rerank.py): RootSIFT and RANSAC on constructed images, the
 fusion's calibration on constructed scores, and that the fusion is never fitted on test photos."""
 import cv2
+import json
+
 import numpy as np
 import pytest
 
@@ -126,6 +128,32 @@ def test_fusion_lifts_verified_ids_and_is_cross_fitted():
     changed[7] = "nobody"
     again = fusion.cross_fitted(rankings, inliers, changed, names, 10, 5)
     assert again[7] == fused[7]
+
+
+def test_local_fusion_ranks_by_inliers_and_breaks_ties_by_the_embedding():
+    """rerank.fusion = local: the candidate with most inliers first whatever the embedding says, equal
+    inliers in the embedding's order, and the score (for the threshold) never falls as inliers rise."""
+    names, truths, rankings, inliers = constructed_queries()
+    fitted = fusion.fit(rankings, inliers, truths, 10, mode="local")
+    assert fitted.mode == "local" and fusion.Fusion.from_json(fitted.to_json()) == fitted
+    labels, scores = ["a", "b", "c", "d"], [0.9, 0.8, 0.7, 0.6]
+    got, fused = fusion.fused_ranking((labels, scores), np.array([3.0, 40.0, 3.0, 0.0]), fitted, 4)
+    assert got == ["b", "a", "c", "d"] and fused == sorted(fused, reverse=True) and fused[0] > fused[1]
+    # a slope fitted <= 0 (flat local evidence) cannot invert the order of the scores
+    flat = fusion.Fusion((1.0, 0.0), (-0.5, -2.0), mode="local")
+    assert np.all(np.diff(flat.fused([0.5] * 4, [0, 5, 50, 500])) >= 0)
+    fused = fusion.cross_fitted(rankings, inliers, truths, names, 10, 5, mode="local")
+    assert np.mean([labels[0] == t for (labels, _), t in zip(fused, truths)]) > 0.95
+
+
+def test_predict_refuses_a_calibration_fitted_for_another_fusion(tmp_path):
+    from whaleid.pipeline.stage import StageError
+    (tmp_path / "evaluate").mkdir()
+    fitted = fusion.Fusion((1.0, 0.0), (1.0, -2.0), 10, 2, mode="average")
+    (tmp_path / "evaluate" / "calibration.json").write_text(json.dumps({"method": "local", **fitted.to_json()}))
+    assert fusion.read_calibration(tmp_path, "average") == fitted
+    with pytest.raises(StageError, match="rerank.fusion = average.*--set rerank.fusion=local"):
+        fusion.read_calibration(tmp_path, "local")
 
 
 def test_predict_refuses_to_fuse_without_a_validation_calibration(tmp_path):

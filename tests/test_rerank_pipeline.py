@@ -55,6 +55,15 @@ def test_rerank_settings_rerun_evaluate_and_predict_only(tiny_set, tmp_path):
     assert all(f"[{s}] up to date" in out for s in UPSTREAM + ("test_keypoints",)), out
     assert json.loads((work / "evaluate/metrics.json").read_text())["rerank"]["candidates"] == 3
 
+    # rerank.fusion is evaluate's to fit: predict refuses the other fusion's calibration, then uses it
+    by_local = [*fewer, "--set", "rerank.fusion=local"]
+    code, out = cli("predict", "--work", work, *TINY, *by_local)
+    assert code != 0 and "--set rerank.fusion=local first" in out, out
+    whaleid("evaluate", "--work", work, *TINY, *by_local, "--tune-threshold")
+    assert json.loads((work / "evaluate/calibration.json").read_text())["mode"] == "local"
+    out = whaleid("predict", "--work", work, *TINY, *by_local)
+    assert "using the tuned new_whale threshold" in out, out
+
     # back to no re-ranking: predict reruns, reading no keypoints; nothing upstream runs
     out = whaleid("predict", "--work", work, *TINY)
     assert "[predict] running (setting rerank" in out and "keypoints" not in out, out

@@ -106,7 +106,8 @@ def signals(run: Run, gallery: pd.DataFrame, stores: tuple[str, ...] = ("keypoin
         return []
     store = Store(*(store_path(run.session, s) for s in stores), *([extra_store()] if extra_store else []))
     reranker = local.reranker(run.setting, store, gallery, encounters)
-    return [local.LocalSignal(reranker, None if fitted else read_calibration(run.work), prefix)]
+    mode = run.setting("rerank.fusion")
+    return [local.LocalSignal(reranker, None if fitted else read_calibration(run.work, mode), prefix, mode)]
 
 
 def photo_rule(run: Run, encounters: dict | None, sides: dict | None) -> Encounters | None:

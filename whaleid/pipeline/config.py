@@ -108,6 +108,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "keypoints.method": ("sift", "orb", "xfeat"),   # (AKAZE left OpenCV 5's main module: not offered)
     "rerank.matcher": ("ratio", "mutual", "lighterglue"),
     "rerank.method": ("none", "local"),
+    "rerank.fusion": ("average", "local"),
     "rerank.geometry": ("homography", "similarity", "none"),
 }
 # model.head: the names in pipeline/head_names.py, asked when a value is checked (see choices()),

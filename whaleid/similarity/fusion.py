@@ -1,8 +1,12 @@
 """Fusing the embedding's score with the local-feature score (similarity/local.py), as WildFusion
 (Cermak et al. 2024): each score is mapped to a match probability by a logistic fit on validation
-(query, candidate id) pairs, same id or not, and the two probabilities are averaged. evaluate fits it
-(never on test photos) and writes WORK/evaluate/calibration.json; predict and identify read it. The
-new_whale threshold then works on the fused score.
+(query, candidate id) pairs, same id or not, and the two probabilities are averaged (rerank.fusion =
+average). rerank.fusion = local ranks the candidates by their local evidence (inliers) alone, the
+embedding only shortlisting them and breaking ties, and scores each by P(same | inliers): for a matcher
+that is stronger than the embedding (learned matchers on the animal's mask, docs/measurements.md),
+which a validation set too small to fit the average's weights cannot show. evaluate fits the
+calibrations (never on test photos) and writes WORK/evaluate/calibration.json; predict and identify
+read it. The new_whale threshold then works on the fused score.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import numpy as np
 from whaleid.pipeline.stage import StageError
 
 CALIBRATION = "calibration.json"  # WORK/evaluate/calibration.json: the fusion, fitted on validation
+MODES = ("average", "local")      # rerank.fusion
 
 
 def sigmoid(z):
@@ -49,27 +54,39 @@ def local_feature(inliers):
 
 @dataclass(frozen=True)
 class Fusion:
-    """Two calibrations (a, b) and their average: what a (query, id) pair's fused score is."""
+    """Two calibrations (a, b) and how they combine (`mode`, rerank.fusion): what a (query, id) pair's
+    fused score is."""
     embedding: tuple[float, float]
     local: tuple[float, float]
     pairs: int = 0
     same: int = 0
+    mode: str = "average"
 
     def p_embedding(self, scores):
         return sigmoid(self.embedding[0] * np.asarray(scores, np.float64) + self.embedding[1])
 
     def p_local(self, inliers):
-        return sigmoid(self.local[0] * local_feature(inliers) + self.local[1])
+        # more inliers never lowers the probability (a slope fitted <= 0 says the evidence is flat)
+        return sigmoid(max(self.local[0], 0.0) * local_feature(inliers) + self.local[1])
 
     def fused(self, scores, inliers) -> np.ndarray:
+        if self.mode == "local":
+            return self.p_local(inliers)
         return 0.5 * (self.p_embedding(scores) + self.p_local(inliers))
+
+    def order(self, scores, inliers) -> np.ndarray:
+        """Candidates best first: by fused score, or (local) by inliers, the embedding breaking ties."""
+        if self.mode == "local":
+            return np.lexsort((-np.asarray(scores, np.float64), -np.asarray(inliers, np.float64)))
+        return np.argsort(-self.fused(scores, inliers), kind="stable")
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> "Fusion":
-        return cls(tuple(data["embedding"]), tuple(data["local"]), int(data.get("pairs", 0)), int(data.get("same", 0)))
+        return cls(tuple(data["embedding"]), tuple(data["local"]), int(data.get("pairs", 0)), int(data.get("same", 0)),
+                   data.get("mode", "average"))
 
     @classmethod
     def read(cls, path: Path) -> "Fusion":
@@ -87,10 +104,10 @@ def pairs(rankings: list, inliers: list, truths: list[str], candidates: int):
     return np.array(e, np.float64), np.array(n, np.float64), np.array(y, bool)
 
 
-def fit(rankings: list, inliers: list, truths: list[str], candidates: int) -> Fusion:
+def fit(rankings: list, inliers: list, truths: list[str], candidates: int, mode: str = "average") -> Fusion:
     """The fusion fitted on labelled (validation) queries: new whales too, as negatives only."""
     e, n, y = pairs(rankings, inliers, truths, candidates)
-    return Fusion(fit_logistic(e, y), fit_logistic(local_feature(n), y), int(len(y)), int(y.sum()))
+    return Fusion(fit_logistic(e, y), fit_logistic(local_feature(n), y), int(len(y)), int(y.sum()), mode)
 
 
 def fused_ranking(ranking: tuple, inliers: np.ndarray, fusion: Fusion, k: int) -> tuple[list[str], list[float]]:
@@ -99,26 +116,27 @@ def fused_ranking(ranking: tuple, inliers: np.ndarray, fusion: Fusion, k: int) -
     counts = np.zeros(len(labels))
     counts[: len(inliers)] = inliers[: len(labels)]
     fused = fusion.fused(scores, counts)
-    order = np.argsort(-fused, kind="stable")[:k]
+    order = fusion.order(scores, counts)[:k]
     return [labels[i] for i in order], [float(fused[i]) for i in order]
 
 
 def cross_fitted(rankings: list, inliers: list, truths: list[str], names: list[str], candidates: int,
-                 k: int) -> list[tuple[list[str], list[float]]]:
+                 k: int, mode: str = "average") -> list[tuple[list[str], list[float]]]:
     """Re-ranked validation queries, each scored by a fusion fitted on the other half of the queries
     (2-fold, halves by photo name), so evaluate's figures are not measured on the pairs they were fit on."""
     fold = np.array([zlib.crc32(n.encode()) % 2 for n in names], int)
     out: list = [None] * len(rankings)
     for f in (0, 1):
         train = np.flatnonzero(fold != f)
-        fusion = fit([rankings[i] for i in train], [inliers[i] for i in train], [truths[i] for i in train], candidates)
+        fusion = fit([rankings[i] for i in train], [inliers[i] for i in train], [truths[i] for i in train], candidates,
+                     mode)
         for i in np.flatnonzero(fold == f):
             out[i] = fused_ranking(rankings[i], inliers[i], fusion, k)
     return out
 
 
-def read_calibration(work: Path) -> Fusion:
-    """The fusion evaluate fitted, or a clear error naming the command that fits it."""
+def read_calibration(work: Path, mode: str = "average") -> Fusion:
+    """The fusion evaluate fitted (for rerank.fusion = `mode`), or a clear error naming the command that fits it."""
     path = Path(work) / "evaluate" / CALIBRATION
     try:
         data = json.loads(path.read_text())
@@ -127,4 +145,8 @@ def read_calibration(work: Path) -> Fusion:
     if data.get("method") != "local":
         raise StageError(f"rerank.method = local fuses scores by the calibration evaluate fits on validation, and "
                          f"{path} has none: run whaleid evaluate --work {work} --set rerank.method=local first")
-    return Fusion.from_json(data)
+    fusion = Fusion.from_json(data)
+    if fusion.mode != mode:
+        raise StageError(f"{path} was fitted with rerank.fusion = {fusion.mode}, and this run asks for {mode}: "
+                         f"run whaleid evaluate --work {work} --set rerank.fusion={mode} first")
+    return fusion

@@ -237,8 +237,8 @@ class LocalSignal:
 
     name = "local"  # rerank.method
 
-    def __init__(self, reranker: Reranker, fusion: Fusion | None = None, prefix: str = ""):
-        self.reranker, self.fusion, self.prefix = reranker, fusion, prefix
+    def __init__(self, reranker: Reranker, fusion: Fusion | None = None, prefix: str = "", mode: str = "average"):
+        self.reranker, self.fusion, self.prefix, self.mode = reranker, fusion, prefix, mode
         self.candidates = reranker.candidates
         self.fitted: Fusion | None = None
         self.inliers: list[np.ndarray] = []
@@ -252,12 +252,12 @@ class LocalSignal:
             run.echo(f"re-ranked by local features: median {np.median([c[0] for c in inliers]) if inliers else 0:.0f} "
                      f"inliers for the first candidate")
             return [fused_ranking(r, n, self.fusion, k) for r, n in zip(rankings, inliers)]
-        self.fitted = fit(rankings, inliers, truths, self.candidates)
+        self.fitted = fit(rankings, inliers, truths, self.candidates, self.mode)
         f = self.fitted
         run.echo(f"rerank: fusion fitted on {f.pairs} validation (query, id) pairs, {f.same} of the same id: "
                  f"embedding {f.embedding[0]:.2f}x{f.embedding[1]:+.2f}, "
                  f"local {f.local[0]:.2f}x log(1+inliers){f.local[1]:+.2f}")
-        return cross_fitted(rankings, inliers, truths, queries, self.candidates, k)
+        return cross_fitted(rankings, inliers, truths, queries, self.candidates, k, self.mode)
 
     def calibration(self) -> dict:
         """What evaluate writes to calibration.json: the fusion fitted on all validation queries."""

@@ -18,6 +18,11 @@ def model_digest(run) -> str | None:
     return m.get("artifacts", {}).get("model.keras")
 
 
+def score_scale(method: str, fusion: str | None) -> str:
+    """What the scores a threshold compares are: the embedding's, or a fusion's (rerank.fusion)."""
+    return "rerank.method = none" if method == "none" else f"rerank.method = {method}, rerank.fusion = {fusion or 'average'}"
+
+
 def tuned_or_configured(run) -> float:
     """The tuned threshold when evaluate tuned it for this head and model, else new_whale.threshold: a
     threshold on softmax probabilities means nothing for embedding similarities, and vice versa."""
@@ -27,11 +32,12 @@ def tuned_or_configured(run) -> float:
         return configured
     info = json.loads(tuned.read_text())
     value = float(info["threshold"])
-    head, model, fused = info.get("head"), info.get("model"), info.get("rerank", "none")
+    head, model, fused = info.get("head"), info.get("model"), score_scale(info.get("rerank", "none"), info.get("fusion"))
+    wanted = score_scale(run.setting("rerank.method"), run.setting("rerank.fusion"))
     if head not in (None, run.setting("model.head")) or model not in (None, model_digest(run)) or \
-            fused != run.setting("rerank.method"):  # fused scores (similarity/fusion.py) are another scale
+            fused != wanted:  # fused scores (similarity/fusion.py) are another scale
         what = (f"the {head} head" if head != run.setting("model.head") else
-                f"rerank.method = {fused}" if fused != run.setting("rerank.method") else "another trained model")
+                fused if fused != wanted else "another trained model")
         run.echo(f"{tuned} was tuned for {what}: ignoring it, using new_whale.threshold = {configured} "
                  f"(run whaleid evaluate --tune-threshold again)")
         return configured
@@ -69,5 +75,6 @@ def tune(work: Path) -> float:
     write_json(Path(work) / TUNED, {"threshold": metrics["best_threshold"], "map5": metrics["best_map5"],
                                     "head": metrics.get("head"), "model": metrics.get("model"),
                                     "rerank": metrics.get("rerank", {}).get("method", "none"),
+                                    "fusion": (metrics.get("rerank", {}).get("fusion") or {}).get("mode", "average"),
                                     "source": str(Path(work) / "evaluate" / "threshold_sweep.csv")})
     return metrics["best_threshold"]
