@@ -167,12 +167,16 @@ def test_model_head_accepts_a_head_registered_later(monkeypatch):
 
 def test_shipped_config_names_resolve_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert set(config.shipped()) == {"cpu", "default", "scratch"}
+    assert set(config.shipped()) == {"cpu", "default", "photoid", "scratch"}
+    # photoid: cpu's model, only re-ranking added
+    photoid, cpu = config.load("photoid"), config.load("cpu")
+    assert photoid["model"] == cpu["model"] and photoid["train"] == cpu["train"]
+    assert (photoid["rerank"]["method"], photoid["rerank"]["fusion"], photoid["keypoints"]["mask"]) == ("local", "local", True)
     assert config.resolve("cpu").read_text() == (ROOT / "configs/cpu.toml").read_text()
     assert config.resolve("default").read_text() == (ROOT / "configs/default.toml").read_text()
     assert config.load("cpu") == config.load(ROOT / "configs/cpu.toml") != config.load(None)
     for bad in ("gpu", "cpu.toml", "configs/cpu.toml"):
-        with pytest.raises(ConfigError, match=re.escape(f"config file {bad} not found (or name a shipped config: cpu, default, scratch)")):
+        with pytest.raises(ConfigError, match=re.escape(f"config file {bad} not found (or name a shipped config: cpu, default, photoid, scratch)")):
             config.resolve(bad)
     (tmp_path / "cpu").write_text("[train]\nepochs = 3\n")  # a file of that name wins over the shipped name
     assert config.resolve("cpu").samefile(tmp_path / "cpu") and config.load("cpu")["train"]["epochs"] == 3
@@ -186,7 +190,7 @@ def test_cli_config_by_name_from_another_folder(tmp_path, monkeypatch):
     code, out = cli("status", "--work", tmp_path / "w", "--config", "cpu")
     assert code == 0 and "dedup" in out, out
     code, out = cli("status", "--work", tmp_path / "w", "--config", "gpu")
-    assert code != 0 and "name a shipped config: cpu, default, scratch" in out, out
+    assert code != 0 and "name a shipped config: cpu, default, photoid, scratch" in out, out
 
 
 def test_pyproject_ships_the_configs_and_every_subpackage():
