@@ -214,3 +214,37 @@ def test_settings_that_do_not_go_together_are_refused_when_loaded():
     with pytest.raises(config.ConfigError, match="mutual nearest neighbours compare descriptor vectors"):
         config.load("default", ["rerank.matcher=mutual", "keypoints.method=orb"])
     assert config.get(config.load("default", ["rerank.matcher=mutual", "keypoints.method=xfeat"]), "rerank.matcher") == "mutual"
+
+
+def test_lighterglue_sees_only_the_shortlisted_photos(tmp_path, monkeypatch):
+    """rerank.glue_shortlist: the expensive matcher compares a query only with the gallery photos that
+    cheap mutual matching ranks best; the other photos score 0, and 0 means every photo."""
+    rng = np.random.default_rng(2)
+    images = {"q.jpg": pattern(10)}
+    for i in range(4):
+        images[f"a{i}.jpg"] = rotated_scaled(pattern(10), rng.uniform(-20, 20), rng.uniform(0.8, 1.1))
+        images[f"b{i}.jpg"] = pattern(30 + i)
+    results = [(name, *keypoints.features(img, "sift", 200), img.shape[::-1]) for name, img in images.items()]
+    path = tmp_path / "k.npz"
+    np.savez(path, **keypoints.pack(results, "sift", False))
+    store = keypoints.Store(path)
+    name_of = {keypoints.as_float(store.get(n)[1]).tobytes(): n for n in images}
+    seen = []
+
+    def fake_glue(q, g):  # stands in for LighterGlue: ratio-test matches, and records whom it compared
+        seen.append(name_of[g[1].tobytes()])
+        qi, gi = rerank.ratio_test(q[1] @ g[1].T, 0.8)
+        return qi, gi, np.ones(len(qi), np.float32)
+
+    monkeypatch.setattr(rerank, "glue_matches", fake_glue)
+    photos_of = {"A": [f"a{i}.jpg" for i in range(4)], "B": [f"b{i}.jpg" for i in range(4)]}
+    glue = rerank.Matcher(False, 0.8, "homography", 8.0, "lighterglue", 0.8)
+    got = rerank.Reranker(store, photos_of, glue, 2, False, glue_shortlist=3).scores(("q.jpg", ["A", "B"]))
+    assert len(seen) == 3 and all(n.startswith("a") for n in seen), seen
+    assert got[0] >= 30 and got[1] == 0
+    seen.clear()
+    everything = rerank.Reranker(store, photos_of, glue, 2, False, glue_shortlist=0).scores(("q.jpg", ["A", "B"]))
+    assert sorted(seen) == sorted(photos_of["A"] + photos_of["B"]) and everything[0] >= got[0]
+    # the shortlist is LighterGlue's only: another matcher ignores it
+    mutual = rerank.Matcher(False, 0.8, "homography", 8.0, "ratio")
+    assert rerank.Reranker(store, photos_of, mutual, 2, False, glue_shortlist=3).glue_shortlist == 0

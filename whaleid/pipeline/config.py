@@ -210,6 +210,7 @@ RANGES: dict[str, Range] = {
     "keypoints.side": at_least(32),
     "keypoints.max_points": at_least(8),
     "rerank.candidates": at_least(1),
+    "rerank.glue_shortlist": at_least(0),
     "rerank.ratio": between(0, 1, lo_open=True),
     "rerank.min_similarity": between(-1, 1),
     "rerank.ransac_px": at_least(0, open_=True),

@@ -152,8 +152,9 @@ class Reranker:
     """Local scores of a query's candidate ids against their gallery photos (features from a Store)."""
 
     def __init__(self, store: Store, photos_of: dict[str, list[str]], matcher: Matcher, candidates: int,
-                 mirror: bool, encounters: Encounters | None = None):
+                 mirror: bool, encounters: Encounters | None = None, glue_shortlist: int = 0):
         self.store, self.photos_of, self.matcher = store, photos_of, matcher
+        self.glue_shortlist = glue_shortlist if matcher.pairing == "lighterglue" else 0
         self.candidates, self.mirror = candidates, mirror and store.mirrored
         self.encounters = encounters or Encounters()
         self._cache: dict = {}
@@ -190,22 +191,35 @@ class Reranker:
             return out
         pairs = [(i, photo) for i, ident in enumerate(ids[: self.candidates])
                  for photo in self.photos_of.get(ident, []) if self.apart(query, photo)]
+        if self.glue_shortlist and len(pairs) > self.glue_shortlist:  # LighterGlue only where XFeat's own
+            coarse = self.photo_scores(query, pairs, "mutual", "none")  # mutual matches point (WildFusion)
+            pairs = [pairs[j] for j in sorted(np.argsort(-coarse, kind="stable")[: self.glue_shortlist])]
         if self.matcher.is_binary or self.matcher.pairing == "lighterglue":  # photo by photo
             for i, photo in pairs:
                 out[i] = max(out[i], self.best(query, ident=None, photos=[photo])[0])
             return out
+        for (i, _), n in zip(pairs, self.photo_scores(query, pairs, self.matcher.pairing, self.matcher.geometry)):
+            out[i] = max(out[i], n)
+        return out
+
+    def photo_scores(self, query: str, pairs: list[tuple[int, str]], pairing: str, geometry: str) -> np.ndarray:
+        """The inliers (matches with geometry none) of the query against each (id index, photo) of
+        `pairs`, float descriptors paired by `pairing` (ratio or mutual): one product per block of
+        photos, BLAS, not Python."""
+        matcher = Matcher(False, self.matcher.ratio, geometry, self.matcher.px, pairing, self.matcher.min_similarity)
         views = [self.features(query)] + ([self.features(query, True)] if self.mirror else [])
-        for start in range(0, len(pairs), BLOCK):  # one product per block of photos: BLAS, not Python
+        out = np.zeros(len(pairs), np.float32)
+        for start in range(0, len(pairs), BLOCK):
             block = pairs[start:start + BLOCK]
             feats = [self.features(photo) for _, photo in block]
             ends = np.cumsum([len(f[1]) for f in feats])
             gallery = np.concatenate([f[1] for f in feats])
             for q in views:
                 sim = q[1] @ gallery.T if len(q[1]) else np.zeros((0, len(gallery)), np.float32)
-                for (i, _), f, end in zip(block, feats, ends):
-                    qi, gi = self.matcher.pairs(sim[:, end - len(f[1]):end])
-                    mask = verify(q[0][qi], f[0][gi], self.matcher.geometry, self.matcher.px)
-                    out[i] = max(out[i], mask.sum())
+                for j, (f, end) in enumerate(zip(feats, ends)):
+                    qi, gi = matcher.pairs(sim[:, end - len(f[1]):end])
+                    mask = verify(q[0][qi], f[0][gi], geometry, matcher.px)
+                    out[start + j] = max(out[start + j], mask.sum())
         return out
 
 
@@ -217,7 +231,8 @@ def reranker(get, store: Store, gallery: pd.DataFrame, encounters: Encounters | 
                       get("rerank.matcher"), get("rerank.min_similarity"))
     mirror = bool(get("train.flip_ids") and get("predict.mirror_is_same"))
     rule = encounters if isinstance(encounters, Encounters) else Encounters(encounters)
-    return Reranker(store, photos_of(gallery), matcher, get("rerank.candidates"), mirror, rule)
+    return Reranker(store, photos_of(gallery), matcher, get("rerank.candidates"), mirror, rule,
+                    get("rerank.glue_shortlist"))
 
 
 def local_scores(run, reranker: Reranker, queries: list[str], rankings: list) -> list[np.ndarray]:
