@@ -2,6 +2,7 @@
 
     python scripts/bench_rerank.py [--gallery 2000] [--queries 200] [--candidates 5,10,20,40] [--workers 2]
                                    [--method sift|orb|xfeat] [--matcher ratio|mutual|lighterglue] [--max-points 300]
+                                   [--glue-shortlist 30]
     (also: python scripts/bench_predict.py --kaggle-rerank ...)
 
 The Kaggle 2019 test: 7,960 photos against 25,361 train photos (15,697 of 5,004 known ids). Local
@@ -78,13 +79,16 @@ def main(argv=None):
     ap.add_argument("--geometry", default="homography")
     ap.add_argument("--method", default="sift", choices=("sift", "orb", "xfeat"))
     ap.add_argument("--matcher", default="ratio", choices=("ratio", "mutual", "lighterglue"))
+    ap.add_argument("--glue-shortlist", type=int, default=30,
+                    help="lighterglue: photos per query LighterGlue compares (rerank.glue_shortlist; 0: all)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     keypoints.prepare(args.method)
     crops, ms_extract = real_crops(args.side, 0.05, args.method, args.max_points)
     print(f"settings: keypoints.method={args.method} rerank.matcher={args.matcher} keypoints.side={args.side} "
-          f"keypoints.max_points={args.max_points} rerank.geometry={args.geometry}, {args.workers} workers")
+          f"keypoints.max_points={args.max_points} rerank.geometry={args.geometry} "
+          f"rerank.glue_shortlist={args.glue_shortlist}, {args.workers} workers")
     print(f"features: {len(crops)} real Kaggle photos, median {ms_extract:.0f} ms per photo on one core (decode, "
           f"crop, {args.side} px, {args.method} {args.max_points}); {KAGGLE_TEST + KAGGLE_TRAIN} photos on {args.workers} "
           f"cores: {ms_extract * (KAGGLE_TEST + KAGGLE_TRAIN) / args.workers / 60000:.1f} min")
@@ -111,7 +115,7 @@ def main(argv=None):
             jobs = [(q, list(rng.choice(ids, size=c, replace=False, p=None if draw == "uniform" else weight)))
                     for q in queries]
             pairs = sum(len(photos_of[i]) for _, cand in jobs for i in cand)
-            reranker = Reranker(store, photos_of, matcher, c, False)
+            reranker = Reranker(store, photos_of, matcher, c, False, glue_shortlist=args.glue_shortlist)
             t = time.perf_counter()
             with multiprocessing.pool.ThreadPool(args.workers) as pool:
                 list(pool.imap(reranker.scores, jobs, chunksize=4))
