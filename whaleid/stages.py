@@ -175,7 +175,8 @@ EVALUATE = Stage(
     "evaluate", "whaleid.inference.evaluate:run",
     artifacts=("metrics.json", "threshold_sweep.csv", "val_predictions.csv", CALIBRATION),
     settings=TTA_SETTINGS + ("evaluate.new_whale_share", "evaluate.one_shot", "rerank.*"),
-    data=("sides.csv", "train_only.csv"),  # read here, not through the split: sides need no retraining
+    # read here, not through the split: sides need no retraining; train-only ids are never an answer
+    data=("sides.csv", "train_only.csv"),
     upstream=("split", "augment", "train"), extra_inputs=lambda session: _keypoints(session, KEYPOINTS))
 
 PREDICT = Stage(

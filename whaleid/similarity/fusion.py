@@ -20,7 +20,6 @@ import numpy as np
 from whaleid.pipeline.stage import StageError
 
 CALIBRATION = "calibration.json"  # WORK/evaluate/calibration.json: the fusion, fitted on validation
-MODES = ("average", "local")      # rerank.fusion
 
 
 def sigmoid(z):

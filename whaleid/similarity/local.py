@@ -155,6 +155,8 @@ class Reranker:
                  mirror: bool, encounters: Encounters | None = None, glue_shortlist: int = 0):
         self.store, self.photos_of, self.matcher = store, photos_of, matcher
         self.glue_shortlist = glue_shortlist if matcher.pairing == "lighterglue" else 0
+        # what ranks the photos for LighterGlue's shortlist: XFeat's own mutual matches, no geometry
+        self.coarse = Matcher(False, matcher.ratio, "none", matcher.px, "mutual", matcher.min_similarity)
         self.candidates, self.mirror = candidates, mirror and store.mirrored
         self.encounters = encounters or Encounters()
         self._cache: dict = {}
@@ -192,21 +194,20 @@ class Reranker:
         pairs = [(i, photo) for i, ident in enumerate(ids[: self.candidates])
                  for photo in self.photos_of.get(ident, []) if self.apart(query, photo)]
         if self.glue_shortlist and len(pairs) > self.glue_shortlist:  # LighterGlue only where XFeat's own
-            coarse = self.photo_scores(query, pairs, "mutual", "none")  # mutual matches point (WildFusion)
+            coarse = self.photo_scores(query, pairs, self.coarse)  # (WildFusion's shortlist)
             pairs = [pairs[j] for j in sorted(np.argsort(-coarse, kind="stable")[: self.glue_shortlist])]
         if self.matcher.is_binary or self.matcher.pairing == "lighterglue":  # photo by photo
             for i, photo in pairs:
                 out[i] = max(out[i], self.best(query, ident=None, photos=[photo])[0])
             return out
-        for (i, _), n in zip(pairs, self.photo_scores(query, pairs, self.matcher.pairing, self.matcher.geometry)):
+        for (i, _), n in zip(pairs, self.photo_scores(query, pairs, self.matcher)):
             out[i] = max(out[i], n)
         return out
 
-    def photo_scores(self, query: str, pairs: list[tuple[int, str]], pairing: str, geometry: str) -> np.ndarray:
+    def photo_scores(self, query: str, pairs: list[tuple[int, str]], matcher: Matcher) -> np.ndarray:
         """The inliers (matches with geometry none) of the query against each (id index, photo) of
-        `pairs`, float descriptors paired by `pairing` (ratio or mutual): one product per block of
+        `pairs` by `matcher` (float descriptors, ratio or mutual pairing): one product per block of
         photos, BLAS, not Python."""
-        matcher = Matcher(False, self.matcher.ratio, geometry, self.matcher.px, pairing, self.matcher.min_similarity)
         views = [self.features(query)] + ([self.features(query, True)] if self.mirror else [])
         out = np.zeros(len(pairs), np.float32)
         for start in range(0, len(pairs), BLOCK):
@@ -218,7 +219,7 @@ class Reranker:
                 sim = q[1] @ gallery.T if len(q[1]) else np.zeros((0, len(gallery)), np.float32)
                 for j, (f, end) in enumerate(zip(feats, ends)):
                     qi, gi = matcher.pairs(sim[:, end - len(f[1]):end])
-                    mask = verify(q[0][qi], f[0][gi], geometry, matcher.px)
+                    mask = verify(q[0][qi], f[0][gi], matcher.geometry, matcher.px)
                     out[start + j] = max(out[start + j], mask.sum())
         return out
 
