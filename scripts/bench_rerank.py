@@ -1,7 +1,7 @@
 """Re-ranking's cost at Kaggle size (issue 23), measured on a fraction and extrapolated:
 
     python scripts/bench_rerank.py [--gallery 2000] [--queries 200] [--candidates 5,10,20,40] [--workers 2]
-                                   [--method sift|orb|xfeat] [--matcher ratio|mutual|lighterglue] [--max-points 300]
+                                   [--method sift|orb|xfeat|aliked] [--matcher ratio|mutual|lighterglue|lightglue] [--max-points 300]
                                    [--glue-shortlist 30]
     (also: python scripts/bench_predict.py --kaggle-rerank ...)
 
@@ -56,12 +56,13 @@ def real_crops(side: int, margin: float, method: str, max_points: int) -> tuple[
                                      max_points, False)
         times.append(time.perf_counter() - t)
         if err is None:
-            crops.append(keypoints.crop_photo(WHALES / "images" / r.Image, box, margin, side))
+            crops.append(keypoints.crop_rgb(WHALES / "images" / r.Image, box, margin, side,
+                                            grey=method not in keypoints.COLOUR))
     return crops, 1000 * float(np.median(times))
 
 
 def warped(grey: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    h, w = grey.shape
+    h, w = grey.shape[:2]
     m = cv2.getRotationMatrix2D((w / 2 + rng.uniform(-20, 20), h / 2 + rng.uniform(-20, 20)),
                                 rng.uniform(-15, 15), rng.uniform(0.8, 1.15))
     out = cv2.warpAffine(grey, m, (w, h), borderMode=cv2.BORDER_REFLECT)
@@ -77,8 +78,8 @@ def main(argv=None):
     ap.add_argument("--side", type=int, default=480)
     ap.add_argument("--max-points", type=int, default=300)
     ap.add_argument("--geometry", default="homography")
-    ap.add_argument("--method", default="sift", choices=("sift", "orb", "xfeat"))
-    ap.add_argument("--matcher", default="ratio", choices=("ratio", "mutual", "lighterglue"))
+    ap.add_argument("--method", default="sift", choices=("sift", "orb", "xfeat", "aliked"))
+    ap.add_argument("--matcher", default="ratio", choices=("ratio", "mutual", "lighterglue", "lightglue"))
     ap.add_argument("--glue-shortlist", type=int, default=30,
                     help="lighterglue: photos per query LighterGlue compares (rerank.glue_shortlist; 0: all)")
     ap.add_argument("--seed", type=int, default=0)
@@ -96,7 +97,7 @@ def main(argv=None):
     for i in range(args.gallery + args.queries):
         grey = warped(crops[i % len(crops)], rng)
         pts, desc = keypoints.features(grey, args.method, args.max_points)
-        results.append((f"p{i}", pts, desc, grey.shape[::-1], None, None))
+        results.append((f"p{i}", pts, desc, grey.shape[1::-1], None, None))
     print(f"synthetic photos: {len(results)} in {time.perf_counter() - t:.0f} s; median keypoints "
           f"{np.median([len(r[1]) for r in results]):.0f}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,7 +6,7 @@ meets its own sighting among the train photos); a `--leaky` one does not.
 
     python scripts/probe_reid_features.py --data /tmp/whaleid-bench-reid-nyala-EfficientNetLite0-imagenet/data
                                           [--sizes 224,320,448] [--sift-side 480] [--no-sift]
-                                          [--local sift:ratio,xfeat:mutual,xfeat:lighterglue] [--points 1000]
+                                          [--local sift:ratio,xfeat:mutual,xfeat:lighterglue,aliked:lightglue] [--points 1000]
 
 What it tells: how much of the identity is in the generic features before any fine-tuning, per input
 size, layer (the last layer of three late blocks and the 1280-channel head), pooling (average, GeM
@@ -15,7 +15,8 @@ test 0.8; the id of the photo with the most RANSAC-homography inliers, or the mo
 --local runs whaleid's own extractors and matchers (keypoints.method:rerank.matcher, as re-ranking
 uses them; whole photos, --sift-side px, --points keypoints) the same way, each alone: the id of the
 photo with the most matches, and with the most homography inliers (12 px). LighterGlue costs ~50 ms a
-pair, so it compares each query with the --shortlist photos that XFeat's mutual matching ranks best.
+pair (ALIKED's LightGlue ~4x), so each compares a query with the --shortlist photos that mutual
+matching of the same descriptors ranks best.
 """
 from __future__ import annotations
 
@@ -113,31 +114,32 @@ def sift(data: Path, gallery: pd.DataFrame, queries: pd.DataFrame, side: int) ->
 
 def local(data: Path, gallery: pd.DataFrame, queries: pd.DataFrame, spec: str, side: int, points: int,
           shortlist: int, mask: bool = False) -> None:
-    from whaleid.preprocess.keypoints import as_float, features
+    from whaleid.preprocess.keypoints import COLOUR, as_float, features
     from whaleid.preprocess.masks import animal_mask
-    from whaleid.similarity.local import Matcher, verify
+    from whaleid.similarity.local import GLUES, Matcher, verify
 
     method, pairing = spec.split(":")
     t = time.time()
 
     def feats(path):
-        grey = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-        h, w = grey.shape
+        rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        crop = rgb if method in COLOUR else cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        h, w = crop.shape[:2]
         scale = side / max(h, w)
-        grey = cv2.resize(grey, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
-        on = animal_mask(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB))[0] if mask else None
-        pts, desc = features(grey, method, points, on)
-        return pts.astype(np.float32), as_float(desc) if method != "orb" else desc, grey.shape[::-1]
+        crop = cv2.resize(crop, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+        on = animal_mask(rgb)[0] if mask else None
+        pts, desc = features(crop, method, points, on)
+        return pts.astype(np.float32), as_float(desc) if method != "orb" else desc, crop.shape[1::-1]
 
     G = [feats(data / "train" / f) for f in gallery.Image]
     ids = gallery.Id.to_numpy()
     matcher = Matcher(method == "orb", 0.8, "none", 12.0, pairing, 0.82)
-    coarse = Matcher(False, 0.8, "none", 12.0, "mutual", 0.82) if pairing == "lighterglue" else None
+    coarse = Matcher(False, 0.8, "none", 12.0, "mutual", 0.82) if pairing in GLUES else None
     hits = {"matches": [], "inliers": []}
     for image, truth in zip(queries.Image, queries.Id):
         q = feats(data / "test" / image)
         order = range(len(G))
-        if coarse is not None:  # LighterGlue on the shortlist only
+        if coarse is not None:  # the glue matcher on the shortlist only
             order = np.argsort([-coarse.match(q, g)[0] for g in G], kind="stable")[:shortlist]
         best = {"matches": np.zeros(len(G)), "inliers": np.zeros(len(G))}
         for i in order:
@@ -146,7 +148,7 @@ def local(data: Path, gallery: pd.DataFrame, queries: pd.DataFrame, spec: str, s
             best["inliers"][i] = verify(qxy, gxy, "homography", 12.0).sum() if n else 0
         for key in hits:
             hits[key].append(ids[int(np.argmax(best[key]))] == truth)
-    extra = f", LighterGlue on the {shortlist} photos with most XFeat mutual matches" if coarse is not None else ""
+    extra = f", {pairing} on the {shortlist} photos with most mutual matches" if coarse is not None else ""
     extra += ", keypoints on the animal's mask only" if mask else ""
     print(f"{method} + {pairing} at {side} px, {points} points{extra}: by matches {np.mean(hits['matches']):.3f}, "
           f"by RANSAC inliers {np.mean(hits['inliers']):.3f} ({time.time() - t:.0f} s)", flush=True)

@@ -231,7 +231,8 @@ def test_lighterglue_sees_only_the_shortlisted_photos(tmp_path, monkeypatch):
     name_of = {keypoints.as_float(store.get(n)[1]).tobytes(): n for n in images}
     seen = []
 
-    def fake_glue(q, g):  # stands in for LighterGlue: ratio-test matches, and records whom it compared
+    def fake_glue(q, g, name):  # stands in for LighterGlue: ratio-test matches, and records whom it compared
+        assert name == "lighterglue"
         seen.append(name_of[g[1].tobytes()])
         qi, gi = rerank.ratio_test(q[1] @ g[1].T, 0.8)
         return qi, gi, np.ones(len(qi), np.float32)

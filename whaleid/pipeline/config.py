@@ -105,8 +105,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "boxes.detector": ("cnn", "subject", "grabcut", "dark", "hsv"),
     "train.lr_schedule": ("constant", "cosine"),
     "identify.boxes": ("auto", "detect", "whole"),
-    "keypoints.method": ("sift", "orb", "xfeat"),   # (AKAZE left OpenCV 5's main module: not offered)
-    "rerank.matcher": ("ratio", "mutual", "lighterglue"),
+    "keypoints.method": ("sift", "orb", "xfeat", "aliked"),   # (AKAZE left OpenCV 5's main module: not offered)
+    "rerank.matcher": ("ratio", "mutual", "lighterglue", "lightglue"),
     "rerank.method": ("none", "local"),
     "rerank.fusion": ("average", "local"),
     "rerank.geometry": ("homography", "similarity", "none"),
@@ -268,8 +268,10 @@ def check(key: str, value):
 RELATIONS = [
     (("rerank.matcher", "keypoints.method"), lambda m, k: not (m == "lighterglue" and k != "xfeat"),
      "LighterGlue matches XFeat's keypoints: set keypoints.method = xfeat"),
+    (("rerank.matcher", "keypoints.method"), lambda m, k: not (m == "lightglue" and k != "aliked"),
+     "rerank.matcher = lightglue matches ALIKED's keypoints: set keypoints.method = aliked"),
     (("rerank.matcher", "keypoints.method"), lambda m, k: not (m == "mutual" and k == "orb"),
-     "mutual nearest neighbours compare descriptor vectors: use sift or xfeat, or rerank.matcher = ratio for orb"),
+     "mutual nearest neighbours compare descriptor vectors: use sift, xfeat or aliked, or rerank.matcher = ratio for orb"),
 ]
 
 

@@ -54,16 +54,20 @@ def binary(method: str) -> bool:
     return method == "orb"
 
 
-WIDTH = {"sift": 128, "orb": 32, "xfeat": 64}          # descriptor length (bytes for ORB)
-DTYPE = {"sift": np.uint8, "orb": np.uint8, "xfeat": np.float16}
+WIDTH = {"sift": 128, "orb": 32, "xfeat": 64, "aliked": 128}          # descriptor length (bytes for ORB)
+DTYPE = {"sift": np.uint8, "orb": np.uint8, "xfeat": np.float16, "aliked": np.float16}
+COLOUR = ("aliked",)  # extractors that read the crop in colour (the others grey)
 
 
 def weights_digest(method: str) -> str:
     """What the features were computed with, stored in the artifact: a learned extractor's weights."""
-    if method != "xfeat":
-        return ""
-    from whaleid.backbones import xfeat  # TensorFlow: only for the learned extractor
-    return xfeat.XFEAT_SHA256
+    if method == "xfeat":
+        from whaleid.backbones import xfeat  # TensorFlow: only for the learned extractors
+        return xfeat.XFEAT_SHA256
+    if method == "aliked":
+        from whaleid.backbones import aliked
+        return aliked.ALIKED_SHA256
+    return ""
 
 
 def root_sift(desc: np.ndarray) -> np.ndarray:
@@ -90,6 +94,26 @@ def xfeat_features(grey: np.ndarray, max_points: int, mask: np.ndarray | None = 
     return pts.astype(np.float16), desc.astype(np.float16)
 
 
+def aliked_features(rgb: np.ndarray, max_points: int, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """ALIKED's keypoints and descriptors of a colour crop (uint8) at its own size; with a mask, the
+    max_points best of those on it."""
+    h, w = rgb.shape[:2]
+    pts, _, desc = _aliked_net().features(rgb.astype(np.float32) / 255.0, max_points if mask is None else 4 * max_points)
+    if mask is not None:
+        keep = masks.inside(mask, pts, w, h)
+        pts, desc = pts[keep][:max_points], desc[keep][:max_points]
+    return pts.astype(np.float16), desc.astype(np.float16)
+
+
+def _aliked_net():
+    if "aliked" not in _DETECTORS:
+        with _LOCK:
+            if "aliked" not in _DETECTORS:
+                from whaleid.backbones import aliked
+                _DETECTORS["aliked"] = aliked.ALIKED()
+    return _DETECTORS["aliked"]
+
+
 def _xfeat_net():
     """The XFeat CNN, built once per process, as one graph for any crop size (no retracing)."""
     if "xfeat" not in _DETECTORS:
@@ -104,15 +128,20 @@ def _xfeat_net():
     return _DETECTORS["xfeat"]
 
 
-def features(grey: np.ndarray, method: str, max_points: int,
+def features(crop: np.ndarray, method: str, max_points: int,
              mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(points (n, 2) float16 x, y; descriptors (n, D) of DTYPE[method]), the max_points strongest (of
-    those on `mask`, a bool mask of the crop at any resolution, when given: the detector looks there
-    only, and every stored point, as stored, passes masks.inside, the one rule)."""
-    pts, desc = (xfeat_features(grey, max_points, mask) if method == "xfeat"
-                 else opencv_features(grey, method, max_points, mask))
+    """(points (n, 2) float16 x, y; descriptors (n, D) of DTYPE[method]) of a crop (grey, or colour for
+    the COLOUR methods), the max_points strongest (of those on `mask`, a bool mask of the crop at any
+    resolution, when given: the detector looks there only, and every stored point, as stored, passes
+    masks.inside, the one rule)."""
+    if method == "xfeat":
+        pts, desc = xfeat_features(crop, max_points, mask)
+    elif method == "aliked":
+        pts, desc = aliked_features(crop, max_points, mask)
+    else:
+        pts, desc = opencv_features(crop, method, max_points, mask)
     if mask is not None:
-        keep = masks.inside(mask, pts.astype(np.float32), grey.shape[1], grey.shape[0])
+        keep = masks.inside(mask, pts.astype(np.float32), crop.shape[1], crop.shape[0])
         pts, desc = pts[keep], desc[keep]
     return pts, desc
 
@@ -165,6 +194,8 @@ def prepare(method: str, mask: bool = False) -> None:
     sharing the one model."""
     if method == "xfeat":
         _xfeat_net()
+    if method == "aliked":
+        _aliked_net()
     if mask:
         from whaleid.preprocess import subject_box
         subject_box.network()
@@ -174,15 +205,15 @@ def _one(job, margin: float, side: int, method: str, max_points: int, mirror: bo
     """Worker: (image, (points, desc, size, mirror points, mirror desc, animal mask or None) or None, error)."""
     image, path, box = job
     try:
-        rgb = crop_rgb(path, box, margin, side) if mask else None
-        grey = crop_photo(path, box, margin, side)
+        rgb = crop_rgb(path, box, margin, side) if mask or method in COLOUR else None
+        crop = rgb if method in COLOUR else crop_photo(path, box, margin, side)
     except images.BadImage as e:
         return image, None, str(e)
     animal = masks.animal_mask(rgb)[0] if mask else None
-    pts, desc = features(grey, method, max_points, animal)
-    m = (features(np.ascontiguousarray(grey[:, ::-1]), method, max_points,
+    pts, desc = features(crop, method, max_points, animal)
+    m = (features(np.ascontiguousarray(crop[:, ::-1]), method, max_points,
                   None if animal is None else np.ascontiguousarray(animal[:, ::-1])) if mirror else (None, None))
-    return image, (pts, desc, grey.shape[::-1], m[0], m[1], animal), None
+    return image, (pts, desc, crop.shape[1::-1], m[0], m[1], animal), None
 
 
 class Store:

@@ -96,20 +96,21 @@ def verify(qxy: np.ndarray, gxy: np.ndarray, geometry: str, px: float) -> np.nda
     return np.zeros(len(qxy), bool) if mask is None else mask.ravel().astype(bool)
 
 
-_GLUE: list = []
+GLUES = ("lighterglue", "lightglue")  # rerank.matcher values that are learned matchers (photo by photo)
+_GLUE: dict = {}
 _GLUE_LOCK = threading.Lock()
 
 
-def glue_matches(q: tuple, g: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """LighterGlue's matches of two photos' XFeat (points, descriptors, (width, height)); the model is
-    loaded once per process (TensorFlow, so only when this matcher is chosen)."""
+def glue_matches(q: tuple, g: tuple, name: str = "lighterglue") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A learned matcher's matches of two photos' (points, descriptors, (width, height)): LighterGlue on
+    XFeat's, LightGlue on ALIKED's; the model is loaded once per process (TensorFlow, so only when chosen)."""
     from whaleid.backbones import lightglue
     with _GLUE_LOCK:
-        if not _GLUE:
-            _GLUE.append(lightglue.lighterglue())
+        if name not in _GLUE:
+            _GLUE[name] = lightglue.lighterglue() if name == "lighterglue" else lightglue.aliked_lightglue()
     if len(q[0]) == 0 or len(g[0]) == 0:
         return np.zeros(0, int), np.zeros(0, int), np.zeros(0, np.float32)
-    return lightglue.matches(_GLUE[0].match(q[0], q[1], q[2], g[0], g[1], g[2]))
+    return lightglue.matches(_GLUE[name].match(q[0], q[1], q[2], g[0], g[1], g[2]))
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,8 @@ class Matcher:
     def match(self, q: tuple, g: tuple) -> tuple[int, np.ndarray, np.ndarray]:
         """(inliers, query points, gallery points of the inliers) of two photos' (points, prepared desc,
         crop size)."""
-        if self.pairing == "lighterglue":
-            qi, gi, _ = glue_matches(q, g)
+        if self.pairing in GLUES:
+            qi, gi, _ = glue_matches(q, g, self.pairing)
         elif self.is_binary:
             qi, gi = ratio_matches(q[1], g[1], True, self.ratio)
         else:
@@ -154,8 +155,8 @@ class Reranker:
     def __init__(self, store: Store, photos_of: dict[str, list[str]], matcher: Matcher, candidates: int,
                  mirror: bool, encounters: Encounters | None = None, glue_shortlist: int = 0):
         self.store, self.photos_of, self.matcher = store, photos_of, matcher
-        self.glue_shortlist = glue_shortlist if matcher.pairing == "lighterglue" else 0
-        # what ranks the photos for LighterGlue's shortlist: XFeat's own mutual matches, no geometry
+        self.glue_shortlist = glue_shortlist if matcher.pairing in GLUES else 0
+        # what ranks the photos for the glue matcher's shortlist: the descriptors' mutual matches, no geometry
         self.coarse = Matcher(False, matcher.ratio, "none", matcher.px, "mutual", matcher.min_similarity)
         self.candidates, self.mirror = candidates, mirror and store.mirrored
         self.encounters = encounters or Encounters()
@@ -193,10 +194,10 @@ class Reranker:
             return out
         pairs = [(i, photo) for i, ident in enumerate(ids[: self.candidates])
                  for photo in self.photos_of.get(ident, []) if self.apart(query, photo)]
-        if self.glue_shortlist and len(pairs) > self.glue_shortlist:  # LighterGlue only where XFeat's own
+        if self.glue_shortlist and len(pairs) > self.glue_shortlist:  # the glue matcher only where mutual
             coarse = self.photo_scores(query, pairs, self.coarse)  # (WildFusion's shortlist)
             pairs = [pairs[j] for j in sorted(np.argsort(-coarse, kind="stable")[: self.glue_shortlist])]
-        if self.matcher.is_binary or self.matcher.pairing == "lighterglue":  # photo by photo
+        if self.matcher.is_binary or self.matcher.pairing in GLUES:  # photo by photo
             for i, photo in pairs:
                 out[i] = max(out[i], self.best(query, ident=None, photos=[photo])[0])
             return out
