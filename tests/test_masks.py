@@ -36,6 +36,22 @@ def test_keypoints_are_taken_on_the_mask_only():
         assert not masks.inside(mask, full.astype(np.float32), grey.shape[1], grey.shape[0]).all()
 
 
+def test_aliked_keypoints_are_taken_on_the_mask_only():
+    from whaleid.backbones import aliked
+    try:
+        aliked.weights_file("aliked-n16.pth")
+    except aliked.LightGlueMissing as e:
+        pytest.skip(str(e))
+    rgb = np.repeat(pattern(3)[..., None], 3, axis=2)  # ALIKED reads colour
+    mask = np.zeros((90, 120), bool)
+    mask[:, 40:80] = True
+    pts, desc = keypoints.features(rgb, "aliked", 300, mask)
+    full = keypoints.features(rgb, "aliked", 300)[0]
+    assert len(pts) >= 30 and masks.inside(mask, pts.astype(np.float32), rgb.shape[1], rgb.shape[0]).all()
+    assert desc.shape == (len(pts), 128) and desc.dtype == np.float16
+    assert not masks.inside(mask, full.astype(np.float32), rgb.shape[1], rgb.shape[0]).all()
+
+
 def test_the_mask_follows_the_animal_map_on_real_photos(shared_data):
     """On real nyala photos the mask is part of the photo, the same every time, and where the animal
     class-activation map is high (it refines the map, it does not wander off): a check that it follows

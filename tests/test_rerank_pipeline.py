@@ -119,3 +119,18 @@ def test_xfeat_keypoints_are_their_own_artifact_and_the_matcher_reruns_only_scor
     assert "[evaluate] running (setting rerank.matcher changed" in out and "[keypoints] up to date" in out, out
     code, out = cli("evaluate", "--work", work, *TINY, *LOCAL, "--set", "rerank.matcher=lighterglue")
     assert code != 0 and "keypoints.method = 'sift' do not go together" in out and "Traceback" not in out, out
+
+    # ALIKED + its LightGlue: a new keypoints artifact (128-d, its own weights), the same trained model
+    from whaleid.backbones import aliked
+    try:
+        aliked.weights_file("aliked-n16.pth")
+    except aliked.LightGlueMissing:
+        return
+    glued = [*LOCAL, "--set", "keypoints.method=aliked", "--set", "keypoints.side=160", "--set", "rerank.matcher=lightglue",
+             "--set", "rerank.candidates=3", "--set", "rerank.glue_shortlist=4", "--set", "keypoints.max_points=200"]
+    out = whaleid("evaluate", "--work", work, *TINY, *glued)
+    assert "[keypoints] running" in out and "[train] up to date" in out and "re-ranking 3 ids" in out, out
+    store = keypoints.Store(work / "keypoints/keypoints.npz")
+    assert store.method == "aliked" and str(store.parts[0]["weights"]) == aliked.ALIKED_SHA256
+    pts, desc = store.get(next(iter(store.index)))
+    assert desc.dtype == np.float16 and desc.shape[1] == 128 and len(pts) > 5  # score > 0.2: few on tiny photos
