@@ -178,13 +178,13 @@ def bilinear(m: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out
 
 
-def detect(score: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+def detect(score: np.ndarray, limit: int, threshold: float = THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
     """DKD: (keypoints (n, 2) sub-pixel x, y; scores (n,)), the `limit` best local maxima over
-    THRESHOLD (over the map's mean when none is), best first."""
+    `threshold` (over the map's mean when none is), best first (by the peak pixel's score)."""
     h, w = score.shape
     peaks = simple_nms(score)
     peaks[:RADIUS], peaks[h - RADIUS:], peaks[:, :RADIUS], peaks[:, w - RADIUS:] = 0, 0, 0, 0
-    keep = peaks > THRESHOLD
+    keep = peaks > threshold
     if not keep.any():
         keep = peaks > score.mean()
     ys, xs = np.nonzero(keep)
@@ -243,14 +243,15 @@ def _selu(x):
 
 
 class ALIKED:
-    """features(rgb (H, W, 3) in [0, 1], limit) -> (keypoints (n, 2) x, y, scores, descriptors (n, 128))."""
+    """features(rgb (H, W, 3) in [0, 1], limit[, threshold]) -> (keypoints (n, 2) x, y, scores,
+    descriptors (n, 128))."""
 
     def __init__(self, weights: dict[str, np.ndarray] | None = None):
         weights = weights if weights is not None else read_weights()
         self.dense = DenseMaps(weights)
         self.descriptors = Descriptors(weights)
 
-    def features(self, rgb: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def features(self, rgb: np.ndarray, limit: int, threshold: float = THRESHOLD) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         feats, score = self.dense(rgb)
-        points, scores = detect(score, limit)
+        points, scores = detect(score, limit, threshold)
         return points, scores, self.descriptors.describe(feats, points)
