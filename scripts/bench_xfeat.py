@@ -37,19 +37,15 @@ def photos(n: int, side: int) -> list[np.ndarray]:
     return out
 
 
-def timings(n_photos: int = 20, side: int = 640, top_k: int = 1000, glue_pairs: int = 20) -> str:
-    """One line: ms per photo (CNN, keypoints + descriptors) and per pair (mutual NN, LighterGlue)."""
-    net = xfeat.build(3, xfeat.read_weights())
-    images = photos(n_photos, side)
-    net.predict_on_batch(images[0][None].astype(np.float32))  # trace once
-    t, feats = time.perf_counter(), []
-    for img in images:
-        maps = net.predict_on_batch(img[None].astype(np.float32))
-        feats.append(maps)
+def _timings(label: str, images: list, dense, sparse, glue, top_k: int, glue_pairs: int) -> str:
+    """One line: ms per photo (`dense` maps, then `sparse` keypoints + descriptors) and per pair (mutual
+    NN, the `glue` matcher); dense(image) -> maps, sparse(maps, top_k) -> (points, scores, descriptors)."""
+    dense(images[0])  # trace once
+    t = time.perf_counter()
+    maps = [dense(img) for img in images]
     cnn = (time.perf_counter() - t) / len(images)
-    t, found = time.perf_counter(), []
-    for maps in feats:
-        found.append(xfeat.detect(*(m[0] for m in maps), top_k=top_k))
+    t = time.perf_counter()
+    found = [sparse(m, top_k) for m in maps]
     det = (time.perf_counter() - t) / len(images)
     t, pairs = time.perf_counter(), 0
     for a in found:
@@ -57,56 +53,39 @@ def timings(n_photos: int = 20, side: int = 640, top_k: int = 1000, glue_pairs: 
             mutual_test(a[2] @ b[2].T, 0.82)
             pairs += 1
     match = (time.perf_counter() - t) / pairs
-    glue = lightglue.lighterglue()
     size = lambda i: np.float32(images[i].shape[1::-1])  # noqa: E731
     glue.match(found[0][0], found[0][2], size(0), found[1][0], found[1][2], size(1))  # trace once
-    t, done = time.perf_counter(), 0
+    t = time.perf_counter()
     for k in range(glue_pairs):
         a, b = k % len(found), (k + 1) % len(found)
         glue.match(found[a][0], found[a][2], size(a), found[b][0], found[b][2], size(b))
-        done += 1
-    glued = (time.perf_counter() - t) / max(done, 1)
+    glued = (time.perf_counter() - t) / max(glue_pairs, 1)
     sizes = sorted({img.shape[:2] for img in images})
-    return (f"{len(images)} photos at {sizes[0]}..{sizes[-1]}, top_k {top_k}: CNN {cnn * 1000:.0f} ms, keypoints + "
-            f"descriptors {det * 1000:.0f} ms a photo ({np.mean([len(f[0]) for f in found]):.0f} keypoints); "
-            f"mutual nearest neighbours {match * 1000:.2f} ms a pair ({pairs} pairs); LighterGlue "
-            f"{glued * 1000:.1f} ms a pair ({done} pairs)")
+    return (f"{label}: {len(images)} photos at {sizes[0]}..{sizes[-1]}, top_k {top_k}: dense maps {cnn * 1000:.0f} ms, "
+            f"keypoints + descriptors {det * 1000:.0f} ms a photo ({np.mean([len(f[0]) for f in found]):.0f} keypoints); "
+            f"mutual nearest neighbours {match * 1000:.2f} ms a pair ({pairs} pairs); glue matcher "
+            f"{glued * 1000:.1f} ms a pair ({glue_pairs} pairs)")
+
+
+def timings(n_photos: int = 20, side: int = 640, top_k: int = 1000, glue_pairs: int = 20) -> str:
+    """XFeat's CNN and keypoints, mutual NN and LighterGlue."""
+    net = xfeat.build(3, xfeat.read_weights())
+    return _timings("XFeat + LighterGlue", photos(n_photos, side),
+                    lambda img: net.predict_on_batch(img[None].astype(np.float32)),
+                    lambda maps, k: xfeat.detect(*(m[0] for m in maps), top_k=k),
+                    lightglue.lighterglue(), top_k, glue_pairs)
 
 
 def aliked_timings(n_photos: int = 20, side: int = 640, top_k: int = 1000, glue_pairs: int = 20) -> str:
-    """One line: ms per photo (dense maps, then keypoints + descriptors) and per pair (mutual NN, LightGlue)."""
+    """ALIKED's dense maps and keypoints (score over the keypoints stage's least), mutual NN and LightGlue."""
+    from whaleid.preprocess.keypoints import ALIKED_MIN_SCORE
     net = aliked.ALIKED()
-    images = [img.astype(np.float32) / 255 for img in photos(n_photos, side)]
-    net.dense(images[0])  # trace once
-    t, maps = time.perf_counter(), []
-    for img in images:
-        maps.append(net.dense(img))
-    cnn = (time.perf_counter() - t) / len(images)
-    t, found = time.perf_counter(), []
-    for feats, score in maps:
-        points, scores = aliked.detect(score, top_k)
-        found.append((points, scores, net.descriptors.describe(feats, points)))
-    det = (time.perf_counter() - t) / len(images)
-    t, pairs = time.perf_counter(), 0
-    for a in found:
-        for b in found:
-            mutual_test(a[2] @ b[2].T, 0.82)
-            pairs += 1
-    match = (time.perf_counter() - t) / pairs
-    glue = lightglue.aliked_lightglue()
-    size = lambda i: np.float32(images[i].shape[1::-1])  # noqa: E731
-    glue.match(found[0][0], found[0][2], size(0), found[1][0], found[1][2], size(1))  # trace once
-    t, done = time.perf_counter(), 0
-    for k in range(glue_pairs):
-        a, b = k % len(found), (k + 1) % len(found)
-        glue.match(found[a][0], found[a][2], size(a), found[b][0], found[b][2], size(b))
-        done += 1
-    glued = (time.perf_counter() - t) / max(done, 1)
-    sizes = sorted({img.shape[:2] for img in images})
-    return (f"ALIKED-n16: {len(images)} photos at {sizes[0]}..{sizes[-1]}, top_k {top_k}: dense maps {cnn * 1000:.0f} ms, "
-            f"keypoints + descriptors {det * 1000:.0f} ms a photo ({np.mean([len(f[0]) for f in found]):.0f} keypoints); "
-            f"mutual nearest neighbours {match * 1000:.2f} ms a pair ({pairs} pairs); LightGlue "
-            f"{glued * 1000:.1f} ms a pair ({done} pairs)")
+
+    def sparse(maps, k):
+        points, scores = aliked.detect(maps[1], k, ALIKED_MIN_SCORE)
+        return points, scores, net.descriptors.describe(maps[0], points)
+    return _timings("ALIKED-n16 + LightGlue", [img.astype(np.float32) / 255 for img in photos(n_photos, side)],
+                    net.dense, sparse, lightglue.aliked_lightglue(), top_k, glue_pairs)
 
 
 def main(argv=None):

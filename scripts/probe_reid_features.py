@@ -122,7 +122,8 @@ def local(data: Path, gallery: pd.DataFrame, queries: pd.DataFrame, spec: str, s
     t = time.time()
 
     def feats(path):
-        rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        colour = mask or method in COLOUR  # decoded in colour only when read so
+        rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB) if colour else None
         crop = rgb if method in COLOUR else cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
         h, w = crop.shape[:2]
         scale = side / max(h, w)

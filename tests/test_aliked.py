@@ -13,6 +13,8 @@ import pytest
 
 from whaleid.backbones import aliked, lightglue
 
+from test_lighterglue import check_warped_texture
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
@@ -86,19 +88,7 @@ def test_lightglue_log_assignment_equals_pytorch(glue):
 
 
 def test_a_warped_texture_matches_itself_and_an_unrelated_one_does_not(net, glue):
-    rng = np.random.default_rng(0)
-    a = cv2.GaussianBlur(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8), (0, 0), 2)
-    H = np.array([[0.95, 0.12, 8.0], [-0.1, 0.93, 14.0], [2e-4, 1e-4, 1.0]])
-    b = cv2.warpPerspective(a, H, (256, 256), borderValue=(128, 128, 128))
-    c = cv2.GaussianBlur(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8), (0, 0), 2)
-    (ka, _, da), (kb, _, db), (kc, _, dc) = (net.features(x.astype(np.float32) / 255, 300) for x in (a, b, c))
-    size = np.float32([256, 256])
-    i, j, _ = lightglue.matches(glue.match(ka, da, size, kb, db, size))
-    projected = cv2.perspectiveTransform(ka[i].reshape(-1, 1, 2).astype(np.float64), H).reshape(-1, 2)
-    correct = np.linalg.norm(projected - kb[j], axis=1) <= 3
-    assert len(i) >= 30 and correct.mean() >= 0.8, (len(i), correct.mean())
-    unrelated = lightglue.matches(glue.match(ka, da, size, kc, dc, size))[0]
-    assert len(unrelated) < 0.2 * len(i), (len(unrelated), len(i))
+    check_warped_texture(glue, lambda photos: [net.features(x.astype(np.float32) / 255, 300) for x in photos])
 
 
 def test_missing_weights_name_the_command(monkeypatch):

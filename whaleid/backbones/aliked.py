@@ -100,7 +100,7 @@ class DenseMaps:
         return tf.reshape(out, [1, h, w, -1])
 
     def res_block(self, name: str, x, deformable: bool):
-        conv = (lambda n, v: self.deform_conv(n, v)) if deformable else (lambda n, v: self.conv(n, v))
+        conv = self.deform_conv if deformable else self.conv
         out = tf.nn.selu(self.bn(f"{name}.bn1", conv(f"{name}.conv1", x)))
         out = self.bn(f"{name}.bn2", conv(f"{name}.conv2", out))
         return tf.nn.selu(out + self.conv(f"{name}.downsample", x, "VALID", bias=True))

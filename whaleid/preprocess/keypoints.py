@@ -80,32 +80,23 @@ def root_sift(desc: np.ndarray) -> np.ndarray:
     return np.sqrt(desc / (desc.sum(1, keepdims=True) + 1e-7))
 
 
-def xfeat_features(grey: np.ndarray, max_points: int, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """XFeat's keypoints and descriptors of a grey crop: resized to multiples of 32 as the authors do
-    (bilinear), the points scaled back to the crop's pixels; with a mask (the crop's grid), the
-    max_points best of those on it."""
+def xfeat_features(grey: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """XFeat's `limit` best keypoints and descriptors of a grey crop: resized to multiples of 32 as the
+    authors do (bilinear), the points scaled back to the crop's pixels."""
     h, w = grey.shape
     h32, w32 = max(32, h // 32 * 32), max(32, w // 32 * 32)
     small = cv2.resize(grey, (w32, h32), interpolation=cv2.INTER_LINEAR) if (h32, w32) != (h, w) else grey
     maps = [np.asarray(m)[0] for m in _xfeat_net()(small[None, :, :, None].astype(np.float32))]
     from whaleid.backbones import xfeat
-    pts, _, desc = xfeat.detect(*maps, top_k=max_points if mask is None else 4 * max_points)
+    pts, _, desc = xfeat.detect(*maps, top_k=limit)
     pts = pts * np.float32([w / w32, h / h32])
-    if mask is not None:
-        keep = masks.inside(mask, pts, w, h)
-        pts, desc = pts[keep][:max_points], desc[keep][:max_points]
     return pts.astype(np.float16), desc.astype(np.float16)
 
 
-def aliked_features(rgb: np.ndarray, max_points: int, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """ALIKED's keypoints and descriptors of a colour crop (uint8) at its own size; with a mask, the
-    max_points best of those on it."""
-    h, w = rgb.shape[:2]
-    pts, _, desc = _aliked_net().features(rgb.astype(np.float32) / 255.0, max_points if mask is None else 4 * max_points,
-                                          ALIKED_MIN_SCORE)
-    if mask is not None:
-        keep = masks.inside(mask, pts, w, h)
-        pts, desc = pts[keep][:max_points], desc[keep][:max_points]
+def aliked_features(rgb: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """ALIKED's `limit` best keypoints (score over ALIKED_MIN_SCORE) and descriptors of a colour crop
+    (uint8) at its own size."""
+    pts, _, desc = _aliked_net().features(rgb.astype(np.float32) / 255.0, limit, ALIKED_MIN_SCORE)
     return pts.astype(np.float16), desc.astype(np.float16)
 
 
@@ -138,15 +129,16 @@ def features(crop: np.ndarray, method: str, max_points: int,
     the COLOUR methods), the max_points strongest (of those on `mask`, a bool mask of the crop at any
     resolution, when given: the detector looks there only, and every stored point, as stored, passes
     masks.inside, the one rule)."""
+    limit = max_points if mask is None else 4 * max_points  # learned extractors: the best of those on the mask
     if method == "xfeat":
-        pts, desc = xfeat_features(crop, max_points, mask)
+        pts, desc = xfeat_features(crop, limit)
     elif method == "aliked":
-        pts, desc = aliked_features(crop, max_points, mask)
+        pts, desc = aliked_features(crop, limit)
     else:
         pts, desc = opencv_features(crop, method, max_points, mask)
     if mask is not None:
         keep = masks.inside(mask, pts.astype(np.float32), crop.shape[1], crop.shape[0])
-        pts, desc = pts[keep], desc[keep]
+        pts, desc = pts[keep][:max_points], desc[keep][:max_points]
     return pts, desc
 
 

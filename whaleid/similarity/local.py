@@ -101,7 +101,7 @@ _GLUE: dict = {}
 _GLUE_LOCK = threading.Lock()
 
 
-def glue_matches(q: tuple, g: tuple, name: str = "lighterglue") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def glue_matches(q: tuple, g: tuple, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A learned matcher's matches of two photos' (points, descriptors, (width, height)): LighterGlue on
     XFeat's, LightGlue on ALIKED's; the model is loaded once per process (TensorFlow, so only when chosen)."""
     from whaleid.backbones import lightglue
