@@ -146,6 +146,46 @@ def test_local_fusion_ranks_by_inliers_and_breaks_ties_by_the_embedding():
     assert np.mean([labels[0] == t for (labels, _), t in zip(fused, truths)]) > 0.95
 
 
+def test_auto_fusion_picks_the_mode_validation_ranks_better():
+    """rerank.fusion = auto: local where the inliers name the truth and the embedding does not; average
+    where the inliers are noise and the embedding knows; the choice, both figures and the setting are
+    recorded, and predict's reading of the calibration asks for auto, not for the mode it chose."""
+    # the inliers put the truth first, narrowly; the embedding is confidently wrong on every other query
+    rng = np.random.default_rng(3)
+    names, truths, rankings, inliers = [], [], [], []
+    for q in range(200):
+        labels = [f"id{i}" for i in rng.choice(30, 10, replace=False)]
+        t = int(rng.integers(1, 10)) if q % 2 == 0 else 0
+        scores = np.r_[0.95, np.sort(rng.uniform(0.5, 0.6, 9))[::-1]]
+        counts = rng.integers(0, 10, 10).astype(np.float32)
+        counts[t] = rng.integers(8, 16)
+        counts = np.where(np.arange(10) == t, counts, np.minimum(counts, counts[t] - 1))
+        names.append(f"q{q}.jpg"), truths.append(labels[t]), rankings.append((labels, list(scores))), inliers.append(counts)
+    mode, top1s, ranked = fusion.choose(rankings, inliers, truths, names, 10, 5, "new_whale")
+    assert mode == "local" and top1s["local"] == 1.0 > top1s["average"] and ranked == fusion.cross_fitted(
+        rankings, inliers, truths, names, 10, 5, "local")
+    # embedding right, inliers ranked against the truth: the average keeps the embedding's order
+    names, truths, rankings, inliers = constructed_queries()
+    truths = [labels[0] for labels, _ in rankings]
+    noise = [rng.permutation(n) for n in inliers]
+    noise = [np.where(np.array(labels) == t, 0.0, n) for (labels, _), t, n in zip(rankings, truths, noise)]
+    mode, top1s, _ = fusion.choose(rankings, noise, truths, names, 10, 5, "new_whale")
+    assert mode == "average" and top1s["average"] > top1s["local"], top1s
+    # queries of new individuals do not count towards top-1
+    assert fusion.top1([(["a"], [1.0]), (["b"], [1.0])], ["a", "new_whale"], "new_whale") == 1.0
+
+
+def test_auto_fusion_is_recorded_for_predict(tmp_path):
+    from whaleid.pipeline.stage import StageError
+    (tmp_path / "evaluate").mkdir()
+    chosen = fusion.Fusion((1.0, 0.0), (1.0, -2.0), 10, 2, mode="local", setting="auto",
+                           validation_top1={"average": 0.2, "local": 0.4})
+    (tmp_path / "evaluate" / "calibration.json").write_text(json.dumps({"method": "local", **chosen.to_json()}))
+    assert fusion.read_calibration(tmp_path, "auto") == chosen
+    with pytest.raises(StageError, match="fitted with rerank.fusion = auto"):
+        fusion.read_calibration(tmp_path, "local")
+
+
 def test_predict_refuses_a_calibration_fitted_for_another_fusion(tmp_path):
     from whaleid.pipeline.stage import StageError
     (tmp_path / "evaluate").mkdir()

@@ -63,6 +63,15 @@ def test_rerank_settings_rerun_evaluate_and_predict_only(tiny_set, tmp_path):
     assert json.loads((work / "evaluate/calibration.json").read_text())["mode"] == "local"
     out = whaleid("predict", "--work", work, *TINY, *by_local)
     assert "using the tuned new_whale threshold" in out, out
+    # auto: evaluate picks average or local by validation top-1 and predict applies its pick
+    by_auto = [*fewer, "--set", "rerank.fusion=auto"]
+    out = whaleid("evaluate", "--work", work, *TINY, *by_auto, "--tune-threshold")
+    chosen = json.loads((work / "evaluate/calibration.json").read_text())
+    assert "rerank.fusion = auto: validation top-1 (cross-fitted) average" in out, out
+    assert chosen["setting"] == "auto" and chosen["mode"] in ("average", "local") and chosen["mode"] in out.split(
+        "rerank.fusion = auto")[1].splitlines()[0] and set(chosen["validation_top1"]) == {"average", "local"}
+    out = whaleid("predict", "--work", work, *TINY, *by_auto)
+    assert "using the tuned new_whale threshold" in out and f"(fusion {chosen['mode']})" in out, out
 
     # back to no re-ranking: predict reruns, reading no keypoints; nothing upstream runs
     out = whaleid("predict", "--work", work, *TINY)

@@ -108,7 +108,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "keypoints.method": ("sift", "orb", "xfeat", "aliked"),   # (AKAZE left OpenCV 5's main module: not offered)
     "rerank.matcher": ("ratio", "mutual", "lighterglue", "lightglue"),
     "rerank.method": ("none", "local"),
-    "rerank.fusion": ("average", "local"),
+    "rerank.fusion": ("average", "local", "auto"),
     "rerank.geometry": ("homography", "similarity", "none"),
 }
 # model.head: the names in pipeline/head_names.py, asked when a value is checked (see choices()),

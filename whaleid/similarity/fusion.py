@@ -4,7 +4,9 @@
 average). rerank.fusion = local ranks the candidates by their local evidence (inliers) alone, the
 embedding only shortlisting them and breaking ties, and scores each by P(same | inliers): for a matcher
 that is stronger than the embedding (learned matchers on the animal's mask, docs/measurements.md),
-which a validation set too small to fit the average's weights cannot show. evaluate fits the
+which a validation set too small to fit the average's weights cannot show. rerank.fusion = auto picks
+one of the two by validation top-1 (each cross-fitted): local where the matcher sees the individual's
+marks (nyala's flank stripes), average where photos show different body parts (lions). evaluate fits the
 calibrations (never on test photos) and writes WORK/evaluate/calibration.json; predict and identify
 read it. The new_whale threshold then works on the fused score.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +62,8 @@ class Fusion:
     pairs: int = 0
     same: int = 0
     mode: str = "average"
+    setting: str = ""  # rerank.fusion as evaluate ran it ("auto" chose `mode`); "" in older files: `mode`
+    validation_top1: dict = field(default_factory=dict)  # auto: each mode's cross-fitted top-1 on validation
 
     def p_embedding(self, scores):
         return sigmoid(self.embedding[0] * np.asarray(scores, np.float64) + self.embedding[1])
@@ -85,7 +89,12 @@ class Fusion:
     @classmethod
     def from_json(cls, data: dict) -> "Fusion":
         return cls(tuple(data["embedding"]), tuple(data["local"]), int(data.get("pairs", 0)), int(data.get("same", 0)),
-                   data.get("mode", "average"))
+                   data.get("mode", "average"), data.get("setting", ""), dict(data.get("validation_top1", {})))
+
+    @property
+    def asked(self) -> str:
+        """The rerank.fusion setting this calibration answers."""
+        return self.setting or self.mode
 
     @classmethod
     def read(cls, path: Path) -> "Fusion":
@@ -134,6 +143,25 @@ def cross_fitted(rankings: list, inliers: list, truths: list[str], names: list[s
     return out
 
 
+MODES = ("average", "local")  # what rerank.fusion = auto chooses from (ties: average, the embedding kept)
+
+
+def top1(rankings: list, truths: list[str], unknown: str) -> float:
+    """Closed-set top-1: the share of queries of known ids (truth != `unknown`) ranked first."""
+    hits = [labels[0] == t for (labels, _), t in zip(rankings, truths) if t != unknown and labels]
+    return float(np.mean(hits)) if hits else 0.0
+
+
+def choose(rankings: list, inliers: list, truths: list[str], names: list[str], candidates: int, k: int,
+           unknown: str) -> tuple[str, dict, list]:
+    """rerank.fusion = auto: (the mode of the best cross-fitted validation top-1, each mode's top-1,
+    that mode's re-ranked queries)."""
+    ranked = {m: cross_fitted(rankings, inliers, truths, names, candidates, k, m) for m in MODES}
+    scores = {m: round(top1(ranked[m], truths, unknown), 4) for m in MODES}
+    best = max(MODES, key=lambda m: (scores[m], m == "average"))
+    return best, scores, ranked[best]
+
+
 def read_calibration(work: Path, mode: str = "average") -> Fusion:
     """The fusion evaluate fitted (for rerank.fusion = `mode`), or a clear error naming the command that fits it."""
     path = Path(work) / "evaluate" / CALIBRATION
@@ -145,7 +173,7 @@ def read_calibration(work: Path, mode: str = "average") -> Fusion:
         raise StageError(f"rerank.method = local fuses scores by the calibration evaluate fits on validation, and "
                          f"{path} has none: run whaleid evaluate --work {work} --set rerank.method=local first")
     fusion = Fusion.from_json(data)
-    if fusion.mode != mode:
-        raise StageError(f"{path} was fitted with rerank.fusion = {fusion.mode}, and this run asks for {mode}: "
+    if fusion.asked != mode:
+        raise StageError(f"{path} was fitted with rerank.fusion = {fusion.asked}, and this run asks for {mode}: "
                          f"run whaleid evaluate --work {work} --set rerank.fusion={mode} first")
     return fusion

@@ -10,15 +10,16 @@ The inliers are fused with the embedding's score by similarity/fusion.py.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import cv2
 import numpy as np
 import pandas as pd
 
+from whaleid.data.tables import NEW_WHALE
 from whaleid.preprocess.keypoints import Store, as_float, binary
-from whaleid.similarity.fusion import Fusion, cross_fitted, fit, fused_ranking
+from whaleid.similarity.fusion import Fusion, choose, cross_fitted, fit, fused_ranking
 from whaleid.similarity.gallery import Encounters, photos_of
 
 MIN_MATCHES = 6   # fewer ratio-test matches: no RANSAC, 0 inliers (4 fit any homography exactly: noise)
@@ -266,15 +267,22 @@ class LocalSignal:
         if truths is None:
             if self.fusion is None:
                 raise ValueError("LocalSignal without a fusion needs the queries' truths to fit one")
-            run.echo(f"re-ranked by local features: median {np.median([c[0] for c in inliers]) if inliers else 0:.0f} "
-                     f"inliers for the first candidate")
+            run.echo(f"re-ranked by local features (fusion {self.fusion.mode}): median "
+                     f"{np.median([c[0] for c in inliers]) if inliers else 0:.0f} inliers for the first candidate")
             return [fused_ranking(r, n, self.fusion, k) for r, n in zip(rankings, inliers)]
-        self.fitted = fit(rankings, inliers, truths, self.candidates, self.mode)
-        f = self.fitted
+        if self.mode == "auto":
+            mode, top1s, ranked = choose(rankings, inliers, truths, queries, self.candidates, k, NEW_WHALE)
+            run.echo("rerank.fusion = auto: validation top-1 (cross-fitted) " +
+                     ", ".join(f"{m} {v:.3f}" for m, v in top1s.items()) + f": {mode}")
+        else:
+            mode, top1s = self.mode, {}
+            ranked = cross_fitted(rankings, inliers, truths, queries, self.candidates, k, mode)
+        f = self.fitted = replace(fit(rankings, inliers, truths, self.candidates, mode), setting=self.mode,
+                                  validation_top1=top1s)
         run.echo(f"rerank: fusion fitted on {f.pairs} validation (query, id) pairs, {f.same} of the same id: "
                  f"embedding {f.embedding[0]:.2f}x{f.embedding[1]:+.2f}, "
                  f"local {f.local[0]:.2f}x log(1+inliers){f.local[1]:+.2f}")
-        return cross_fitted(rankings, inliers, truths, queries, self.candidates, k, self.mode)
+        return ranked
 
     def calibration(self) -> dict:
         """What evaluate writes to calibration.json: the fusion fitted on all validation queries."""

@@ -69,12 +69,17 @@ def tuning_obstacles(share: float, validation_new_share: float) -> tuple[str | N
     return placed, untunable
 
 
+def asked_fusion(calibration: dict) -> str:
+    """The rerank.fusion setting a calibration (metrics.json's) was fitted for: auto's, not its choice."""
+    return calibration.get("setting") or calibration.get("mode", "average")
+
+
 def tune(work: Path) -> float:
     """Store evaluate's best threshold of the sweep where predict and identify look for it."""
     metrics = json.loads((Path(work) / "evaluate" / "metrics.json").read_text())
     write_json(Path(work) / TUNED, {"threshold": metrics["best_threshold"], "map5": metrics["best_map5"],
                                     "head": metrics.get("head"), "model": metrics.get("model"),
                                     "rerank": metrics.get("rerank", {}).get("method", "none"),
-                                    "fusion": (metrics.get("rerank", {}).get("fusion") or {}).get("mode", "average"),
+                                    "fusion": asked_fusion(metrics.get("rerank", {}).get("fusion") or {}),
                                     "source": str(Path(work) / "evaluate" / "threshold_sweep.csv")})
     return metrics["best_threshold"]
