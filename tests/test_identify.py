@@ -232,6 +232,34 @@ def test_rerank_local_reranks_a_batch_as_predict_does(catalogue, day1, tmp_path)
     assert np.mean([first.id[p] == t for p, t in truth.items() if t != UNSEEN]) >= 0.75
 
 
+def test_photoid_matcher_identifies_a_batch_with_the_fusion_evaluate_chose(catalogue, day1, tmp_path):
+    """configs/photoid.toml's re-ranking (ALIKED keypoints, LightGlue, rerank.fusion = auto), at test size:
+    identify computes the batch's ALIKED features and applies the fusion evaluate chose."""
+    from whaleid.backbones import aliked
+    from whaleid.preprocess.keypoints import Store
+    try:
+        aliked.weights_file("aliked-n16.pth")
+    except aliked.LightGlueMissing as e:
+        pytest.skip(str(e))
+    work, data, _ = catalogue
+    _, truth, folder = day1
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy)
+    shutil.rmtree(copy / "identify" / "day1")
+    photoid = ["--set", "rerank.method=local", "--set", "keypoints.method=aliked", "--set", "rerank.matcher=lightglue",
+               "--set", "rerank.fusion=auto", "--set", "keypoints.side=160", "--set", "keypoints.max_points=200",
+               "--set", "rerank.candidates=3", "--set", "rerank.glue_shortlist=4"]
+    out = whaleid("evaluate", "--work", copy, "--data", data, *photoid)
+    chosen = json.loads((copy / "evaluate" / "calibration.json").read_text())
+    assert chosen["setting"] == "auto" and f": {chosen['mode']}" in out, out
+    out = whaleid("identify", "--work", copy, "--photos", folder, "--top", "3", "--quiet")
+    assert f"re-ranked by local features (fusion {chosen['mode']})" in out, out
+    store = Store(copy / "identify" / "day1" / "keypoints.npz")
+    assert store.method == "aliked" and all(f"batch:{p}" in store for p in truth)
+    m = pd.read_csv(copy / "identify" / "day1" / "matches.csv", dtype={"photo": str, "id": str})
+    assert set(m.photo) == set(truth) and m.score.between(0, 1).all()
+
+
 def test_train_only_individuals_are_never_candidates(catalogue, day1, tmp_path):
     """A data folder's train_only.csv (import-folders --train-only) names individuals learnt from only:
     as in predict, identify never names them."""
