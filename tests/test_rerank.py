@@ -161,7 +161,7 @@ def test_auto_fusion_picks_the_mode_validation_ranks_better():
         counts[t] = rng.integers(8, 16)
         counts = np.where(np.arange(10) == t, counts, np.minimum(counts, counts[t] - 1))
         names.append(f"q{q}.jpg"), truths.append(labels[t]), rankings.append((labels, list(scores))), inliers.append(counts)
-    mode, top1s, ranked = fusion.choose(rankings, inliers, truths, names, 10, 5, "new_whale")
+    mode, top1s, ranked = fusion.choose(rankings, inliers, truths, names, 10, 5)
     assert mode == "local" and top1s["local"] == 1.0 > top1s["average"] and ranked == fusion.cross_fitted(
         rankings, inliers, truths, names, 10, 5, "local")
     # embedding right, inliers ranked against the truth: the average keeps the embedding's order
@@ -169,10 +169,10 @@ def test_auto_fusion_picks_the_mode_validation_ranks_better():
     truths = [labels[0] for labels, _ in rankings]
     noise = [rng.permutation(n) for n in inliers]
     noise = [np.where(np.array(labels) == t, 0.0, n) for (labels, _), t, n in zip(rankings, truths, noise)]
-    mode, top1s, _ = fusion.choose(rankings, noise, truths, names, 10, 5, "new_whale")
+    mode, top1s, _ = fusion.choose(rankings, noise, truths, names, 10, 5)
     assert mode == "average" and top1s["average"] > top1s["local"], top1s
     # queries of new individuals do not count towards top-1
-    assert fusion.top1([(["a"], [1.0]), (["b"], [1.0])], ["a", "new_whale"], "new_whale") == 1.0
+    assert fusion.top1([(["a"], [1.0]), (["b"], [1.0])], ["a", "new_whale"]) == 1.0
 
 
 def test_auto_fusion_is_recorded_for_predict(tmp_path):

@@ -44,7 +44,7 @@ from whaleid.learning import model as models
 from whaleid.metrics import submission, verification
 from whaleid.pipeline.stage import Run, StageError
 from whaleid.similarity import answers, local
-from whaleid.similarity.fusion import CALIBRATION
+from whaleid.similarity.fusion import CALIBRATION, top1
 from whaleid.similarity.gallery import gallery_files
 from whaleid.similarity.threshold import model_digest
 
@@ -161,9 +161,7 @@ def best_of(rankings: list, truths: list[str], k: int) -> dict:
     is the best-ranked id right), for comparing rankings with and without re-ranking."""
     runs = [(float(thr), submission.scores(truths, answers_at(rankings, thr, k))) for thr in SWEEP]
     thr, best = max(runs, key=lambda r: r[1]["map5"])
-    known = [(labels[0] if labels else None, t) for (labels, _), t in zip(rankings, truths) if t != NEW_WHALE]
-    closed = float(np.mean([a == t for a, t in known])) if known else None
-    return {"map5": best["map5"], "threshold": thr, "top1": best["top1"], "closed_top1": _rounded(closed)}
+    return {"map5": best["map5"], "threshold": thr, "top1": best["top1"], "closed_top1": _rounded(top1(rankings, truths))}
 
 
 def _rounded(x: float):

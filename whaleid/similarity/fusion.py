@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from whaleid.data.tables import NEW_WHALE
 from whaleid.pipeline.stage import StageError
 
 CALIBRATION = "calibration.json"  # WORK/evaluate/calibration.json: the fusion, fitted on validation
@@ -93,8 +94,7 @@ class Fusion:
 
     @property
     def asked(self) -> str:
-        """The rerank.fusion setting this calibration answers."""
-        return self.setting or self.mode
+        return fitted_for(asdict(self))
 
     @classmethod
     def read(cls, path: Path) -> "Fusion":
@@ -146,18 +146,25 @@ def cross_fitted(rankings: list, inliers: list, truths: list[str], names: list[s
 MODES = ("average", "local")  # what rerank.fusion = auto chooses from (ties: average, the embedding kept)
 
 
-def top1(rankings: list, truths: list[str], unknown: str) -> float:
-    """Closed-set top-1: the share of queries of known ids (truth != `unknown`) ranked first."""
-    hits = [labels[0] == t for (labels, _), t in zip(rankings, truths) if t != unknown and labels]
-    return float(np.mean(hits)) if hits else 0.0
+def fitted_for(calibration: dict) -> str:
+    """The rerank.fusion setting a calibration (calibration.json's, metrics.json's) answers: auto's, not
+    its choice ("setting" is absent in files older than auto)."""
+    return calibration.get("setting") or calibration.get("mode", "average")
 
 
-def choose(rankings: list, inliers: list, truths: list[str], names: list[str], candidates: int, k: int,
-           unknown: str) -> tuple[str, dict, list]:
+def top1(rankings: list, truths: list[str]) -> float | None:
+    """Closed-set top-1: the share of queries of known ids (not new_whale) whose first id is right; None
+    without such queries."""
+    hits = [bool(labels) and labels[0] == t for (labels, _), t in zip(rankings, truths) if t != NEW_WHALE]
+    return float(np.mean(hits)) if hits else None
+
+
+def choose(rankings: list, inliers: list, truths: list[str], names: list[str], candidates: int,
+           k: int) -> tuple[str, dict, list]:
     """rerank.fusion = auto: (the mode of the best cross-fitted validation top-1, each mode's top-1,
     that mode's re-ranked queries)."""
     ranked = {m: cross_fitted(rankings, inliers, truths, names, candidates, k, m) for m in MODES}
-    scores = {m: round(top1(ranked[m], truths, unknown), 4) for m in MODES}
+    scores = {m: round(top1(ranked[m], truths) or 0.0, 4) for m in MODES}
     best = max(MODES, key=lambda m: (scores[m], m == "average"))
     return best, scores, ranked[best]
 

@@ -17,7 +17,6 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from whaleid.data.tables import NEW_WHALE
 from whaleid.preprocess.keypoints import Store, as_float, binary
 from whaleid.similarity.fusion import Fusion, choose, cross_fitted, fit, fused_ranking
 from whaleid.similarity.gallery import Encounters, photos_of
@@ -271,7 +270,7 @@ class LocalSignal:
                      f"{np.median([c[0] for c in inliers]) if inliers else 0:.0f} inliers for the first candidate")
             return [fused_ranking(r, n, self.fusion, k) for r, n in zip(rankings, inliers)]
         if self.mode == "auto":
-            mode, top1s, ranked = choose(rankings, inliers, truths, queries, self.candidates, k, NEW_WHALE)
+            mode, top1s, ranked = choose(rankings, inliers, truths, queries, self.candidates, k)
             run.echo("rerank.fusion = auto: validation top-1 (cross-fitted) " +
                      ", ".join(f"{m} {v:.3f}" for m, v in top1s.items()) + f": {mode}")
         else:

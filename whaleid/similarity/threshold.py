@@ -8,6 +8,7 @@ from pathlib import Path
 
 from whaleid.pipeline.files import write_json
 from whaleid.similarity.answers import share_threshold
+from whaleid.similarity.fusion import fitted_for
 
 TUNED = "tuned_threshold.json"  # WORK/tuned_threshold.json, written by `evaluate --tune-threshold`
 
@@ -69,17 +70,12 @@ def tuning_obstacles(share: float, validation_new_share: float) -> tuple[str | N
     return placed, untunable
 
 
-def asked_fusion(calibration: dict) -> str:
-    """The rerank.fusion setting a calibration (metrics.json's) was fitted for: auto's, not its choice."""
-    return calibration.get("setting") or calibration.get("mode", "average")
-
-
 def tune(work: Path) -> float:
     """Store evaluate's best threshold of the sweep where predict and identify look for it."""
     metrics = json.loads((Path(work) / "evaluate" / "metrics.json").read_text())
     write_json(Path(work) / TUNED, {"threshold": metrics["best_threshold"], "map5": metrics["best_map5"],
                                     "head": metrics.get("head"), "model": metrics.get("model"),
                                     "rerank": metrics.get("rerank", {}).get("method", "none"),
-                                    "fusion": asked_fusion(metrics.get("rerank", {}).get("fusion") or {}),
+                                    "fusion": fitted_for(metrics.get("rerank", {}).get("fusion") or {}),
                                     "source": str(Path(work) / "evaluate" / "threshold_sweep.csv")})
     return metrics["best_threshold"]
