@@ -289,3 +289,57 @@ def test_lighterglue_sees_only_the_shortlisted_photos(tmp_path, monkeypatch):
     # the shortlist is LighterGlue's only: another matcher ignores it
     mutual = rerank.Matcher(False, 0.8, "homography", 8.0, "ratio")
     assert rerank.Reranker(store, photos_of, mutual, 2, False, glue_shortlist=3).glue_shortlist == 0
+
+
+def test_a_learned_matchers_pairs_are_kept_across_runs_and_read_back(tmp_path, monkeypatch):
+    """WORK/match_cache: a second Reranker on the same work folder scores the query without calling the
+    matcher and gets the same inliers; a photo whose features changed is matched again (content-addressed);
+    a damaged cache file is recomputed, not trusted; no temp file is left."""
+    from whaleid.similarity import match_cache
+    rng = np.random.default_rng(3)
+    images = {"q.jpg": pattern(10)}
+    for i in range(3):
+        images[f"a{i}.jpg"] = rotated_scaled(pattern(10), rng.uniform(-20, 20), rng.uniform(0.8, 1.1))
+        images[f"b{i}.jpg"] = pattern(40 + i)
+    results = [(name, *keypoints.features(img, "sift", 200), img.shape[::-1]) for name, img in images.items()]
+    path = tmp_path / "k.npz"
+    np.savez(path, **keypoints.pack(results, "sift", False))
+    calls = []
+
+    def fake_glue(q, g, name):
+        calls.append(name)
+        qi, gi = rerank.ratio_test(q[1] @ g[1].T, 0.8)
+        return qi, gi, np.ones(len(qi), np.float32)
+
+    monkeypatch.setattr(rerank, "glue_matches", fake_glue)
+    photos_of = {"A": [f"a{i}.jpg" for i in range(3)], "B": [f"b{i}.jpg" for i in range(3)]}
+    glue = rerank.Matcher(False, 0.8, "homography", 8.0, "lightglue", 0.8)
+    work = tmp_path / "work"
+
+    def score(store_path):
+        r = rerank.Reranker(keypoints.Store(store_path), photos_of, glue, 2, False,
+                            cache=match_cache.MatchCache(work, "lightglue"))
+        return r.scores(("q.jpg", ["A", "B"])), r.cache
+
+    first, cache = score(path)
+    assert len(calls) == 6 and cache.misses == 6 and first[0] >= 30 and first[1] < first[0]
+    files = list((work / "match_cache" / "lightglue").rglob("*"))
+    assert [f.suffix for f in files if f.is_file()] == [".npz"], files  # one query view, no temp file
+    calls.clear()
+    again, cache = score(path)
+    assert calls == [] and cache.hits == 6 and list(again) == list(first)
+    # a changed photo (other keypoints): its pairs are matched again, the others still read back
+    results[1] = ("a0.jpg", *keypoints.features(rotated_scaled(pattern(10), 5, 0.9), "sift", 200), (480, 360))
+    changed = tmp_path / "k2.npz"
+    np.savez(changed, **keypoints.pack(results, "sift", False))
+    calls.clear()
+    _, cache = score(changed)
+    assert len(calls) == 1 and cache.hits == 5
+    # a damaged file is not trusted: every pair recomputed, the file rewritten whole
+    [f] = [f for f in (work / "match_cache").rglob("*.npz")]
+    f.write_bytes(b"not a zip")
+    calls.clear()
+    fixed, _ = score(path)
+    assert len(calls) == 6 and list(fixed) == list(first)
+    # without a work folder nothing is kept
+    assert match_cache.MatchCache(None, "lightglue").matches((0, 0, 0), (0, 0, 0), lambda q, g: "computed") == "computed"

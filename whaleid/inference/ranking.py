@@ -105,7 +105,7 @@ def signals(run: Run, gallery: pd.DataFrame, stores: tuple[str, ...] = ("keypoin
     if run.setting("rerank.method") == "none":
         return []
     store = Store(*(store_path(run.session, s) for s in stores), *([extra_store()] if extra_store else []))
-    reranker = local.reranker(run.setting, store, gallery, encounters)
+    reranker = local.reranker(run.setting, store, gallery, encounters, run.work)
     mode = run.setting("rerank.fusion")
     return [local.LocalSignal(reranker, None if fitted else read_calibration(run.work, mode), prefix, mode)]
 

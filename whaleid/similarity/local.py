@@ -20,6 +20,7 @@ import pandas as pd
 from whaleid.preprocess.keypoints import Store, as_float, binary
 from whaleid.similarity.fusion import Fusion, choose, cross_fitted, fit, fused_ranking
 from whaleid.similarity.gallery import Encounters, photos_of
+from whaleid.similarity.match_cache import MatchCache
 
 MIN_MATCHES = 6   # fewer ratio-test matches: no RANSAC, 0 inliers (4 fit any homography exactly: noise)
 BLOCK = 64        # gallery photos per matrix product (64 x 300 keypoints: ~10 MB of similarities)
@@ -133,11 +134,12 @@ class Matcher:
             return mutual_test(sim, self.min_similarity)
         return ratio_test(sim, self.ratio)
 
-    def match(self, q: tuple, g: tuple) -> tuple[int, np.ndarray, np.ndarray]:
+    def match(self, q: tuple, g: tuple, cache: MatchCache | None = None) -> tuple[int, np.ndarray, np.ndarray]:
         """(inliers, query points, gallery points of the inliers) of two photos' (points, prepared desc,
-        crop size)."""
+        crop size); a learned matcher's matches are read from `cache` when it has them."""
         if self.pairing in GLUES:
-            qi, gi, _ = glue_matches(q, g, self.pairing)
+            glue = partial(glue_matches, name=self.pairing)
+            qi, gi, _ = cache.matches(q, g, glue) if cache is not None else glue(q, g)
         elif self.is_binary:
             qi, gi = ratio_matches(q[1], g[1], True, self.ratio)
         else:
@@ -153,9 +155,11 @@ class Reranker:
     """Local scores of a query's candidate ids against their gallery photos (features from a Store)."""
 
     def __init__(self, store: Store, photos_of: dict[str, list[str]], matcher: Matcher, candidates: int,
-                 mirror: bool, encounters: Encounters | None = None, glue_shortlist: int = 0):
+                 mirror: bool, encounters: Encounters | None = None, glue_shortlist: int = 0,
+                 cache: MatchCache | None = None):
         self.store, self.photos_of, self.matcher = store, photos_of, matcher
         self.glue_shortlist = glue_shortlist if matcher.pairing in GLUES else 0
+        self.cache = cache if matcher.pairing in GLUES else None  # the learned matcher's pairs, kept across runs
         # what ranks the photos for the glue matcher's shortlist: the descriptors' mutual matches, no geometry
         self.coarse = Matcher(False, matcher.ratio, "none", matcher.px, "mutual", matcher.min_similarity)
         self.candidates, self.mirror = candidates, mirror and store.mirrored
@@ -181,7 +185,7 @@ class Reranker:
                 continue  # a validation photo is never its own gallery photo (split keeps them apart)
             g = self.features(photo)
             for mirrored, q in enumerate(views):
-                n, qxy, gxy = self.matcher.match(q, g)
+                n, qxy, gxy = self.matcher.match(q, g, self.cache)
                 if n > out[0]:
                     out = (n, photo, bool(mirrored), qxy, gxy)
         return out
@@ -200,6 +204,9 @@ class Reranker:
         if self.matcher.is_binary or self.matcher.pairing in GLUES:  # photo by photo
             for i, photo in pairs:
                 out[i] = max(out[i], self.best(query, ident=None, photos=[photo])[0])
+            if self.cache is not None:  # the query is done: its pairs are kept (a killed run keeps it)
+                for mirrored in (False, True) if self.mirror else (False,):
+                    self.cache.flush(self.features(query, mirrored))
             return out
         for (i, _), n in zip(pairs, self.photo_scores(query, pairs, self.matcher)):
             out[i] = max(out[i], n)
@@ -225,16 +232,18 @@ class Reranker:
         return out
 
 
-def reranker(get, store: Store, gallery: pd.DataFrame, encounters: Encounters | dict | None = None) -> Reranker:
+def reranker(get, store: Store, gallery: pd.DataFrame, encounters: Encounters | dict | None = None,
+             work=None) -> Reranker:
     """The one way a Reranker is built (evaluate, predict, identify, the report's drawings): `get(key)`
     reads the rerank settings, `gallery` (Image, Id) holds the candidates' photos; `encounters` (photo
-    -> encounter): a query is never matched with a photo of its own encounter."""
+    -> encounter): a query is never matched with a photo of its own encounter; `work`: the work folder
+    whose match_cache/ keeps a learned matcher's pairs across runs (None: not kept)."""
     matcher = Matcher(binary(store.method), get("rerank.ratio"), get("rerank.geometry"), get("rerank.ransac_px"),
                       get("rerank.matcher"), get("rerank.min_similarity"))
     mirror = bool(get("train.flip_ids") and get("predict.mirror_is_same"))
     rule = encounters if isinstance(encounters, Encounters) else Encounters(encounters)
     return Reranker(store, photos_of(gallery), matcher, get("rerank.candidates"), mirror, rule,
-                    get("rerank.glue_shortlist"))
+                    get("rerank.glue_shortlist"), MatchCache(work, matcher.pairing))
 
 
 def local_scores(run, reranker: Reranker, queries: list[str], rankings: list) -> list[np.ndarray]:
