@@ -343,3 +343,36 @@ def test_a_learned_matchers_pairs_are_kept_across_runs_and_read_back(tmp_path, m
     assert len(calls) == 6 and list(fixed) == list(first)
     # without a work folder nothing is kept
     assert match_cache.MatchCache(None, "lightglue").matches((0, 0, 0), (0, 0, 0), lambda q, g: "computed") == "computed"
+
+
+def test_glue_confidence_counts_only_the_matchers_confident_matches(tmp_path, monkeypatch):
+    """rerank.glue_confidence: matches at or under it never reach RANSAC, so a pair whose matches are all
+    unsure scores 0 and the same pair with sure matches scores its inliers; the cached pairs (kept at the
+    matcher's own threshold) answer any confidence without matching again."""
+    from whaleid.similarity import match_cache
+    a = pattern(10)
+    results = [(n, *keypoints.features(img, "sift", 200), img.shape[::-1])
+               for n, img in (("q.jpg", a), ("g.jpg", rotated_scaled(a, 10, 0.9)))]
+    np.savez(tmp_path / "k.npz", **keypoints.pack(results, "sift", False))
+    store = keypoints.Store(tmp_path / "k.npz")
+    calls = []
+
+    def fake_glue(q, g, name):  # true matches, half of them sure (0.9), half unsure (0.3)
+        calls.append(1)
+        qi, gi = rerank.ratio_test(q[1] @ g[1].T, 0.8)
+        return qi, gi, np.where(np.arange(len(qi)) % 2 == 0, 0.9, 0.3).astype(np.float32)
+
+    monkeypatch.setattr(rerank, "glue_matches", fake_glue)
+    cache = match_cache.MatchCache(tmp_path / "work", "lightglue")
+
+    def inliers(confidence):
+        m = rerank.Matcher(False, 0.8, "homography", 8.0, "lightglue", 0.8, confidence)
+        r = rerank.Reranker(store, {"A": ["g.jpg"]}, m, 1, False, cache=cache)
+        return r.scores(("q.jpg", ["A"]))[0]
+
+    everything, sure, none = inliers(0.1), inliers(0.7), inliers(0.95)
+    assert everything >= 30 and everything * 0.3 < sure < everything * 0.7 and none == 0
+    assert len(calls) == 1  # one matching, three confidences
+    from whaleid.pipeline import config
+    with pytest.raises(config.ConfigError, match="glue_confidence"):
+        config.load("default", ["rerank.glue_confidence=1.5"])

@@ -213,6 +213,7 @@ RANGES: dict[str, Range] = {
     "rerank.glue_shortlist": at_least(0),
     "rerank.ratio": between(0, 1, lo_open=True),
     "rerank.min_similarity": between(-1, 1),
+    "rerank.glue_confidence": between(0, 1, hi_open=True),
     "rerank.ransac_px": at_least(0, open_=True),
 }
 

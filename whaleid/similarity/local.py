@@ -124,6 +124,7 @@ class Matcher:
     px: float = 12.0
     pairing: str = "ratio"
     min_similarity: float = 0.82
+    glue_confidence: float = 0.1  # a learned matcher's match counts above this probability (rerank.glue_confidence)
 
     def prepare(self, desc: np.ndarray) -> np.ndarray:
         return desc if self.is_binary else as_float(desc)
@@ -139,7 +140,9 @@ class Matcher:
         crop size); a learned matcher's matches are read from `cache` when it has them."""
         if self.pairing in GLUES:
             glue = partial(glue_matches, name=self.pairing)
-            qi, gi, _ = cache.matches(q, g, glue) if cache is not None else glue(q, g)
+            qi, gi, p = cache.matches(q, g, glue) if cache is not None else glue(q, g)
+            sure = np.asarray(p) > self.glue_confidence  # the cache keeps every match over LightGlue's own 0.1
+            qi, gi = np.asarray(qi)[sure], np.asarray(gi)[sure]
         elif self.is_binary:
             qi, gi = ratio_matches(q[1], g[1], True, self.ratio)
         else:
@@ -239,7 +242,7 @@ def reranker(get, store: Store, gallery: pd.DataFrame, encounters: Encounters | 
     -> encounter): a query is never matched with a photo of its own encounter; `work`: the work folder
     whose match_cache/ keeps a learned matcher's pairs across runs (None: not kept)."""
     matcher = Matcher(binary(store.method), get("rerank.ratio"), get("rerank.geometry"), get("rerank.ransac_px"),
-                      get("rerank.matcher"), get("rerank.min_similarity"))
+                      get("rerank.matcher"), get("rerank.min_similarity"), get("rerank.glue_confidence"))
     mirror = bool(get("train.flip_ids") and get("predict.mirror_is_same"))
     rule = encounters if isinstance(encounters, Encounters) else Encounters(encounters)
     return Reranker(store, photos_of(gallery), matcher, get("rerank.candidates"), mirror, rule,
