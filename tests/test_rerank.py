@@ -376,3 +376,17 @@ def test_glue_confidence_counts_only_the_matchers_confident_matches(tmp_path, mo
     from whaleid.pipeline import config
     with pytest.raises(config.ConfigError, match="glue_confidence"):
         config.load("default", ["rerank.glue_confidence=1.5"])
+
+
+def test_the_logistic_fit_converges_where_plain_newton_oscillates():
+    """Confident learned matches leave most (query, id) pairs at 0 inliers: evaluate's validation of nyala
+    seed 0 at rerank.glue_confidence 0.7 (these counts) sent plain Newton between slopes of +5,709 and
+    -9,708 for ever, and the fusion scored every photo alike. The damped fit finds a positive slope."""
+    pos = [0] * 36 + [9, 10, 10, 10, 10, 11, 12, 12, 12, 13, 16, 16, 18, 19, 22, 23, 24, 35, 36, 56]
+    neg = [0] * 2179 + [5] * 5 + [6] * 13 + [7] * 9 + [8] * 5 + [9] * 4 + [10] * 2 + [11] * 3 + [12, 14, 16, 34]
+    x = fusion.local_feature(pos + neg)
+    y = np.array([1] * len(pos) + [0] * len(neg))
+    a, b = fusion.fit_logistic(x, y)
+    assert 0.5 < a < 5 and -8 < b < -2
+    p = fusion.sigmoid(a * x + b)
+    assert p[y == 1].mean() > 2 * p[y == 0].mean()  # it separates, which a slope of 0 (or -9,708) does not

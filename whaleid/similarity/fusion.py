@@ -31,7 +31,9 @@ def sigmoid(z):
 
 def fit_logistic(x, y, l2: float = 1e-2, iters: int = 50) -> tuple[float, float]:
     """(a, b) of P(same | x) = sigmoid(a x + b), by Newton's method with a small ridge on a (so that
-    separable data still gives finite weights); one class only: a = 0 and b its clipped log odds."""
+    separable data still gives finite weights), each step halved until the loss falls (plain Newton
+    oscillates without end when few pairs have evidence: confident learned matches, rerank.glue_confidence);
+    one class only: a = 0 and b its clipped log odds."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     prior = float(np.clip(y.mean() if len(y) else 0.5, 1e-3, 1 - 1e-3))
     if len(y) == 0 or y.min() == y.max():
@@ -39,12 +41,25 @@ def fit_logistic(x, y, l2: float = 1e-2, iters: int = 50) -> tuple[float, float]
     X = np.stack([x, np.ones_like(x)], axis=1)
     w = np.array([0.0, np.log(prior / (1 - prior))])
     ridge = np.diag([l2, 1e-9])
+
+    def loss(w):
+        z = X @ w
+        return float(np.sum(np.logaddexp(0, z) - y * z) + 0.5 * w @ ridge @ w)
+
+    current = loss(w)
     for _ in range(iters):
         p = sigmoid(X @ w)
         grad = X.T @ (p - y) + ridge @ w
         hess = (X * (p * (1 - p))[:, None]).T @ X + ridge
         step = np.linalg.solve(hess, grad)
+        for _ in range(40):  # backtracking: a full Newton step may overshoot
+            if loss(w - step) <= current:
+                break
+            step = step / 2
+        else:
+            break
         w -= step
+        current = loss(w)
         if np.abs(step).max() < 1e-8:
             break
     return float(w[0]), float(w[1])
