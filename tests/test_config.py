@@ -173,6 +173,7 @@ def test_shipped_config_names_resolve_from_any_folder(tmp_path, monkeypatch):
     assert photoid["model"] == cpu["model"] and photoid["train"] == cpu["train"]
     assert (photoid["rerank"]["method"], photoid["rerank"]["fusion"], photoid["keypoints"]["mask"]) == ("local", "auto", True)
     assert (photoid["keypoints"]["method"], photoid["rerank"]["matcher"]) == ("aliked", "lightglue")
+    assert photoid["rerank"]["glue_confidence"] == 0.7 > config.load("default")["rerank"]["glue_confidence"]
     assert config.resolve("cpu").read_text() == (ROOT / "configs/cpu.toml").read_text()
     assert config.resolve("default").read_text() == (ROOT / "configs/default.toml").read_text()
     assert config.load("cpu") == config.load(ROOT / "configs/cpu.toml") != config.load(None)
