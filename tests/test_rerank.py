@@ -341,6 +341,10 @@ def test_a_learned_matchers_pairs_are_kept_across_runs_and_read_back(tmp_path, m
     calls.clear()
     fixed, _ = score(path)
     assert len(calls) == 6 and list(fixed) == list(first)
+    # a process pool's worker gets a working copy (the lock is not pickled)
+    import pickle
+    copy = pickle.loads(pickle.dumps(match_cache.MatchCache(work, "lightglue")))
+    assert copy.folder == work / "match_cache" / "lightglue" and copy.hits == 0
     # without a work folder nothing is kept
     assert match_cache.MatchCache(None, "lightglue").matches((0, 0, 0), (0, 0, 0), lambda q, g: "computed") == "computed"
 

@@ -47,6 +47,13 @@ class MatchCache:
         self._new: dict[str, dict] = {}      # query digest -> gallery digest -> (q, g, p), not yet written
         self.hits = self.misses = 0
 
+    def __getstate__(self):  # a process pool's worker gets the folder, not the lock or what was read
+        return {"folder": self.folder, "matcher": self.matcher}
+
+    def __setstate__(self, state):
+        self.__init__(None, state["matcher"])
+        self.folder = state["folder"]
+
     def path(self, query: str) -> Path:
         return self.folder / query[:2] / f"{query}.npz"
 
