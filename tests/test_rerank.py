@@ -256,19 +256,26 @@ def test_settings_that_do_not_go_together_are_refused_when_loaded():
     assert config.get(config.load("default", ["rerank.matcher=mutual", "keypoints.method=xfeat"]), "rerank.matcher") == "mutual"
 
 
-def test_lighterglue_sees_only_the_shortlisted_photos(tmp_path, monkeypatch):
-    """rerank.glue_shortlist: the expensive matcher compares a query only with the gallery photos that
-    cheap mutual matching ranks best; the other photos score 0, and 0 means every photo."""
-    rng = np.random.default_rng(2)
+def query_and_gallery(tmp_path, copies: int, unrelated_from: int, seed: int):
+    """SIFT features (tmp_path/k.npz) of q.jpg (pattern 10), `copies` rotated and scaled copies of it
+    (a0.jpg, ...) and as many unrelated patterns (b0.jpg, ...): (path, pack's rows)."""
+    rng = np.random.default_rng(seed)
     images = {"q.jpg": pattern(10)}
-    for i in range(4):
+    for i in range(copies):
         images[f"a{i}.jpg"] = rotated_scaled(pattern(10), rng.uniform(-20, 20), rng.uniform(0.8, 1.1))
-        images[f"b{i}.jpg"] = pattern(30 + i)
+        images[f"b{i}.jpg"] = pattern(unrelated_from + i)
     results = [(name, *keypoints.features(img, "sift", 200), img.shape[::-1]) for name, img in images.items()]
     path = tmp_path / "k.npz"
     np.savez(path, **keypoints.pack(results, "sift", False))
+    return path, results
+
+
+def test_lighterglue_sees_only_the_shortlisted_photos(tmp_path, monkeypatch):
+    """rerank.glue_shortlist: the expensive matcher compares a query only with the gallery photos that
+    cheap mutual matching ranks best; the other photos score 0, and 0 means every photo."""
+    path, results = query_and_gallery(tmp_path, copies=4, unrelated_from=30, seed=2)
     store = keypoints.Store(path)
-    name_of = {keypoints.as_float(store.get(n)[1]).tobytes(): n for n in images}
+    name_of = {keypoints.as_float(store.get(r[0])[1]).tobytes(): r[0] for r in results}
     seen = []
 
     def fake_glue(q, g, name):  # stands in for LighterGlue: ratio-test matches, and records whom it compared
@@ -296,14 +303,7 @@ def test_a_learned_matchers_pairs_are_kept_across_runs_and_read_back(tmp_path, m
     matcher and gets the same inliers; a photo whose features changed is matched again (content-addressed);
     a damaged cache file is recomputed, not trusted; no temp file is left."""
     from whaleid.similarity import match_cache
-    rng = np.random.default_rng(3)
-    images = {"q.jpg": pattern(10)}
-    for i in range(3):
-        images[f"a{i}.jpg"] = rotated_scaled(pattern(10), rng.uniform(-20, 20), rng.uniform(0.8, 1.1))
-        images[f"b{i}.jpg"] = pattern(40 + i)
-    results = [(name, *keypoints.features(img, "sift", 200), img.shape[::-1]) for name, img in images.items()]
-    path = tmp_path / "k.npz"
-    np.savez(path, **keypoints.pack(results, "sift", False))
+    path, results = query_and_gallery(tmp_path, copies=3, unrelated_from=40, seed=3)
     calls = []
 
     def fake_glue(q, g, name):

@@ -167,7 +167,6 @@ class Reranker:
         self.coarse = Matcher(False, matcher.ratio, "none", matcher.px, "mutual", matcher.min_similarity)
         self.candidates, self.mirror = candidates, mirror and store.mirrored
         self.encounters = encounters or Encounters()
-        self._cache: dict = {}
 
     def apart(self, query: str, photo: str) -> bool:
         """May `photo` verify `query`? Not itself (a validation photo is never its own gallery photo),
