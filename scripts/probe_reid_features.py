@@ -7,6 +7,7 @@ meets its own sighting among the train photos); a `--leaky` one does not.
     python scripts/probe_reid_features.py --data /tmp/whaleid-bench-reid-nyala-EfficientNetLite0-imagenet/data
                                           [--sizes 224,320,448] [--sift-side 480] [--no-sift]
                                           [--local sift:ratio,xfeat:mutual,xfeat:lighterglue,aliked:lightglue] [--points 1000]
+                                          [--mask] [--shortlist 30] [--glue-confidence 0.7]
 
 What it tells: how much of the identity is in the generic features before any fine-tuning, per input
 size, layer (the last layer of three late blocks and the 1280-channel head), pooling (average, GeM
@@ -113,10 +114,10 @@ def sift(data: Path, gallery: pd.DataFrame, queries: pd.DataFrame, side: int) ->
 
 
 def local(data: Path, gallery: pd.DataFrame, queries: pd.DataFrame, spec: str, side: int, points: int,
-          shortlist: int, mask: bool = False) -> None:
+          shortlist: int, mask: bool = False, glue_confidence: float = 0.1) -> None:
     from whaleid.preprocess.keypoints import COLOUR, as_float, features
     from whaleid.preprocess.masks import animal_mask
-    from whaleid.similarity.local import GLUES, Matcher, verify
+    from whaleid.similarity.local import GLUES, SHORTLIST_SIMILARITY, Matcher, verify
 
     method, pairing = spec.split(":")
     t = time.time()
@@ -134,8 +135,8 @@ def local(data: Path, gallery: pd.DataFrame, queries: pd.DataFrame, spec: str, s
 
     G = [feats(data / "train" / f) for f in gallery.Image]
     ids = gallery.Id.to_numpy()
-    matcher = Matcher(method == "orb", 0.8, "none", 12.0, pairing, 0.82)
-    coarse = Matcher(False, 0.8, "none", 12.0, "mutual", 0.82) if pairing in GLUES else None
+    matcher = Matcher(method == "orb", 0.8, "none", 12.0, pairing, 0.82, glue_confidence)
+    coarse = Matcher(False, 0.8, "none", 12.0, "mutual", SHORTLIST_SIMILARITY[method]) if pairing in GLUES else None
     hits = {"matches": [], "inliers": []}
     for image, truth in zip(queries.Image, queries.Id):
         q = feats(data / "test" / image)
@@ -150,7 +151,8 @@ def local(data: Path, gallery: pd.DataFrame, queries: pd.DataFrame, spec: str, s
         for key in hits:
             hits[key].append(ids[int(np.argmax(best[key]))] == truth)
     extra = f", {pairing} on the {shortlist} photos with most mutual matches" if coarse is not None else ""
-    extra += ", keypoints on the animal's mask only" if mask else ""
+    extra += f", matches above {glue_confidence}" if pairing in GLUES else ""
+    extra += ", keypoints on the animal's mask only" if mask else ", whole photo"
     print(f"{method} + {pairing} at {side} px, {points} points{extra}: by matches {np.mean(hits['matches']):.3f}, "
           f"by RANSAC inliers {np.mean(hits['inliers']):.3f} ({time.time() - t:.0f} s)", flush=True)
 
@@ -178,6 +180,8 @@ def main(argv=None):
     ap.add_argument("--points", type=int, default=1000)
     ap.add_argument("--mask", action="store_true", help="--local: keypoints on the animal's mask only (keypoints.mask)")
     ap.add_argument("--shortlist", type=int, default=30)
+    ap.add_argument("--glue-confidence", type=float, default=0.1,
+                    help="--local learned matchers: only matches above this probability (rerank.glue_confidence)")
     ap.add_argument("--known-only", action="store_true",
                     help="the gallery holds the tested individuals only (train_only.csv's left out), as "
                          "bench_reid's closed-set top-1 counts them")
@@ -197,7 +201,8 @@ def main(argv=None):
     if not args.no_sift:
         sift(args.data, gallery, queries, args.sift_side)
     for spec in filter(None, args.local.split(",")):
-        local(args.data, gallery, queries, spec, args.sift_side, args.points, args.shortlist, args.mask)
+        local(args.data, gallery, queries, spec, args.sift_side, args.points, args.shortlist, args.mask,
+              args.glue_confidence)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,11 @@ from whaleid.similarity.fusion import Fusion, choose, cross_fitted, fit, fused_r
 from whaleid.similarity.gallery import Encounters, photos_of
 from whaleid.similarity.match_cache import MatchCache
 
+# The least cosine similarity of a mutual match that ranks the photos for a learned matcher's shortlist
+# (rerank.glue_shortlist), by extractor: ALIKED's descriptors of one point in two photos are less alike than
+# XFeat's (mutual nearest neighbours on nyala: median 0.44, 99th percentile 0.67); at XFeat's 0.82 no ALIKED
+# pair had a match and the shortlist fell back to the embedding's order. 0.5 chosen on nyala validation.
+SHORTLIST_SIMILARITY = {"xfeat": 0.82, "aliked": 0.5}
 MIN_MATCHES = 6   # fewer ratio-test matches: no RANSAC, 0 inliers (4 fit any homography exactly: noise)
 BLOCK = 64        # gallery photos per matrix product (64 x 300 keypoints: ~10 MB of similarities)
 
@@ -164,7 +169,8 @@ class Reranker:
         self.glue_shortlist = glue_shortlist if matcher.pairing in GLUES else 0
         self.cache = cache if matcher.pairing in GLUES else None  # the learned matcher's pairs, kept across runs
         # what ranks the photos for the glue matcher's shortlist: the descriptors' mutual matches, no geometry
-        self.coarse = Matcher(False, matcher.ratio, "none", matcher.px, "mutual", matcher.min_similarity)
+        self.coarse = Matcher(False, matcher.ratio, "none", matcher.px, "mutual",
+                              SHORTLIST_SIMILARITY.get(store.method, matcher.min_similarity))
         self.candidates, self.mirror = candidates, mirror and store.mirrored
         self.encounters = encounters or Encounters()
 
