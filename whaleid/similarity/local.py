@@ -24,7 +24,7 @@ from whaleid.similarity.match_cache import MatchCache
 
 # The least cosine similarity of a mutual match that ranks the photos for a learned matcher's shortlist
 # (rerank.glue_shortlist), by extractor: ALIKED's descriptors of one point in two photos are less alike than
-# XFeat's (mutual nearest neighbours on nyala: median 0.44, 99th percentile 0.67); at XFeat's 0.82 no ALIKED
+# XFeat's (mutual nearest neighbours on nyala: median 0.44, 99th percentile 0.67); at XFeat's 0.82 almost no ALIKED
 # pair had a match and the shortlist fell back to the embedding's order. 0.5 chosen on nyala validation.
 SHORTLIST_SIMILARITY = {"xfeat": 0.82, "aliked": 0.5}
 MIN_MATCHES = 6   # fewer ratio-test matches: no RANSAC, 0 inliers (4 fit any homography exactly: noise)
