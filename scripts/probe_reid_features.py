@@ -136,7 +136,7 @@ def local(data: Path, gallery: pd.DataFrame, queries: pd.DataFrame, spec: str, s
     G = [feats(data / "train" / f) for f in gallery.Image]
     ids = gallery.Id.to_numpy()
     matcher = Matcher(method == "orb", 0.8, "none", 12.0, pairing, 0.82, glue_confidence)
-    coarse = Matcher(False, 0.8, "none", 12.0, "mutual", SHORTLIST_SIMILARITY[method]) if pairing in GLUES else None
+    coarse = Matcher(False, 0.8, "none", 12.0, "mutual", SHORTLIST_SIMILARITY.get(method, 0.5)) if pairing in GLUES else None
     hits = {"matches": [], "inliers": []}
     for image, truth in zip(queries.Image, queries.Id):
         q = feats(data / "test" / image)

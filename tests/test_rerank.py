@@ -248,10 +248,10 @@ def test_mutual_pairs_are_each_others_nearest_over_the_threshold():
 
 
 
-def test_aliked_shortlist_ranks_photos_by_their_own_mutual_matches(tmp_path, monkeypatch):
-    """ALIKED's descriptors of one point in two photos have cosine ~0.5-0.7, never XFeat's 0.82: its
-    shortlist must still rank photos by mutual matches (SHORTLIST_SIMILARITY), not fall back to the
-    order of the embedding's ids (which the old threshold did: no ALIKED pair had a match over 0.82)."""
+def test_aliked_shortlist_is_the_embeddings_best_ids_photos(tmp_path, monkeypatch):
+    """ALIKED's glue shortlist is the embedding's order (the first photos of its best ids), even when a later
+    photo shares many mutual matches with the query (local.SHORTLIST_SIMILARITY lists XFeat only); the
+    shortlist is never longer than asked."""
     rng = np.random.default_rng(7)
 
     def unit(x):
@@ -259,26 +259,26 @@ def test_aliked_shortlist_ranks_photos_by_their_own_mutual_matches(tmp_path, mon
 
     query = unit(rng.normal(size=(150, 128)))
     same = unit(query.astype(np.float32) + 1.1 * unit(rng.normal(size=(150, 128))))  # cosine ~0.65
-    cos = (query.astype(np.float32) * same.astype(np.float32)).sum(1)
-    assert 0.5 < np.median(cos) < 0.82
+    assert 0.5 < np.median((query.astype(np.float32) * same.astype(np.float32)).sum(1)) < 0.82
     pts = rng.uniform(0, 300, (150, 2)).astype(np.float16)
     photos = {"q.jpg": query, **{f"o{i}.jpg": unit(rng.normal(size=(150, 128))) for i in range(5)}, "t.jpg": same}
     results = [(name, pts, desc, (300, 300)) for name, desc in photos.items()]
-    arrays = {**keypoints.pack(results, "sift", False), "method": np.array("aliked")}
-    np.savez(tmp_path / "k.npz", **arrays)
+    np.savez(tmp_path / "k.npz", **{**keypoints.pack(results, "sift", False), "method": np.array("aliked")})
     store = keypoints.Store(tmp_path / "k.npz")
-    assert store.method == "aliked"
+    assert store.method == "aliked" and "aliked" not in rerank.SHORTLIST_SIMILARITY
+    name_of = {keypoints.as_float(store.get(n)[1]).tobytes(): n for n in photos}
     seen = []
 
     def fake_glue(q, g, name):
-        seen.append(g[1].tobytes())
+        seen.append(name_of[g[1].tobytes()])
         return np.zeros(0, int), np.zeros(0, int), np.zeros(0, np.float32)
 
     monkeypatch.setattr(rerank, "glue_matches", fake_glue)
     photos_of = {"A": ["o0.jpg", "o1.jpg", "o2.jpg"], "B": ["o3.jpg", "o4.jpg", "t.jpg"]}  # t.jpg last in order
     glue = rerank.Matcher(False, 0.8, "homography", 12.0, "lightglue", 0.82, 0.7)
-    rerank.Reranker(store, photos_of, glue, 2, False, glue_shortlist=1).scores(("q.jpg", ["A", "B"]))
-    assert seen == [keypoints.as_float(store.get("t.jpg")[1]).tobytes()]
+    rerank.Reranker(store, photos_of, glue, 2, False, glue_shortlist=2).scores(("q.jpg", ["B", "A"]))
+    assert seen == ["o3.jpg", "o4.jpg"]  # B is the embedding's best id: its first two photos, not t.jpg
+
 
 def test_settings_that_do_not_go_together_are_refused_when_loaded():
     from whaleid.pipeline import config

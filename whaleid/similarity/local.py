@@ -23,10 +23,13 @@ from whaleid.similarity.gallery import Encounters, photos_of
 from whaleid.similarity.match_cache import MatchCache
 
 # The least cosine similarity of a mutual match that ranks the photos for a learned matcher's shortlist
-# (rerank.glue_shortlist), by extractor: ALIKED's descriptors of one point in two photos are less alike than
-# XFeat's (mutual nearest neighbours on nyala: median 0.44, 99th percentile 0.67); at XFeat's 0.82 almost no ALIKED
-# pair had a match and the shortlist fell back to the embedding's order. 0.5 chosen on nyala validation.
-SHORTLIST_SIMILARITY = {"xfeat": 0.82, "aliked": 0.5}
+# (rerank.glue_shortlist), by extractor. Extractors not listed (ALIKED) keep the embedding's order: the first
+# photos of its best ids. ALIKED's descriptors of one point in two photos are less alike than XFeat's (mutual
+# nearest neighbours on nyala: median 0.44), so at 0.82 almost no pair matched and the embedding's order was
+# what every ALIKED figure measured; ranked by mutual matches over 0.5 instead, validation did not tell the
+# two apart (nyala + lions pooled, 1-4 photos of 201) and lions' test photos were named less often
+# (docs/measurements.md, 2026-12-08).
+SHORTLIST_SIMILARITY = {"xfeat": 0.82}
 MIN_MATCHES = 6   # fewer ratio-test matches: no RANSAC, 0 inliers (4 fit any homography exactly: noise)
 BLOCK = 64        # gallery photos per matrix product (64 x 300 keypoints: ~10 MB of similarities)
 
@@ -169,8 +172,8 @@ class Reranker:
         self.glue_shortlist = glue_shortlist if matcher.pairing in GLUES else 0
         self.cache = cache if matcher.pairing in GLUES else None  # the learned matcher's pairs, kept across runs
         # what ranks the photos for the glue matcher's shortlist: the descriptors' mutual matches, no geometry
-        self.coarse = Matcher(False, matcher.ratio, "none", matcher.px, "mutual",
-                              SHORTLIST_SIMILARITY.get(store.method, matcher.min_similarity))
+        self.coarse = (Matcher(False, matcher.ratio, "none", matcher.px, "mutual", SHORTLIST_SIMILARITY[store.method])
+                       if store.method in SHORTLIST_SIMILARITY else None)  # None: the embedding's order
         self.candidates, self.mirror = candidates, mirror and store.mirrored
         self.encounters = encounters or Encounters()
 
@@ -206,9 +209,14 @@ class Reranker:
             return out
         pairs = [(i, photo) for i, ident in enumerate(ids[: self.candidates])
                  for photo in self.photos_of.get(ident, []) if self.apart(query, photo)]
-        if self.glue_shortlist and len(pairs) > self.glue_shortlist:  # the glue matcher only where mutual
-            coarse = self.photo_scores(query, pairs, self.coarse)  # (WildFusion's shortlist)
-            pairs = [pairs[j] for j in sorted(np.argsort(-coarse, kind="stable")[: self.glue_shortlist])]
+        if self.glue_shortlist and len(pairs) > self.glue_shortlist:
+            # the glue matcher on the first photos of the embedding's best ids (WildFusion's shortlist), or
+            # on those whose mutual matches rank best (XFeat)
+            if self.coarse is None:
+                pairs = pairs[: self.glue_shortlist]
+            else:
+                coarse = self.photo_scores(query, pairs, self.coarse)
+                pairs = [pairs[j] for j in sorted(np.argsort(-coarse, kind="stable")[: self.glue_shortlist])]
         if self.matcher.is_binary or self.matcher.pairing in GLUES:  # photo by photo
             for i, photo in pairs:
                 out[i] = max(out[i], self.best(query, ident=None, photos=[photo])[0])
