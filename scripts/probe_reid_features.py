@@ -136,7 +136,9 @@ def local(data: Path, gallery: pd.DataFrame, queries: pd.DataFrame, spec: str, s
     G = [feats(data / "train" / f) for f in gallery.Image]
     ids = gallery.Id.to_numpy()
     matcher = Matcher(method == "orb", 0.8, "none", 12.0, pairing, 0.82, glue_confidence)
-    coarse = Matcher(False, 0.8, "none", 12.0, "mutual", SHORTLIST_SIMILARITY.get(method, 0.5)) if pairing in GLUES else None
+    # no embedding here: mutual matches rank every extractor's shortlist (ALIKED's descriptors: cosine over 0.5)
+    similarity = SHORTLIST_SIMILARITY.get(method, 0.5)
+    coarse = Matcher(False, 0.8, "none", 12.0, "mutual", similarity) if pairing in GLUES else None
     hits = {"matches": [], "inliers": []}
     for image, truth in zip(queries.Image, queries.Id):
         q = feats(data / "test" / image)

@@ -172,8 +172,10 @@ class Reranker:
         self.glue_shortlist = glue_shortlist if matcher.pairing in GLUES else 0
         self.cache = cache if matcher.pairing in GLUES else None  # the learned matcher's pairs, kept across runs
         # what ranks the photos for the glue matcher's shortlist: the descriptors' mutual matches, no geometry
-        self.coarse = (Matcher(False, matcher.ratio, "none", matcher.px, "mutual", SHORTLIST_SIMILARITY[store.method])
-                       if store.method in SHORTLIST_SIMILARITY else None)  # None: the embedding's order
+        # (None: extractors kept in the embedding's order, SHORTLIST_SIMILARITY)
+        similarity = SHORTLIST_SIMILARITY.get(store.method)
+        self.coarse = None if similarity is None else Matcher(False, matcher.ratio, "none", matcher.px, "mutual",
+                                                              similarity)
         self.candidates, self.mirror = candidates, mirror and store.mirrored
         self.encounters = encounters or Encounters()
 
